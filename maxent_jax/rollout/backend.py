@@ -1,0 +1,60 @@
+"""The contract every rollout backend fulfils (in-process JAX sampler, vLLM engine).
+
+The HTTP server (`maxent_jax.serve`) speaks the protocol of docs/rollout.md and delegates
+to one object of this shape, so the server, its validation and its tests are shared by
+both backends; only generation and weight loading differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """What one generate request asks for; `n` completions per prompt."""
+
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Completion:
+    """One sampled completion: its tokens, the sampler's per-token log-probs and why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" (EOS / stop string / stop token) or "length"
+
+
+class RolloutBackend(Protocol):
+    """A generation engine that can also take new weights while it runs."""
+
+    def info(self) -> dict:
+        """Model name, backend name, max prompt/total lengths; the server adds the weight version."""
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """`params.n` completions for each prompt, in prompt order."""
+
+    def expected_weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """HF tensor name -> (shape, dtype name) that a weight push must match exactly."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Replace all weights at once; called with validated tensors, never interleaved with generate."""
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached attention computed with earlier weights."""
