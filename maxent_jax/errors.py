@@ -1,0 +1,26 @@
+"""The one exception type for user mistakes, and how entry points report it.
+
+A `UserError` is a bad config value, a missing file, a malformed dataset: something the user
+fixes, so the entry point prints its message as one line and exits with status 2 instead of
+showing a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message names the field/input, the value and what is valid."""
+
+
+def exit_on_user_error(main: Callable[[], T]) -> T:
+    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        return main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
