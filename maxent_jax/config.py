@@ -1,0 +1,474 @@
+"""The base configuration: every field, its default and its validation.
+
+Field names follow the reference trainer (spec 13.2) so its users recognise them. A prefixed
+reference field lives in the section named by its prefix with the prefix dropped
+(`maxent_tau` -> `maxent.tau`, `info_seed_num_seeds` -> `info_seed.num_seeds`,
+`controller_meta_lr` -> `controller_meta.lr`, `vllm_url` -> `vllm.url`); unprefixed ones live
+in the section of their topic (`kl_target` -> `controllers.kl_target`, `beta`/`init_kl_coeff`
+-> `objective.beta`). Recipes in `configs/` start from `get_base_config()` and change fields.
+
+`validate(config)` runs before any compute and raises `UserError` with one line naming the
+field, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+from maxent_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+OBJECTIVE_LOSS_TYPES = ("reference", "grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("sequence_sum", "sequence", "token")
+SCALE_REWARDS = ("none", "group", "batch")
+NEGATIVE_ADV_RULES = ("min", "reference_max")
+KL_ESTIMATORS = ("seq_k3", "k1", "k2", "k3")
+REFERENCE_SOURCES = ("auto", "model", "policy", "rollout")
+META_METHODS = ("analytic", "first_order", "truncated_backprop")
+META_OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+ROLLOUT_BACKENDS = ("sampler", "server")
+DTYPES = ("float32", "bfloat16")
+INFO_SEED_LOSSES = ("infonce", "ce")
+INFO_SEED_POOLINGS = ("mean", "last")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+RESUME_MODES = ("latest", "none")
+
+
+def _placeholder(kind: type) -> config_dict.FieldReference:
+    """A field that defaults to None but still type-checks overrides."""
+    return config_dict.placeholder(kind)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Every field with its default; the defaults are the reference's unless a comment says why not."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    # '' = the built-in tiny random decoder with the offline tokenizer (the embedded default).
+    c.model.name_or_path = ""
+    c.model.tokenizer_name_or_path = ""  # '' = the model directory (or the offline tokenizer)
+    c.model.revision = "main"
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat = False
+    # Sequence positions per block when gathering per-token log-probs (0 = whole sequence).
+    c.model.logprob_chunk_size = 0
+    # Shapes of the built-in tiny decoder (used only when name_or_path is '').
+    c.model.tiny = ml_collections.ConfigDict(
+        dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
+    )
+
+    c.data = ml_collections.ConfigDict()
+    # 'synthetic:arithmetic' is the offline task of the embedded default; otherwise an HF
+    # dataset name or a local path understood by datasets.load_dataset.
+    c.data.dataset_name = "synthetic:arithmetic"
+    c.data.dataset_config = _placeholder(str)
+    # JSON list of {"id", "config", "split", "columns", "weight"} (spec 2.1); '' = off.
+    c.data.dataset_mixture = ""
+    c.data.dataset_train_split = "train"
+    c.data.dataset_test_split = "test"
+    c.data.dataset_prompt_column = "problem"
+    c.data.dataset_solution_column = "answer"
+    c.data.system_prompt = _placeholder(str)
+    c.data.chat_template = _placeholder(str)
+    c.data.max_prompt_chars = 2048  # MAX_PROMPT_CHARS of the reference (spec 2.2)
+    c.data.eval_dataset_name = _placeholder(str)
+    c.data.eval_dataset_config = _placeholder(str)
+    c.data.eval_dataset_split = "validation"
+    c.data.eval_dataset_prompt_column = _placeholder(str)
+    c.data.eval_dataset_solution_column = _placeholder(str)
+    c.data.synthetic = ml_collections.ConfigDict(dict(num_train=4096, num_eval=128, max_operand=9))
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.backend = "sampler"  # in-process JAX sampler, or 'server' (HTTP rollout server)
+    c.rollout.num_generations = 8
+    c.rollout.max_prompt_length = 512
+    c.rollout.max_completion_length = 256
+    c.rollout.temperature = 0.8  # gen_temperature
+    c.rollout.top_p = 0.9  # gen_top_p
+    c.rollout.top_k = 0  # gen_top_k; 0 = off (the reference never sends it, Q3)
+    c.rollout.stop_sequences = ()  # vllm_stop_sequences
+    c.rollout.ignore_eos = False
+    # Push weights to the rollout server every N optimizer steps; 0 = never. The reference
+    # never syncs (Q5), so its rollouts come from the initial model.
+    c.rollout.sync_interval_steps = 1
+    # Truncated importance-sampling correction for sampler/trainer mismatch; 0 = off.
+    c.rollout.importance_sampling_cap = 0.0
+
+    c.vllm = ml_collections.ConfigDict()
+    c.vllm.url = "http://localhost:8000/generate"
+    c.vllm.server_timeout = 240.0
+    c.vllm.max_retries = 3
+    c.vllm.backoff = 1.0
+    c.vllm.backoff_multiplier = 2.0
+    c.vllm.client_tag = ""  # '' = resolve from VLLM_CLIENT_TAG / process index / SLURM_PROCID
+    # A server that does not echo client_tag is an error (the reference keeps such results, Q4).
+    c.vllm.client_tag_fail_fast = True
+    c.vllm.token_file = ""  # shared secret for POST /weights
+    c.vllm.return_logprobs = True
+    c.vllm.max_completion_rounds = 0
+    c.vllm.retry_sleep = 0.5
+
+    c.rewards = ml_collections.ConfigDict()
+    c.rewards.reward_funcs = ("pure_accuracy_math",)
+    c.rewards.reward_weights = ()
+    c.rewards.eval_reward_funcs = ()
+    c.rewards.eval_reward_weights = ()
+    c.rewards.num_workers = 0  # 0 = decide from batch size
+    c.rewards.timeout_s = 10.0
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.train_grpo_objective = False  # False = MaxEnt weighting, True = GRPO advantages
+    c.objective.beta = 0.04  # init_kl_coeff / init_kl_coef / kl_penalty_beta / beta
+    c.objective.clip_range = 0.2
+    c.objective.loss_type = "reference"
+    c.objective.importance_sampling_level = "sequence_sum"
+    c.objective.scale_rewards = "none"
+    c.objective.epsilon_low = _placeholder(float)  # None = clip_range
+    c.objective.epsilon_high = _placeholder(float)  # None = epsilon_low
+    c.objective.negative_adv_rule = "min"  # 'reference_max' reproduces Q12
+    c.objective.kl_estimator = "seq_k3"
+
+    c.maxent = ml_collections.ConfigDict()
+    c.maxent.tau = 0.0
+    c.maxent.q_temperature = 1.0
+    c.maxent.q_epsilon = 1e-6
+    c.maxent.length_normalize_ref = True
+    c.maxent.logprob_chunk_size = 0
+    c.maxent.reference_logprobs_source = "auto"
+    c.maxent.score_tail_tokens = _placeholder(int)
+    c.maxent.allow_empty_weight_fallback = False
+    c.maxent.share_reference_model = False
+    c.maxent.reference_model_name_or_path = ""
+    c.maxent.target_weight_entropy = _placeholder(float)
+    c.maxent.target_weight_entropy_start = _placeholder(float)
+    c.maxent.target_weight_entropy_final = _placeholder(float)
+    c.maxent.target_weight_entropy_horizon = 0
+    c.maxent.tau_lr = 0.0
+    c.maxent.tau_min = 0.0
+    c.maxent.tau_max = 0.0
+    c.maxent.tau_warmup_steps = -1  # -1 = follow the optimizer warmup (Q17)
+    c.maxent.use_clip_objective = True  # the reference's clip term is on whenever clip_range > 0 (Q11)
+    c.maxent.clip_objective_coef = 1.0
+    c.maxent.clip_adv_baseline = _placeholder(float)
+
+    c.controllers = ml_collections.ConfigDict()
+    c.controllers.kl_target = 0.0
+    c.controllers.kl_horizon = 0
+    c.controllers.kl_ctl_step_size = 0.0
+    c.controllers.overwrite_from_config = False
+
+    c.controller_meta = ml_collections.ConfigDict()
+    c.controller_meta.enabled = False
+    c.controller_meta.method = "analytic"
+    c.controller_meta.lr = 0.0
+    c.controller_meta.tau_lr = 0.0
+    c.controller_meta.beta_lr = 0.0
+    c.controller_meta.beta_grad_clip = 0.0
+    c.controller_meta.update_interval = 1
+    c.controller_meta.objective = "potential"
+    c.controller_meta.analytic_steps = 1
+    c.controller_meta.optimizer = "sgd"
+    c.controller_meta.truncation_steps = 1
+    c.controller_meta.use_hessian = False
+
+    c.info_seed = ml_collections.ConfigDict()
+    c.info_seed.enabled = False
+    c.info_seed.num_seeds = 0
+    c.info_seed.lambda_ = 0.0  # info_seed_lambda ('lambda' is a Python keyword)
+    c.info_seed.temperature = 0.1
+    c.info_seed.alpha_entropy = 0.0
+    c.info_seed.prompt_template = "\n[seed={seed}]"
+    c.info_seed.loss_type = "infonce"
+    c.info_seed.pooling = "mean"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.adam_beta1 = 0.9
+    c.optim.adam_beta2 = 0.999
+    c.optim.adam_epsilon = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.optim.lr_scheduler_type = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.warmup_ratio = 0.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.max_steps = 100  # optimizer steps
+    c.train.num_train_epochs = 1
+    c.train.per_device_train_batch_size = 2  # prompts per micro-batch on each host process
+    c.train.gradient_accumulation_steps = 1
+    # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
+    # needs it: a random model cannot discover the answer format by RL alone).
+    c.train.sft_warmup_steps = 0
+    c.train.sft_learning_rate = 1e-3
+    c.train.max_consecutive_nonfinite = 5
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # over ('data', 'fsdp', 'tensor'); -1 = the rest of the devices
+    # Extra logical-axis rules as "logical=mesh_axis" strings that override the table in
+    # maxent_jax/parallel/rules.py, e.g. ("vocab=tensor",); mesh_axis may be 'none'.
+    c.mesh.rules = ()
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_steps = 50
+    c.checkpoint.save_total_limit = 3
+    c.checkpoint.resume = "latest"  # 'latest', 'none' or a checkpoint path
+    c.checkpoint.async_save = True
+    c.checkpoint.export_final = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.logging_steps = 1
+    c.logging.wandb = "auto"  # auto: online if a project/API key is configured, else offline
+    c.logging.wandb_entity = ""
+    c.logging.wandb_project = ""
+    c.logging.wandb_run_group = ""
+    c.logging.run_name = ""
+    c.logging.log_completions = False
+    c.logging.progress = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.do_eval = True
+    c.eval.eval_steps = 25
+    c.eval.per_device_eval_batch_size = 8
+    c.eval.max_eval_samples = 0  # 0 = all rows
+    return c
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(field: str, value: Any, valid: str) -> UserError:
+    return UserError(f"config field {field}={value!r} is invalid: {valid}")
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _check(config: ml_collections.ConfigDict, path: str, ok: Callable[[Any], bool], valid: str) -> None:
+    value = _get(config, path)
+    try:
+        good = bool(ok(value))
+    except (TypeError, ValueError):
+        good = False
+    if not good:
+        raise _fail(path, value, valid)
+
+
+def _one_of(choices: Iterable[str]) -> tuple[Callable[[Any], bool], str]:
+    choices = tuple(choices)
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_NONNEG = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+_POS = (lambda v: _finite(v) and v > 0, "a finite number > 0")
+_POS_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+_NONNEG_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+_OPT_NONNEG = (lambda v: v is None or (_finite(v) and v >= 0), "unset or a finite number >= 0")
+_UNIT = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+# (field, predicate, description) checked in order; cross-field rules follow in validate().
+_FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", *_NONNEG_INT),
+    ("model.param_dtype", *_one_of(DTYPES)),
+    ("model.compute_dtype", *_one_of(DTYPES)),
+    ("model.logprob_chunk_size", *_NONNEG_INT),
+    ("model.tiny.hidden_size", *_POS_INT),
+    ("model.tiny.num_layers", *_POS_INT),
+    ("model.tiny.num_heads", *_POS_INT),
+    ("model.tiny.num_kv_heads", *_POS_INT),
+    ("model.tiny.head_dim", *_POS_INT),
+    ("model.tiny.intermediate_size", *_POS_INT),
+    ("data.max_prompt_chars", *_POS_INT),
+    ("data.synthetic.num_train", *_POS_INT),
+    ("data.synthetic.num_eval", *_POS_INT),
+    ("data.synthetic.max_operand", *_POS_INT),
+    ("rollout.backend", *_one_of(ROLLOUT_BACKENDS)),
+    ("rollout.num_generations", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (a group needs 2+ completions)"),
+    ("rollout.max_prompt_length", *_POS_INT),
+    ("rollout.max_completion_length", *_POS_INT),
+    ("rollout.temperature", *_POS),
+    ("rollout.top_p", lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("rollout.top_k", *_NONNEG_INT),
+    ("rollout.sync_interval_steps", *_NONNEG_INT),
+    ("rollout.importance_sampling_cap", *_NONNEG),
+    ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),
+    ("vllm.server_timeout", *_POS),
+    ("vllm.max_retries", *_POS_INT),
+    ("vllm.backoff", *_NONNEG),
+    ("vllm.backoff_multiplier", lambda v: _finite(v) and v >= 1, "a number >= 1"),
+    ("vllm.max_completion_rounds", *_NONNEG_INT),
+    ("vllm.retry_sleep", *_NONNEG),
+    ("rewards.reward_funcs", lambda v: len(v) >= 1, "a non-empty list of reward names"),
+    ("rewards.num_workers", *_NONNEG_INT),
+    ("rewards.timeout_s", *_POS),
+    ("objective.beta", *_NONNEG),
+    ("objective.clip_range", *_UNIT),
+    ("objective.loss_type", *_one_of(OBJECTIVE_LOSS_TYPES)),
+    ("objective.importance_sampling_level", *_one_of(IMPORTANCE_SAMPLING_LEVELS)),
+    ("objective.scale_rewards", *_one_of(SCALE_REWARDS)),
+    ("objective.epsilon_low", lambda v: v is None or (_finite(v) and 0 <= v <= 1), "unset or a number in [0, 1]"),
+    ("objective.epsilon_high", *_OPT_NONNEG),
+    ("objective.negative_adv_rule", *_one_of(NEGATIVE_ADV_RULES)),
+    ("objective.kl_estimator", *_one_of(KL_ESTIMATORS)),
+    ("maxent.tau", *_NONNEG),
+    ("maxent.q_temperature", *_POS),
+    ("maxent.q_epsilon", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("maxent.logprob_chunk_size", *_NONNEG_INT),
+    ("maxent.reference_logprobs_source", *_one_of(REFERENCE_SOURCES)),
+    ("maxent.score_tail_tokens", lambda v: v is None or (isinstance(v, int) and v > 0), "unset or an integer > 0"),
+    ("maxent.target_weight_entropy", *_OPT_NONNEG),
+    ("maxent.target_weight_entropy_start", *_OPT_NONNEG),
+    ("maxent.target_weight_entropy_final", *_OPT_NONNEG),
+    ("maxent.target_weight_entropy_horizon", *_NONNEG_INT),
+    ("maxent.tau_lr", *_NONNEG),
+    ("maxent.tau_min", *_NONNEG),
+    ("maxent.tau_max", *_NONNEG),
+    ("maxent.tau_warmup_steps", lambda v: isinstance(v, int) and v >= -1, "an integer >= -1 (-1 = optimizer warmup)"),
+    ("maxent.clip_objective_coef", *_NONNEG),
+    ("maxent.clip_adv_baseline", lambda v: v is None or _finite(v), "unset or a finite number"),
+    ("controllers.kl_target", *_NONNEG),
+    ("controllers.kl_horizon", *_NONNEG_INT),
+    ("controllers.kl_ctl_step_size", *_NONNEG),
+    ("controller_meta.method", *_one_of(META_METHODS)),
+    ("controller_meta.lr", *_NONNEG),
+    ("controller_meta.tau_lr", *_NONNEG),
+    ("controller_meta.beta_lr", *_NONNEG),
+    ("controller_meta.beta_grad_clip", *_NONNEG),
+    ("controller_meta.update_interval", *_POS_INT),
+    ("controller_meta.analytic_steps", *_POS_INT),
+    ("controller_meta.optimizer", *_one_of(META_OPTIMIZERS)),
+    ("controller_meta.truncation_steps", *_POS_INT),
+    ("info_seed.num_seeds", *_NONNEG_INT),
+    ("info_seed.lambda_", *_NONNEG),
+    ("info_seed.temperature", *_POS),
+    ("info_seed.loss_type", *_one_of(INFO_SEED_LOSSES)),
+    ("info_seed.pooling", *_one_of(INFO_SEED_POOLINGS)),
+    ("info_seed.prompt_template", lambda v: isinstance(v, str) and "{seed}" in v, "a string containing '{seed}'"),
+    ("optim.learning_rate", *_NONNEG),
+    ("optim.adam_beta1", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.adam_beta2", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.adam_epsilon", *_POS),
+    ("optim.weight_decay", *_NONNEG),
+    ("optim.max_grad_norm", *_NONNEG),
+    ("optim.lr_scheduler_type", *_one_of(LR_SCHEDULES)),
+    ("optim.warmup_steps", *_NONNEG_INT),
+    ("optim.warmup_ratio", *_UNIT),
+    ("train.max_steps", *_POS_INT),
+    ("train.num_train_epochs", *_POS_INT),
+    ("train.per_device_train_batch_size", *_POS_INT),
+    ("train.gradient_accumulation_steps", *_POS_INT),
+    ("train.sft_warmup_steps", *_NONNEG_INT),
+    ("train.sft_learning_rate", *_NONNEG),
+    ("train.max_consecutive_nonfinite", *_POS_INT),
+    ("mesh.shape", lambda v: len(v) == len(MESH_AXES) and all(isinstance(d, int) and (d >= 1 or d == -1) for d in v)
+     and sum(d == -1 for d in v) <= 1, "three integers for ('data', 'fsdp', 'tensor'), each >= 1 or one -1"),
+    ("checkpoint.save_steps", *_NONNEG_INT),
+    ("checkpoint.save_total_limit", *_NONNEG_INT),
+    ("logging.logging_steps", *_POS_INT),
+    ("logging.wandb", *_one_of(WANDB_MODES)),
+    ("eval.eval_steps", *_NONNEG_INT),
+    ("eval.per_device_eval_batch_size", *_POS_INT),
+    ("eval.max_eval_samples", *_NONNEG_INT),
+)
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raise UserError for the first invalid field; `device_count` also checks the mesh fits."""
+    for path, ok, valid in _FIELD_RULES:
+        _check(config, path, ok, valid)
+
+    m = config.maxent
+    if m.tau_max > 0 and m.tau_max < m.tau_min:
+        raise _fail("maxent.tau_max", m.tau_max, f"0 (no bound) or >= maxent.tau_min={m.tau_min}")
+    if not config.objective.train_grpo_objective and m.tau + config.objective.beta <= 0:
+        raise UserError(
+            "config fields maxent.tau=0 and objective.beta=0 are invalid together: the MaxEnt objective "
+            "needs tau + beta > 0 (set one of them > 0, or objective.train_grpo_objective=True)"
+        )
+    has_target = any(
+        v is not None for v in (m.target_weight_entropy, m.target_weight_entropy_start, m.target_weight_entropy_final)
+    )
+    if has_target and m.tau_lr > 0 and m.tau_max <= 0:
+        raise _fail("maxent.tau_max", m.tau_max, "> 0 when the tau controller is active (a target entropy and tau_lr > 0)")
+    if has_target and config.objective.train_grpo_objective:
+        raise UserError(
+            "config field maxent.target_weight_entropy is set but objective.train_grpo_objective=True: "
+            "weight-entropy targets only apply to the MaxEnt objective"
+        )
+    cm = config.controller_meta
+    if cm.use_hessian and cm.method == "analytic":
+        raise _fail(
+            "controller_meta.use_hessian", True,
+            "only with controller_meta.method 'first_order' or 'truncated_backprop' (the analytic proxy has no curvature)",
+        )
+    if cm.enabled and max(cm.lr, cm.tau_lr, cm.beta_lr) <= 0:
+        raise _fail("controller_meta.lr", cm.lr, "> 0 (or tau_lr/beta_lr > 0) when controller_meta.enabled=True")
+
+    s = config.info_seed
+    if s.enabled and s.num_seeds < 1:
+        raise _fail("info_seed.num_seeds", s.num_seeds, "an integer >= 1 when info_seed.enabled=True")
+    if s.enabled and s.loss_type == "ce" and s.num_seeds < 2:
+        raise _fail("info_seed.num_seeds", s.num_seeds, "an integer >= 2 with info_seed.loss_type='ce'")
+
+    r = config.rewards
+    if r.reward_weights and len(r.reward_weights) != len(r.reward_funcs):
+        raise _fail(
+            "rewards.reward_weights", tuple(r.reward_weights),
+            f"empty or one weight per reward function ({len(r.reward_funcs)})",
+        )
+    if r.eval_reward_weights and len(r.eval_reward_weights) != len(r.eval_reward_funcs or r.reward_funcs):
+        raise _fail("rewards.eval_reward_weights", tuple(r.eval_reward_weights), "empty or one weight per eval reward")
+
+    o = config.objective
+    if o.epsilon_high is not None and o.epsilon_low is not None and o.epsilon_high < 0:
+        raise _fail("objective.epsilon_high", o.epsilon_high, "a number >= 0")
+    if config.data.dataset_mixture:
+        try:
+            mixture = json.loads(config.data.dataset_mixture)
+        except json.JSONDecodeError as err:
+            raise _fail("data.dataset_mixture", config.data.dataset_mixture, f"a JSON list of sources ({err.msg})") from None
+        if not isinstance(mixture, list) or not mixture or not all(isinstance(x, dict) and "id" in x for x in mixture):
+            raise _fail("data.dataset_mixture", config.data.dataset_mixture, 'a non-empty JSON list of {"id": ...} objects')
+    if not config.data.dataset_name and not config.data.dataset_mixture:
+        raise _fail("data.dataset_name", "", "a dataset name/path (or set data.dataset_mixture)")
+    res = config.checkpoint.resume
+    if not isinstance(res, str) or not res:
+        raise _fail("checkpoint.resume", res, "'latest', 'none' or a checkpoint path")
+
+    if device_count is not None:
+        validate_mesh_shape(tuple(config.mesh.shape), device_count)
+
+
+def validate_mesh_shape(shape: tuple[int, ...], device_count: int) -> tuple[int, ...]:
+    """Resolve -1 and check the mesh uses exactly the available devices; returns the concrete shape."""
+    fixed = math.prod(d for d in shape if d != -1)
+    if -1 in shape:
+        if device_count % fixed:
+            raise _fail("mesh.shape", shape, f"fixed axes must divide the {device_count} devices")
+        shape = tuple(device_count // fixed if d == -1 else d for d in shape)
+    if math.prod(shape) != device_count:
+        raise _fail("mesh.shape", shape, f"a shape whose product is the device count ({device_count})")
+    return shape
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """Plain JSON-serialisable view (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
