@@ -1,0 +1,32 @@
+"""The LR schedule matches spec 7.6 exactly, in optimizer steps."""
+
+import math
+
+import pytest
+
+from maxent_jax.optimizer import learning_rate_schedule, lr_scale, warmup_steps
+
+
+def reference_lr(s, lr0, total, warmup, kind):
+    if s < warmup:
+        return lr0 * s / warmup
+    d = max(total - warmup, 1)
+    p = min(s - warmup, d) / d
+    return {"cosine": 0.5 * lr0 * (1 + math.cos(math.pi * p)), "linear": lr0 * (1 - p)}.get(kind, lr0)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "constant_with_warmup"])
+def test_schedule_matches_reference(kind):
+    total, lr0 = 50, 3e-4
+    warmup = warmup_steps(total, 0, 0.2)
+    assert warmup == 10
+    schedule = learning_rate_schedule(lr0, total, warmup, kind)
+    for s in [0, 1, 5, 9, 10, 11, 25, 49, 50, 60]:
+        assert float(schedule(s)) == pytest.approx(reference_lr(s, lr0, total, warmup, kind), rel=1e-5, abs=lr0 * 1e-6)
+    assert float(schedule(0)) == 0.0  # the first update uses lr 0 during warm-up
+    assert lr_scale(schedule, lr0, 5) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_warmup_steps_prefers_explicit_and_caps_at_total():
+    assert warmup_steps(100, 7, 0.5) == 7
+    assert warmup_steps(10, 20, 0.0) == 10
