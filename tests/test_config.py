@@ -139,3 +139,9 @@ def test_cli_reports_one_line_and_exit_2(arg, needle):
 def test_cli_help():
     proc = _run_train("--help")
     assert proc.returncode == 0 and "--config" in proc.stdout and "--workdir" in proc.stdout
+
+
+def test_configuration_page_is_generated_from_config():
+    from maxent_jax import config_docs
+
+    assert config_docs.PAGE.read_text() == config_docs.render(), "run: python -m maxent_jax.config_docs"
