@@ -1,0 +1,245 @@
+"""Flax NNX decoder-only transformer for the Qwen2/Qwen2.5, Llama 3 and Qwen3 families.
+
+    hidden = final_norm(blocks(embed[input_ids]))
+    block(x) = x' + mlp(norm2(x')),  x' = x + attention(norm1(x))
+    attention: grouped-query, RoPE on q/k (optionally after a per-head RMSNorm, Qwen3), optional
+               q/k/v bias (Qwen2), softmax in float32 via `jax.nn.dot_product_attention`.
+    mlp:       down(silu(gate(x)) * up(x))   (SwiGLU)
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names (see
+`LOGICAL_AXES` below); the parallel package maps them to mesh axes with one rules table.
+
+Masking uses explicit positions and cache slots, never column arithmetic on positions, so a
+left-padded and a right-padded batch of the same sequences give the same per-token outputs:
+query slot t may attend key slot s when s <= t and s holds a real token (s == t is always allowed,
+so padding rows never see an empty softmax).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxent_jax.model.cache import KVCache
+from maxent_jax.model.config import ModelConfig
+from maxent_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# Logical axis names of every parameter, by module path suffix (documented in docs/models.md).
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embedding": ("vocab", "embed"),
+    "attn.q_proj.kernel": ("embed", "heads", "head_dim"),
+    "attn.q_proj.bias": ("heads", "head_dim"),
+    "attn.k_proj.kernel": ("embed", "kv_heads", "head_dim"),
+    "attn.k_proj.bias": ("kv_heads", "head_dim"),
+    "attn.v_proj.kernel": ("embed", "kv_heads", "head_dim"),
+    "attn.v_proj.bias": ("kv_heads", "head_dim"),
+    "attn.o_proj.kernel": ("heads", "head_dim", "embed"),
+    "attn.q_norm.scale": ("head_dim",),
+    "attn.k_norm.scale": ("head_dim",),
+    "mlp.gate_proj.kernel": ("embed", "mlp"),
+    "mlp.up_proj.kernel": ("embed", "mlp"),
+    "mlp.down_proj.kernel": ("mlp", "embed"),
+    "input_norm.scale": ("embed",),
+    "post_attn_norm.scale": ("embed",),
+    "final_norm.scale": ("embed",),
+    "lm_head": ("embed", "vocab"),
+}
+
+_INIT_STD = 0.02
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+    """A parameter annotated with logical axis names; placement is left to the caller's mesh rules."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = scale * x / sqrt(mean(x^2) + eps), statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = _param(jnp.ones((dim,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Projection(nnx.Module):
+    """A dense map stored with its natural multi-axis kernel (e.g. [embed, heads, head_dim])."""
+
+    def __init__(self, kernel_shape: tuple[int, ...], names: tuple[str, ...], equation: str, *,
+                 bias_shape: tuple[int, ...] | None, bias_names: tuple[str, ...] | None,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.equation = equation
+        init = jax.random.normal(rngs.params(), kernel_shape, jnp.float32) * _INIT_STD
+        self.kernel = _param(init.astype(param_dtype), names)
+        self.bias = None if bias_shape is None else _param(jnp.zeros(bias_shape, param_dtype), bias_names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; reads and writes the KV cache when given one."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt = _dtype(cfg.param_dtype)
+        bias = cfg.attention_bias
+        self.q_proj = Projection((d, n, h), ("embed", "heads", "head_dim"), "btd,dnh->btnh",
+                                 bias_shape=(n, h) if bias else None, bias_names=("heads", "head_dim"),
+                                 param_dtype=pdt, rngs=rngs)
+        self.k_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), "btd,dnh->btnh",
+                                 bias_shape=(k, h) if bias else None, bias_names=("kv_heads", "head_dim"),
+                                 param_dtype=pdt, rngs=rngs)
+        self.v_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), "btd,dnh->btnh",
+                                 bias_shape=(k, h) if bias else None, bias_names=("kv_heads", "head_dim"),
+                                 param_dtype=pdt, rngs=rngs)
+        self.o_proj = Projection((n, h, d), ("heads", "head_dim", "embed"), "btnh,nhd->btd",
+                                 bias_shape=None, bias_names=None, param_dtype=pdt, rngs=rngs)
+        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
+        self.scale = h ** -0.5
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, int, jax.Array] | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x `[batch, seq, embed]`, mask `[batch, 1, seq, keys]` -> `[batch, seq, embed]`.
+
+        `kv` = (k_all, v_all, layer, index) of the stacked cache; the updated (k_all, v_all) is returned.
+        """
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:
+            k_all, v_all, layer, index = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k, v = k_all[layer].astype(x.dtype), v_all[layer].astype(x.dtype)
+            new_kv = (k_all, v_all)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, i, pdt = cfg.hidden_size, cfg.intermediate_size, _dtype(cfg.param_dtype)
+        self.gate_proj = Projection((d, i), ("embed", "mlp"), "btd,di->bti", bias_shape=None, bias_names=None,
+                                    param_dtype=pdt, rngs=rngs)
+        self.up_proj = Projection((d, i), ("embed", "mlp"), "btd,di->bti", bias_shape=None, bias_names=None,
+                                  param_dtype=pdt, rngs=rngs)
+        self.down_proj = Projection((i, d), ("mlp", "embed"), "bti,id->btd", bias_shape=None, bias_names=None,
+                                    param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = _dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, int, jax.Array] | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
+        x = x + attn_out
+        return x + self.mlp(self.post_attn_norm(x)), new_kv
+
+
+def _block_forward(block: Block, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    return block(x, cos, sin, mask, None)[0]
+
+
+class Decoder(nnx.Module):
+    """The language model: `model(input_ids, positions, attention_mask, cache) -> (hidden, cache)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = _dtype(cfg.param_dtype)
+        embedding = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * _INIT_STD
+        self.embedding = _param(embedding.astype(pdt), ("vocab", "embed"))
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            head = jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * _INIT_STD
+            self.lm_head = _param(head.astype(pdt), ("embed", "vocab"))
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Hidden states after the final norm.
+
+        input_ids, positions `[batch, seq]` int32; attention_mask `[batch, seq]` (bool or 0/1), false on
+        padding. With `cache`, the seq new tokens occupy cache slots `[cache.index, cache.index + seq)`
+        (the caller keeps `cache.index + seq <= cache.max_len`) and attend to every valid earlier slot.
+        Returns (hidden `[batch, seq, embed]` in compute dtype, updated cache or None).
+        """
+        cfg = self.cfg
+        compute = _dtype(cfg.compute_dtype)
+        seq = input_ids.shape[1]
+        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(compute)
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        new_valid = attention_mask.astype(jnp.bool_)
+        if cache is None:
+            key_valid, query_slot = new_valid, jnp.arange(seq)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
+            query_slot = cache.index + jnp.arange(seq)
+        key_slot = jnp.arange(key_valid.shape[1])
+        causal = key_slot[None, :] <= query_slot[:, None]
+        mask = (key_valid[:, None, :] & causal[None]) | (key_slot[None, :] == query_slot[:, None])[None]
+        mask = mask[:, None]  # [batch, 1, seq, keys], broadcast over heads
+
+        if cache is None:
+            forward: Callable[..., jax.Array] = nnx.remat(_block_forward) if cfg.remat else _block_forward
+            for block in self.layers:
+                x = forward(block, x, cos, sin, mask)
+            return self.final_norm(x), None
+
+        k_all, v_all = cache.k, cache.v
+        for layer, block in enumerate(self.layers):
+            x, (k_all, v_all) = block(x, cos, sin, mask, (k_all, v_all, layer, cache.index))
+        new_cache = KVCache(k=k_all, v=v_all, valid=key_valid, index=cache.index + seq)
+        return self.final_norm(x), new_cache
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The output projection `[embed, vocab]` (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embedding[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full logits `[batch, seq, vocab]` float32; for small vocabularies (use `token_logprobs` otherwise)."""
+        kernel = self.lm_head_kernel().astype(hidden.dtype)
+        return jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int, dtype: str | jnp.dtype | None = None) -> KVCache:
+        """An empty cache for `batch` rows and `max_len` slots (dtype defaults to the compute dtype)."""
+        cfg = self.cfg
+        return KVCache.zeros(layers=cfg.num_layers, batch=batch, max_len=max_len, kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, dtype=_dtype(dtype or cfg.compute_dtype))

@@ -1,0 +1,67 @@
+"""Per-token log-probabilities of given targets without materialising full logits.
+
+For a 151k-token vocabulary, logits of 16k tokens take ~10 GB in float32. `token_logprobs` walks
+the sequence in chunks (`lax.map`), and for each chunk computes logits `[batch, chunk, vocab]`
+in float32, their log-softmax and the gathered target entry:
+
+    logp[b, t] = z[b, t, y[b, t]] - logsumexp_v z[b, t, v],   z = hidden @ W_head
+
+Each chunk is wrapped in `jax.checkpoint`, so under `jax.grad` the backward pass recomputes the
+chunk's logits instead of storing every chunk's softmax: at most one `[batch, chunk, vocab]` block
+is live forward and backward. The optional entropy H[b, t] = -sum_v p log p costs one extra
+reduction over the same block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from maxent_jax.errors import UserError
+from maxent_jax.model.decoder import Decoder
+
+
+def token_logprobs(model: Decoder, hidden: jax.Array, targets: jax.Array, *, chunk_size: int,
+                   return_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """log p(targets[b, t] | hidden[b, t]) as `[batch, seq]` float32 (and entropy `[batch, seq]` if asked).
+
+    hidden `[batch, seq, embed]` (the decoder's output), targets `[batch, seq]` int32 (any value at
+    positions the caller ignores; out-of-range ids are clipped). `chunk_size` is the number of
+    sequence positions per logits block; seq is padded up to a multiple of it internally.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UserError(f"chunk_size={chunk_size!r} is invalid; expected a positive integer")
+    return chunked_logprobs(model.lm_head_kernel(), hidden, targets, chunk_size=chunk_size,
+                            return_entropy=return_entropy)
+
+
+def chunked_logprobs(kernel: jax.Array, hidden: jax.Array, targets: jax.Array, *, chunk_size: int,
+                     return_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Same as `token_logprobs` for an explicit head kernel `[embed, vocab]` (pure function of arrays)."""
+    batch, seq, embed = hidden.shape
+    chunk = min(chunk_size, seq)
+    num_chunks = -(-seq // chunk)
+    pad = num_chunks * chunk - seq
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
+    vocab = kernel.shape[1]
+    targets = jnp.clip(targets, 0, vocab - 1)
+    # [chunks, batch, chunk, ...]: lax.map walks the leading axis.
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, embed).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    kernel = kernel.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, y = args
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp = jnp.take_along_axis(logp_all, y[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1) if return_entropy else jnp.zeros_like(logp)
+        return logp, entropy
+
+    logp, entropy = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
+    logp = logp.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq]
+    if not return_entropy:
+        return logp
+    return logp, entropy.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq]

@@ -1,0 +1,178 @@
+"""The NNX decoder on its own: padding invariance, KV-cache decoding, chunked log-probs, remat, axes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxent_jax.model.config import ModelConfig
+from maxent_jax.model.decoder import LOGICAL_AXES, Decoder
+from maxent_jax.model.logprobs import token_logprobs
+
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, attention_bias=True, qk_norm=True, family="qwen3",
+                  tie_word_embeddings=False, rope_theta=500.0)
+LENGTHS = (5, 8, 3)
+WIDTH = 8
+
+
+def _random_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """A decoder whose norms and biases are random too, so a swapped or ignored one shows up."""
+    model = Decoder(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _padded(seqs: list[np.ndarray], width: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, positions, mask) `[batch, width]` with explicit positions counting real tokens only."""
+    ids = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), bool)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols], mask[row, cols] = seq, True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, positions, mask
+
+
+def _sequences(lengths: tuple[int, ...], vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=n).astype(np.int32) for n in lengths]
+
+
+@jax.jit
+def _forward_logprobs(state: nnx.State, ids: jax.Array, positions: jax.Array, mask: jax.Array):
+    """Per-token log-probs of the next token `[batch, seq - 1]` (pure function of the param state)."""
+    model = nnx.merge(GRAPHDEF, state)
+    hidden, _ = model(ids, positions, mask)
+    logp, entropy = token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=3, return_entropy=True)
+    full = jax.nn.log_softmax(model.logits(hidden[:, :-1]), axis=-1)
+    return logp, entropy, full
+
+
+MODEL = _random_model(CFG)
+GRAPHDEF, STATE = nnx.split(MODEL)
+
+
+def test_every_parameter_carries_its_logical_axes():
+    flat = nnx.to_flat_state(nnx.state(MODEL, nnx.Param))
+    seen = set()
+    for path, var in flat:
+        key = ".".join(str(p) for p in path if not isinstance(p, int))
+        suffix = key.split("layers.")[-1]
+        names = var.get_metadata()["out_sharding"]
+        assert names == LOGICAL_AXES[suffix], key
+        assert len(names) == np.ndim(var[...]), key
+        seen.add(suffix)
+    assert seen == set(LOGICAL_AXES)  # this config (untied, bias, qk-norm) uses every kind
+
+
+def test_left_and_right_padding_give_identical_logprobs_and_chunking_is_exact():
+    seqs = _sequences(LENGTHS, CFG.vocab_size)
+    out = {}
+    for left in (True, False):
+        ids, pos, mask = _padded(seqs, WIDTH, left)
+        logp, entropy, full = map(np.asarray, _forward_logprobs(STATE, ids, pos, mask))
+        gathered = np.take_along_axis(full, ids[:, 1:, None], axis=-1)[..., 0]
+        np.testing.assert_allclose(logp, gathered, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(entropy, -(np.exp(full) * full).sum(-1), rtol=1e-5, atol=1e-6)
+        out[left] = [(logp[r], entropy[r], mask[r]) for r in range(len(seqs))]
+    for row, n in enumerate(LENGTHS):
+        left_lp, left_h, _ = out[True][row]
+        right_lp, right_h, _ = out[False][row]
+        # next-token log-probs of real tokens 1..n-1: left rows end at the last column, right rows start at 0
+        np.testing.assert_allclose(left_lp[WIDTH - n:], right_lp[:n - 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(left_h[WIDTH - n:], right_h[:n - 1], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_prefill_and_decode_steps_equal_the_full_forward():
+    prompts = _sequences((3, 5), CFG.vocab_size, seed=1)
+    continuation = np.random.default_rng(2).integers(1, CFG.vocab_size, size=(2, 4)).astype(np.int32)
+    prompt_len, steps = 5, continuation.shape[1]
+    ids, pos, mask = _padded(prompts, prompt_len, left=True)
+
+    @jax.jit
+    def decode(state, ids, pos, mask, continuation):
+        model = nnx.merge(GRAPHDEF, state)
+        cache = model.init_cache(ids.shape[0], prompt_len + steps)
+        hidden, cache = model(ids, pos, mask, cache)
+        last_pos = pos[:, -1]
+
+        def step(i, carry):
+            cache, out = carry
+            token = jax.lax.dynamic_slice_in_dim(continuation, i, 1, axis=1)
+            h, cache = model(token, (last_pos + 1 + i)[:, None], jnp.ones_like(token, bool), cache)
+            return cache, jax.lax.dynamic_update_slice_in_dim(out, h, i, axis=1)
+
+        out = jnp.zeros((ids.shape[0], steps, CFG.hidden_size), hidden.dtype)
+        cache, out = jax.lax.fori_loop(0, steps, step, (cache, out))
+        return jnp.concatenate([hidden, out], axis=1), cache
+
+    cached_hidden, cache = decode(STATE, ids, pos, mask, continuation)
+    assert int(cache.index) == prompt_len + steps
+    np.testing.assert_array_equal(np.asarray(cache.valid), np.concatenate([mask, np.ones((2, steps), bool)], 1))
+
+    full_ids = np.concatenate([ids, continuation], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, steps), bool)], axis=1)
+    full_pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0).astype(np.int32)
+    full_hidden, _ = jax.jit(lambda s, *a: nnx.merge(GRAPHDEF, s)(*a))(STATE, full_ids, full_pos, full_mask)
+    np.testing.assert_allclose(np.asarray(cached_hidden)[full_mask], np.asarray(full_hidden)[full_mask],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_logprob_gradients_and_remat_match_the_plain_forward():
+    ids, pos, mask = _padded(_sequences(LENGTHS, CFG.vocab_size, seed=3), WIDTH, left=False)
+    weights = jnp.asarray(mask[:, 1:], jnp.float32)
+
+    def loss(state, graphdef, chunked):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(ids, pos, mask)
+        if chunked:
+            logp = token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=3)
+        else:
+            full = jax.nn.log_softmax(model.logits(hidden[:, :-1]), axis=-1)
+            logp = jnp.take_along_axis(full, ids[:, 1:, None], axis=-1)[..., 0]
+        return -(logp * weights).sum()
+
+    remat_graphdef, remat_state = nnx.split(_random_model(CFG.replace(remat=True)))
+    results = [jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(s, g, c)
+               for s, g, c in ((STATE, GRAPHDEF, False), (STATE, GRAPHDEF, True), (remat_state, remat_graphdef, True))]
+    (ref_loss, ref_grad) = results[0]
+    for value, grad in results[1:]:
+        np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_params_and_compute_stay_close_to_float32():
+    cfg16 = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    graphdef16, state16 = nnx.split(Decoder(cfg16, rngs=nnx.Rngs(0)))
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), STATE)  # same weights, rounded
+    ids, pos, mask = _padded(_sequences(LENGTHS, CFG.vocab_size, seed=4), WIDTH, left=True)
+
+    @jax.jit
+    def logp16(state):
+        model = nnx.merge(graphdef16, state)
+        hidden, _ = model(ids, pos, mask)
+        assert hidden.dtype == jnp.bfloat16
+        return token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4)
+
+    lp16 = np.asarray(logp16(state16))
+    assert lp16.dtype == np.float32
+    lp32 = np.asarray(_forward_logprobs(STATE, ids, pos, mask)[0])
+    valid = mask[:, 1:]
+    np.testing.assert_allclose(lp16[valid], lp32[valid], atol=0.15)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -2, 1.5])
+def test_bad_chunk_size_is_a_user_error(chunk_size):
+    from maxent_jax.errors import UserError
+
+    hidden = jnp.zeros((1, 2, CFG.hidden_size))
+    with pytest.raises(UserError, match="chunk_size"):
+        token_logprobs(MODEL, hidden, jnp.zeros((1, 2), jnp.int32), chunk_size=chunk_size)
