@@ -1,0 +1,367 @@
+"""Orbax checkpoints of a training run: save, verify, resume (onto any mesh) and export.
+
+Layout under the run directory (docs/checkpoints.md):
+
+    WORKDIR/checkpoints/<step>/state/            sharded arrays (params, optimizer, controllers, RNG, counters)
+    WORKDIR/checkpoints/<step>/extras/           host JSON (data position, config hash, token counters, ...)
+    WORKDIR/checkpoints/<step>/maxent_manifest.json   size + CRC32 of every file, written before the commit
+    WORKDIR/checkpoints_rejected/<step>/         checkpoints found corrupt on resume, moved aside
+
+Why a manifest: Orbax commits a step by renaming `<step>.orbax-checkpoint-tmp` to `<step>`, so a
+crash mid-save never leaves a step directory; but files can still be truncated or damaged later
+(a full disk during a copy, a bad node). The manifest is written inside the temporary directory
+(Orbax's post-finalisation hook runs before the rename), so it is part of the atomic commit and
+lets `resolve_resume` tell a whole checkpoint from a damaged one without restoring it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import zlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from maxent_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+REJECTED_DIR = "checkpoints_rejected"
+MANIFEST = "maxent_manifest.json"
+_STATE, _EXTRAS = "state", "extras"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+_CRC_BLOCK = 1 << 22
+# Orbax rewrites the step metadata (commit timestamp) after the manifest is written.
+_REWRITTEN_AT_COMMIT = ("_CHECKPOINT_METADATA",)
+
+
+# ---------------------------------------------------------------------------------------
+# Integrity manifest
+
+
+def _crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_manifest(step_dir: pathlib.Path, step: int) -> None:
+    """Record size and CRC32 of every file under `step_dir` in `step_dir/MANIFEST` (atomic)."""
+    files = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if path.parent == step_dir and path.name in _REWRITTEN_AT_COMMIT:
+            continue
+        files[path.relative_to(step_dir).as_posix()] = [path.stat().st_size, _crc32(path)]
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, "step": step, "files": files}))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
+    """Why `step_dir` is not a whole checkpoint, or None when it is.
+
+    Checks Orbax's commit (the step metadata and both items exist) and, when the manifest is
+    present, every file's size and CRC32. A checkpoint without a manifest (written by another
+    tool) passes on the structural checks alone; `resolve_resume` warns about it.
+    """
+    if not step_dir.is_dir():
+        return "not a directory"
+    if _TMP_MARKER in step_dir.name:
+        return "an unfinished save (temporary directory)"
+    for needed in ("_CHECKPOINT_METADATA", _STATE, _EXTRAS):
+        if not (step_dir / needed).exists():
+            return f"missing {needed}"
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.exists():
+        return None
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for rel, (size, crc) in files.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        if path.stat().st_size != size:
+            return f"file {rel} has {path.stat().st_size} bytes, the manifest says {size}"
+        if _crc32(path) != crc:
+            return f"file {rel} is damaged (CRC32 mismatch)"
+    return None
+
+
+def list_steps(checkpoints_dir: pathlib.Path) -> list[int]:
+    """Committed step numbers in `checkpoints_dir`, ascending (temporary directories are ignored)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+# ---------------------------------------------------------------------------------------
+# Resume policy
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A verified checkpoint to resume from."""
+
+    step: int
+    path: pathlib.Path
+
+
+def resolve_resume(resume: str, workdir: str | os.PathLike) -> ResumePoint | None:
+    """Turn `config.checkpoint.resume` into the checkpoint to restore, or None to start fresh.
+
+    - 'latest': the newest whole checkpoint in WORKDIR/checkpoints; a damaged newer one is
+      skipped with a warning and moved to WORKDIR/checkpoints_rejected/ (so a new save of that
+      step cannot collide with it). None when there are no checkpoints.
+    - 'none': start fresh; refused when the workdir already holds checkpoints, because new
+      saves would mix two runs (use another --workdir or delete them).
+    - a path: a step directory, or a directory of steps / a run directory (its newest whole one).
+    """
+    workdir = pathlib.Path(workdir)
+    own = workdir / CHECKPOINTS_DIR
+    if resume == "none":
+        steps = list_steps(own)
+        if steps:
+            raise UserError(
+                f"config field checkpoint.resume='none' but {own} already holds checkpoints {steps}: "
+                "use another --workdir, delete that directory, or set checkpoint.resume=latest"
+            )
+        return None
+    if resume == "latest":
+        return _newest_whole(own, field_value="latest", quarantine=True)
+    path = pathlib.Path(resume).expanduser()
+    if not path.exists():
+        raise UserError(f"config field checkpoint.resume={resume!r}: no such checkpoint path ('latest', 'none' or a path)")
+    if (path / _STATE).exists():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"config field checkpoint.resume={resume!r}: the checkpoint is not usable: {problem}")
+        _warn_if_unverified(path)
+        return ResumePoint(int(path.name) if path.name.isdigit() else -1, path)
+    steps_dir = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    found = _newest_whole(steps_dir, field_value=resume, quarantine=False)
+    if found is None:
+        raise UserError(f"config field checkpoint.resume={resume!r}: no checkpoint step directories in {steps_dir}")
+    return found
+
+
+def _newest_whole(steps_dir: pathlib.Path, *, field_value: str, quarantine: bool) -> ResumePoint | None:
+    steps = list_steps(steps_dir)
+    problems = []
+    for step in reversed(steps):
+        problem = checkpoint_problem(steps_dir / str(step))
+        if problem is None:
+            _warn_if_unverified(steps_dir / str(step))
+            if quarantine:
+                for bad_step, _ in problems:
+                    _move_aside(steps_dir, bad_step)
+            return ResumePoint(step, steps_dir / str(step))
+        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", steps_dir / str(step), problem)
+        problems.append((step, problem))
+    if problems:
+        listed = "; ".join(f"step {s}: {p}" for s, p in problems)
+        raise UserError(
+            f"config field checkpoint.resume={field_value!r}: no usable checkpoint in {steps_dir} ({listed}); "
+            "delete them or pass a --workdir without checkpoints"
+        )
+    return None
+
+
+def _move_aside(steps_dir: pathlib.Path, step: int) -> None:
+    if jax.process_index() != 0:
+        return
+    target = steps_dir.parent / REJECTED_DIR / str(step)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(steps_dir / str(step)), str(target))
+    log.warning("moved damaged checkpoint step %d to %s", step, target)
+
+
+def _warn_if_unverified(step_dir: pathlib.Path) -> None:
+    if not (step_dir / MANIFEST).exists():
+        log.warning("checkpoint %s has no %s; its files cannot be verified before restoring", step_dir, MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------
+# Preflight
+
+
+def state_nbytes(tree: Any) -> int:
+    """Global bytes of every array leaf (concrete or abstract) of `tree`; an upper bound on a save."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.eval_shape(jax.random.key_data, leaf)
+            total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0) -> None:
+    """Fail before training when the run could not write its checkpoints.
+
+    The workdir must be creatable and writable, and its filesystem must have room for the
+    checkpoints kept at once (`keep` plus the one being written; 2 when `keep` is 0 = keep all,
+    the least a run needs) plus `extra_bytes` (the final export), with a 5% margin.
+    """
+    workdir = pathlib.Path(workdir)
+    ckpt_dir = workdir / CHECKPOINTS_DIR
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write_probe_{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
+    existing = len(list_steps(ckpt_dir))
+    slots = max(1, (keep + 1 if keep > 0 else 2) - existing)
+    needed = int((slots * checkpoint_bytes + extra_bytes) * 1.05)
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < needed:
+        raise UserError(
+            f"--workdir={workdir} has {_gib(free)} free but the run needs about {_gib(needed)} "
+            f"({slots} checkpoint(s) of {_gib(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
+            f"{f', plus {_gib(extra_bytes)} for the final export' if extra_bytes else ''}): free space or "
+            "lower checkpoint.save_total_limit"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------
+# The manager
+
+
+def abstract_state(tree: Any) -> Any:
+    """Concrete arrays -> `jax.ShapeDtypeStruct` with the same sharding (other leaves unchanged)."""
+    def to_abstract(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        return leaf
+
+    return jax.tree.map(to_abstract, tree)
+
+
+class CheckpointManager:
+    """Asynchronous, atomic, verified checkpoints of one run in WORKDIR/checkpoints.
+
+    `save` returns once the arrays are copied off the accelerator (so the next step may
+    overwrite donated buffers); writing, the manifest, the commit and pruning to the newest
+    `keep` steps (0 = keep all) happen on Orbax's background thread. Call `wait()` before
+    reading a checkpoint back in the same process, and `close()` on exit.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, save_steps: int, keep: int, async_save: bool = True):
+        self.workdir = pathlib.Path(workdir)
+        self.directory = (self.workdir / CHECKPOINTS_DIR).absolute()
+        self.save_steps = save_steps
+        self.async_save = async_save
+        self._pending_step: int | None = None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep > 0 else None,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_pending_manifest),
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def due(self, step: int) -> bool:
+        """Whether the save cadence asks for a checkpoint after optimizer step `step` (spec 11)."""
+        return self.save_steps > 0 and step > 0 and step % self.save_steps == 0
+
+    def save(self, step: int, state: Any, extras_json: Mapping[str, Any]) -> None:
+        """Start saving `state` (a pytree of arrays, possibly sharded) and `extras_json` as `step`.
+
+        A step that already exists (a run replaying steps after resuming from an older
+        checkpoint) is replaced. Raises UserError when `extras_json` is not JSON.
+        """
+        try:
+            extras = json.loads(json.dumps(dict(extras_json), allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise UserError(f"checkpoint extras must be plain JSON data: {err}") from None
+        self._manager.wait_until_finished()
+        if step in self._manager.all_steps():
+            log.warning("replacing existing checkpoint step %d in %s", step, self.directory)
+            self._manager.delete(step)
+        self._pending_step = step
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras)}),
+            force=True,
+        )
+        if not self.async_save:
+            self.wait()
+
+    def _write_pending_manifest(self) -> None:
+        """Orbax's post-finalisation hook: runs on its background thread before the commit rename."""
+        step = self._pending_step
+        if step is None or jax.process_index() != 0:
+            return
+        tmp_dirs = sorted(self.directory.glob(f"{step}{_TMP_MARKER}*"))
+        if len(tmp_dirs) != 1:
+            log.warning("checkpoint step %d: could not find its temporary directory; no manifest written", step)
+            return
+        write_manifest(tmp_dirs[0], step)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step (committed by this manager or found on disk), or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore(self, step_or_path: int | str | os.PathLike, target: Any) -> tuple[Any, dict]:
+        """Restore `(state, extras)`; `target` gives the structure and the CURRENT shardings.
+
+        `target` is a pytree of `jax.ShapeDtypeStruct` with `sharding` (or concrete arrays,
+        whose shardings are used), so a checkpoint written on one mesh restores onto another.
+        """
+        self.wait()
+        path = self.directory / str(step_or_path) if isinstance(step_or_path, int) else pathlib.Path(step_or_path)
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is not usable: {problem}")
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(abstract_state(target)), _EXTRAS: ocp.args.JsonRestore()}
+        )
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            try:
+                restored = checkpointer.restore(path.absolute(), args=args)
+            except (ValueError, KeyError, TypeError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(
+                    f"checkpoint {path} does not match the current model/optimizer state: {first}"
+                ) from None
+        return restored[_STATE], dict(restored[_EXTRAS])
+
+    def wait(self) -> None:
+        """Block until the pending save is committed (and pruning is done)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
