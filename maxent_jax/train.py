@@ -1,22 +1,28 @@
-"""Entry point: `python -m maxent_jax.train [--config=configs/X.py] [--workdir=DIR] [--config.a.b=v ...]`.
+"""Entry point: `python -m maxent_jax.train [--config=X.py] [--recipe=R.yaml] [--workdir=DIR] [--config.a.b=v ...]`.
 
 With no flags it trains the embedded default (configs/tiny.py) in a fresh workdir under var/runs/.
+Precedence: the config file, then the reference-style `--recipe` (docs/recipes.md), then every
+`--config.a.b=v` override. With `--recipe` and no `--config`, the recipe starts from the base
+config (the reference's defaults), not from the tiny demo.
 """
 
 from __future__ import annotations
 
 import sys
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
-from maxent_jax import cli
+from maxent_jax import cli, recipes
+from maxent_jax import config as config_lib
 from maxent_jax.errors import UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
 The resolved config is printed and written to WORKDIR/config.json before any compute."""
 
 
-def _define_flags() -> flags.FlagValues:
+def define_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     cli.define_config_flag(fv)
     flags.DEFINE_string("workdir", None, "Run directory (default: a fresh var/runs/<timestamp>).", flag_values=fv)
@@ -30,13 +36,32 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if cli.help_requested(argv):
-        cli.print_help(_define_flags(), "maxent_jax.train", SUMMARY)
+        cli.print_help(define_flags(), "maxent_jax.train", SUMMARY)
         return
-    fv, rest = cli.parse(_define_flags, argv)
+    fv, rest = cli.parse(define_flags, argv)
     if len(rest) > 1:
         raise UserError(f"unexpected positional arguments: {' '.join(rest[1:])}")
-    config = cli.validated(fv.config)
+    config = resolve_config(fv)
     print(config)
+
+
+def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
+    """The validated config: file, then --recipe, then the --config.* overrides (they always win)."""
+    config = fv.config
+    if fv.recipe:
+        recipe = recipes.load(fv.recipe)
+        for line in recipe.warnings():
+            print(f"warning: {line}", file=sys.stderr)
+        if not fv["config"].present:
+            config = config_lib.get_base_config()
+        recipes.apply(config, recipe)
+        for path, value in config_flags.get_override_values(fv["config"]).items():
+            *parents, leaf = path.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return cli.validated(config)
 
 
 if __name__ == "__main__":
