@@ -329,20 +329,26 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore(self, step_or_path: int | str | os.PathLike, target: Any) -> tuple[Any, dict]:
+    def restore(self, step_or_path: int | str | os.PathLike, target: Any, *, partial: bool = False) -> tuple[Any, dict]:
         """Restore `(state, extras)`; `target` gives the structure and the CURRENT shardings.
 
         `target` is a pytree of `jax.ShapeDtypeStruct` with `sharding` (or concrete arrays,
         whose shardings are used), so a checkpoint written on one mesh restores onto another.
+        `partial=True` restores only the subtrees `target` names (e.g. `{'params': ...}` for
+        evaluation) and skips the rest of the saved state.
         """
         self.wait()
         path = self.directory / str(step_or_path) if isinstance(step_or_path, int) else pathlib.Path(step_or_path)
         problem = checkpoint_problem(path)
         if problem:
             raise UserError(f"checkpoint {path} is not usable: {problem}")
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardRestore(abstract_state(target)), _EXTRAS: ocp.args.JsonRestore()}
-        )
+        target = abstract_state(target)
+        if partial:
+            state_args = ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(target)
+        args = ocp.args.Composite(**{_STATE: state_args, _EXTRAS: ocp.args.JsonRestore()})
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             try:
                 restored = checkpointer.restore(path.absolute(), args=args)

@@ -191,6 +191,14 @@ def test_resume_policy(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "checkpoints" / "2"), other)
 
 
+def test_partial_restore_reads_only_the_named_subtrees(tmp_path):
+    state = _three_checkpoints(tmp_path)
+    with ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0) as manager:
+        restored, extras = manager.restore(2, {"params": state["params"]}, partial=True)
+    assert set(restored) == {"params"} and extras == {"step": 2}
+    _assert_same(state["params"], restored["params"])
+
+
 def test_restore_into_a_different_structure_is_a_user_error(tmp_path):
     state = _three_checkpoints(tmp_path)
     wrong = dict(state, params={"w": state["params"]["w"]})
