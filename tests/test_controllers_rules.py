@@ -21,29 +21,19 @@ from maxent_jax.controllers import (
 )
 from maxent_jax.controllers.beta import update_beta
 from maxent_jax.controllers.tau import active_entropy_target, update_tau
+from maxent_jax.config import get_base_config
 from maxent_jax.errors import UserError
 
 RTOL = 2e-6
 
 
 def _config(**maxent: object) -> ml_collections.ConfigDict:
-    """The controller fields of the base config (maxent_jax.config), with overrides for `maxent`."""
-    cfg = ml_collections.ConfigDict()
-    cfg.objective = ml_collections.ConfigDict({"beta": 0.04})
-    cfg.controllers = ml_collections.ConfigDict(
-        {"kl_target": 0.05, "kl_horizon": 100, "kl_ctl_step_size": 0.2, "overwrite_from_config": False}
-    )
-    cfg.maxent = ml_collections.ConfigDict({
-        "tau": 0.3, "length_normalize_ref": True, "target_weight_entropy": 1.2,
-        "target_weight_entropy_start": None, "target_weight_entropy_final": None,
-        "target_weight_entropy_horizon": 0, "tau_lr": 0.05, "tau_min": 0.01, "tau_max": 2.0,
-        "tau_warmup_steps": -1, **maxent,
-    })
-    cfg.controller_meta = ml_collections.ConfigDict({
-        "enabled": False, "method": "analytic", "lr": 0.0, "tau_lr": 0.0, "beta_lr": 0.0,
-        "beta_grad_clip": 0.0, "update_interval": 1, "objective": "potential", "analytic_steps": 1,
-        "optimizer": "sgd", "truncation_steps": 1, "use_hessian": False,
-    })
+    """The base config with the controllers switched on, plus overrides for `maxent`."""
+    cfg = get_base_config()
+    cfg.objective.beta = 0.04
+    cfg.controllers.update({"kl_target": 0.05, "kl_horizon": 100, "kl_ctl_step_size": 0.2})
+    cfg.maxent.update({"tau": 0.3, "target_weight_entropy": 1.2, "tau_lr": 0.05, "tau_min": 0.01,
+                       "tau_max": 2.0, "tau_warmup_steps": -1, **maxent})
     return cfg
 
 
@@ -53,6 +43,8 @@ def test_from_config_reads_every_field_and_resolves_warmup_minus_one():
     assert (s.tau_init, s.target_weight_entropy, s.tau_lr, s.tau_min, s.tau_max) == (0.3, 1.2, 0.05, 0.01, 2.0)
     assert s.tau_warmup_steps == 7.0  # -1 follows the optimizer warmup (Q17)
     assert ControllerSettings.from_config(_config(tau_warmup_steps=3), optimizer_warmup_steps=7).tau_warmup_steps == 3
+    defaults = ControllerSettings.from_config(get_base_config(), optimizer_warmup_steps=0)
+    assert defaults == ControllerSettings(beta_init=defaults.beta_init)  # dataclass defaults = config defaults
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def update_controllers(
     step = jnp.asarray(step, jnp.int32)
     target = active_entropy_target(settings, step)
     if settings.meta_enabled:
-        tau, log_tau, ema, ema_set = state.tau, state.log_tau, state.entropy_ema, state.entropy_ema_set
+        ema, ema_set = state.entropy_ema, state.entropy_ema_set
         due = meta_due(settings, step)
         m_tau, m_beta, m_opt, diag = meta_update(
             state.tau, state.beta, state.meta_opt_state, inputs, settings, target, lr_scale
