@@ -110,7 +110,7 @@ def task_config(model_name_or_path: str) -> ml_collections.ConfigDict:
     c.objective.clip_range = 0.05
     c.objective.loss_type = "reference"
     # Reference: max instead of PPO's min for negative advantages (Q12); we use min.
-    c.objective.negative_adv_rule = "min"
+    c.objective.negative_adv_rule = "standard_min"
     c.controllers.kl_target = 0.07
     c.controllers.kl_horizon = 500
     c.controllers.kl_ctl_step_size = 1.0

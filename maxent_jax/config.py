@@ -27,8 +27,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 OBJECTIVE_LOSS_TYPES = ("reference", "grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("sequence_sum", "sequence", "token")
 SCALE_REWARDS = ("none", "group", "batch")
-NEGATIVE_ADV_RULES = ("min", "reference_max")
-KL_ESTIMATORS = ("seq_k3", "k1", "k2", "k3")
+NEGATIVE_ADV_RULES = ("standard_min", "reference_max")
+KL_ESTIMATORS = ("sequence_k3", "k1", "k2", "k3")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SEED_ENTROPY_MODES = ("abs", "reference_signed")
 REFERENCE_SOURCES = ("auto", "model", "policy", "rollout")
 META_METHODS = ("analytic", "first_order", "truncated_backprop")
 META_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -100,8 +102,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Push weights to the rollout server every N optimizer steps; 0 = never. The reference
     # never syncs (Q5), so its rollouts come from the initial model.
     c.rollout.sync_interval_steps = 1
-    # Truncated importance-sampling correction for sampler/trainer mismatch; 0 = off.
-    c.rollout.importance_sampling_cap = 0.0
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"
@@ -134,8 +134,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.objective.scale_rewards = "none"
     c.objective.epsilon_low = _placeholder(float)  # None = clip_range
     c.objective.epsilon_high = _placeholder(float)  # None = epsilon_low
-    c.objective.negative_adv_rule = "min"  # 'reference_max' reproduces Q12
-    c.objective.kl_estimator = "seq_k3"
+    c.objective.negative_adv_rule = "standard_min"  # 'reference_max' reproduces Q12
+    c.objective.kl_estimator = "sequence_k3"  # the reference's sequence-level k3; or token-level k1/k2/k3
+    # Correction for sampler/trainer log-prob mismatch (TRL's vllm_importance_sampling_*):
+    # 'none' uses the sampler's log-probs directly as the ratio denominator.
+    c.objective.sampler_correction = "none"
+    c.objective.sampler_correction_max = 3.0
+    c.objective.sampler_correction_min = 0.0
 
     c.maxent = ml_collections.ConfigDict()
     c.maxent.tau = 0.0
@@ -189,6 +194,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.info_seed.prompt_template = "\n[seed={seed}]"
     c.info_seed.loss_type = "infonce"
     c.info_seed.pooling = "mean"
+    # How the alpha term measures weight entropy: 'abs' is NaN-free on signed GRPO advantages
+    # (Q23); 'reference_signed' reproduces the reference (NaN on mixed-reward groups).
+    c.info_seed.entropy_mode = "abs"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
@@ -308,7 +316,6 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.top_p", lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("rollout.top_k", *_NONNEG_INT),
     ("rollout.sync_interval_steps", *_NONNEG_INT),
-    ("rollout.importance_sampling_cap", *_NONNEG),
     ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),
     ("vllm.server_timeout", *_POS),
     ("vllm.max_retries", *_POS_INT),
@@ -328,6 +335,9 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("objective.epsilon_high", *_OPT_NONNEG),
     ("objective.negative_adv_rule", *_one_of(NEGATIVE_ADV_RULES)),
     ("objective.kl_estimator", *_one_of(KL_ESTIMATORS)),
+    ("objective.sampler_correction", *_one_of(SAMPLER_CORRECTIONS)),
+    ("objective.sampler_correction_min", *_NONNEG),
+    ("objective.sampler_correction_max", *_POS),
     ("maxent.tau", *_NONNEG),
     ("maxent.q_temperature", *_POS),
     ("maxent.q_epsilon", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
@@ -361,6 +371,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("info_seed.temperature", *_POS),
     ("info_seed.loss_type", *_one_of(INFO_SEED_LOSSES)),
     ("info_seed.pooling", *_one_of(INFO_SEED_POOLINGS)),
+    ("info_seed.entropy_mode", *_one_of(SEED_ENTROPY_MODES)),
     ("info_seed.prompt_template", lambda v: isinstance(v, str) and "{seed}" in v, "a string containing '{seed}'"),
     ("optim.learning_rate", *_NONNEG),
     ("optim.adam_beta1", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -438,8 +449,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise _fail("rewards.eval_reward_weights", tuple(r.eval_reward_weights), "empty or one weight per eval reward")
 
     o = config.objective
-    if o.epsilon_high is not None and o.epsilon_low is not None and o.epsilon_high < 0:
-        raise _fail("objective.epsilon_high", o.epsilon_high, "a number >= 0")
+    if o.sampler_correction_max <= o.sampler_correction_min:
+        raise _fail("objective.sampler_correction_max", o.sampler_correction_max,
+                    f"> objective.sampler_correction_min={o.sampler_correction_min}")
     if config.data.dataset_mixture:
         try:
             mixture = json.loads(config.data.dataset_mixture)

@@ -64,7 +64,7 @@ def test_recipe_validates_with_spec14_values(path):
     assert (c.checkpoint.save_steps, c.logging.logging_steps, c.objective.beta) == (50, 1, 0.5)
     # Fixed reference quirks: weights are synced (Q5), PPO's min (Q12), explicit clip term (Q11).
     assert c.rollout.sync_interval_steps == 1
-    assert c.objective.negative_adv_rule == "min" and c.maxent.use_clip_objective
+    assert c.objective.negative_adv_rule == "standard_min" and c.maxent.use_clip_objective
     prompt = c.data.system_prompt
     assert "<think>" in prompt and "</think>" in prompt and "<answer>" in prompt and "</answer>" in prompt
     assert prompt.index("<think>") < prompt.index("<answer>")
