@@ -1,0 +1,35 @@
+"""Print the facts of a training config that the launcher needs, one `key<TAB>value` per line.
+
+    python launch/resolve_config.py --config=configs/X.py [--recipe=R.yaml] [--config.a.b=v ...]
+
+It parses exactly the flags `python -m maxent_jax.train` would get (the same precedence:
+config file, recipe, overrides) so the launcher starts the rollout server for the model the
+trainer will load, with room for the trainer's longest sequence. Bad flags or values fail
+here, before any GPU is touched, with the trainer's own one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from maxent_jax import cli, train
+from maxent_jax.errors import exit_on_user_error
+
+
+def main() -> None:
+    fv, _ = cli.parse(train.define_flags, sys.argv)
+    config = train.resolve_config(fv)
+    facts = {
+        "model": config.model.name_or_path,
+        "revision": config.model.revision,
+        "backend": config.rollout.backend,
+        "mesh": ",".join(str(d) for d in config.mesh.shape),
+        "max_model_len": config.rollout.max_prompt_length + config.rollout.max_completion_length,
+        "dtype": config.model.param_dtype,
+    }
+    for key, value in facts.items():
+        print(f"{key}\t{value}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
