@@ -3,10 +3,12 @@ closed loops against synthetic environments."""
 
 import math
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from maxent_jax.controllers import ControllerInputs, ControllerSettings, init_controller_state, update_controllers
 from maxent_jax.controllers.potential import mean_weight_entropy
@@ -207,3 +209,28 @@ def test_closed_loop_meta_methods_reach_both_targets(name, kw, entropy_steps):
     trace = _closed_loop(_meta(**{**common, **kw}), 110)
     assert _steps_to(trace[:, 0], 1.0, 0.01) <= entropy_steps
     assert _steps_to(trace[:, 1], 0.05, 0.0005) <= 60  # measured 53: beta's clipped proxy steps
+
+
+_stat = st.one_of(st.floats(-5.0, 5.0, width=32), st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+_BOUNDED = {
+    "rules": ControllerSettings(beta_init=0.04, tau_init=0.3, kl_target=0.05, kl_horizon=1, kl_ctl_step_size=5.0,
+                                target_weight_entropy=1.0, tau_lr=3.0, tau_min=0.1, tau_max=0.9),
+    "analytic_adam": _meta(meta_optimizer="adam", meta_lr=0.5, tau_min=0.1, tau_max=0.9),
+    "first_order_newton": _meta(meta_method="first_order", meta_use_hessian=True, meta_tau_lr=1.0, meta_beta_lr=1.0,
+                                tau_min=0.1, tau_max=0.9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BOUNDED))
+@hypothesis.settings(max_examples=15, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@given(data=st.data())
+def test_tau_and_beta_stay_in_bounds_for_any_statistics(name, data):
+    s = _BOUNDED[name]
+    state = init_controller_state(s)
+    for step in range(1, 4):
+        h, kl, scale = data.draw(_stat), data.draw(_stat), data.draw(_stat)
+        inputs = ControllerInputs(weight_entropy=jnp.float32(h), kl=jnp.float32(kl), **BATCH)
+        state, metrics = step_fn(state, inputs, s, step, jnp.float32(scale))
+        tau, beta = float(state.tau), float(state.beta)
+        assert 0.1 <= tau <= 0.9 and beta >= 0.0 and math.isfinite(beta)
+        assert float(state.log_tau) == pytest.approx(math.log(tau), rel=1e-6)

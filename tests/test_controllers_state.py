@@ -149,3 +149,13 @@ def test_orbax_round_trip_is_exact(tmp_path, optimizer):
     template = init_controller_state(s)
     restore_args = ocp.checkpoint_utils.construct_restore_args(template)
     _assert_same(pytree.restore(tmp_path / "pytree", item=template, restore_args=restore_args), state)
+
+
+def test_bad_value_in_a_state_file_is_a_one_line_user_error(tmp_path):
+    s = _adam_settings()
+    doc = to_json(_run(s, steps=1), s)
+    doc["maxent_jax"]["step"] = "three"
+    path = tmp_path / FILENAME
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="invalid"):
+        read_controller_state(path, s)

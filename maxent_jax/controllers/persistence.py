@@ -151,7 +151,10 @@ def read_controller_state(path: str | os.PathLike[str], settings: ControllerSett
         raise UserError(f"controller state file {str(path)!r} is unreadable: {err}") from None
     if not isinstance(data, dict):
         raise UserError(f"controller state file {str(path)!r} is invalid: expected a JSON object")
-    return from_json(data, settings, source=str(path))
+    try:
+        return from_json(data, settings, source=str(path))
+    except (TypeError, ValueError) as err:  # a hand-edited value of the wrong kind
+        raise UserError(f"controller state file {str(path)!r} is invalid: {err}") from None
 
 
 def resume_controller_state(
