@@ -1,0 +1,115 @@
+"""Sharded, gradient-free forwards: per-token log-probs of completions under given parameters.
+
+The same compiled function scores a batch under the reference parameters (the KL anchor) and
+under the current/old policy parameters: both trees have the model's structure, so both get
+the shardings the rules table gives the policy. The batch uses the score layout of
+`maxent_jax.scoring` (prompts left-padded to Tp columns, completions right-padded to Tc):
+
+    input_ids, positions, attention_mask  [N, Tp + Tc]
+    completion_ids                        [N, Tc]
+    -> logp                               [N, Tc] float32, logp[i, j] = log p(completion_ids[i, j] | prefix)
+
+The completion token j is predicted by the hidden state at column Tp - 1 + j, so only Tc
+columns reach the vocabulary projection (`maxent_jax.model.logprobs.token_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.parallel.rules import (
+    LOGICAL_AXIS_RULES,
+    Rules,
+    batch_divisor,
+    batch_spec,
+    tree_shardings,
+)
+from maxent_jax.parallel.train_step import check_batch
+
+SCORE_KEYS = ("input_ids", "positions", "attention_mask", "completion_ids")
+
+
+def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
+    """log p(completion_ids[i, j] | tokens before it) as `[N, Tc]` float32 (pure; differentiable).
+
+    Also the building block of losses: call it inside a `loss_fn` for the policy log-probs.
+    """
+    hidden, _ = model(batch["input_ids"], batch["positions"], batch["attention_mask"])
+    completion_len = batch["completion_ids"].shape[1]
+    prompt_len = batch["input_ids"].shape[1] - completion_len
+    predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
+    return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size)
+
+
+def _in_micro_batches(fn: Any, batch: dict[str, jax.Array], micro_batches: int) -> jax.Array:
+    """Apply `fn` to `micro_batches` strided slices of the rows, one after the other.
+
+    Rows are split as [N] -> [N/m, m] (row i goes to slice i % m), which keeps each device's
+    block of rows on that device, so no data moves; only one slice's activations are live.
+    """
+    if micro_batches == 1:
+        return fn(batch)
+    split = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1),
+        batch,
+    )
+    out = jax.lax.map(fn, split)  # [m, N/m, Tc]
+    return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
+
+
+@dataclasses.dataclass(frozen=True)
+class LogprobFn:
+    """`logp = fn(params, batch)`: `[N, Tc]` float32 completion log-probs, sharded like the batch.
+
+    `params` is any parameter tree with the model's structure (policy or reference). On CPU
+    the call waits for its result (see `TrainStep`).
+    """
+
+    jitted: Any
+    rest: nnx.State
+    divisor: int  # N must be a multiple of this
+    blocking: bool
+
+    def __call__(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+        batch = {k: batch[k] for k in SCORE_KEYS}
+        check_batch(batch, self.divisor, micro_batched=False)
+        out = self.jitted(params, self.rest, batch)
+        return jax.block_until_ready(out) if self.blocking else out
+
+
+def make_logprob_fn(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    params: nnx.State,
+    mesh: Mesh,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    *,
+    chunk_size: int,
+    micro_batches: int = 1,
+) -> LogprobFn:
+    """Compile-on-first-use sharded forward for reference / old-policy log-probs.
+
+    params: a (possibly abstract) parameter tree giving the structure and shardings.
+    chunk_size: sequence positions per vocabulary-projection block.
+    micro_batches: rows are processed in this many sequential slices to bound activation
+        memory; N must be divisible by micro_batches x (devices of the batch axes).
+    """
+    params_sh = tree_shardings(params, mesh, rules)
+    rest_sh = tree_shardings(rest, mesh, rules)
+    rows = NamedSharding(mesh, batch_spec(rules, micro_batched=False))
+
+    def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+        model = nnx.merge(graphdef, params, rest)
+        score = lambda b: completion_logprobs(model, b, chunk_size=chunk_size)  # noqa: E731
+        return _in_micro_batches(score, batch, micro_batches).astype(jnp.float32)
+
+    jitted = jax.jit(forward, in_shardings=(params_sh, rest_sh, rows), out_shardings=rows)
+    blocking = mesh.devices.flat[0].platform == "cpu"
+    return LogprobFn(jitted, rest, batch_divisor(mesh, rules) * micro_batches, blocking)

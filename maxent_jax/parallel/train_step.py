@@ -1,0 +1,218 @@
+"""The sharded train step: one `jax.jit` that accumulates gradients, clips, updates, guards NaNs.
+
+State and batch shardings come from the rules table (`maxent_jax.parallel.rules`); the step
+is compiled once per batch shape with explicit `in_shardings`/`out_shardings`, and the train
+state is donated so parameters and optimizer moments are updated in place.
+
+Batch layout: a dict of arrays shaped `[num_micro, micro_batch, ...]`; the step scans over
+the `num_micro` micro-batches (gradient accumulation inside the compiled program) and the
+`micro_batch` dimension is split over the mesh axes of the 'batch' rule, ('data', 'fsdp').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxent_jax.errors import UserError
+from maxent_jax.parallel.rules import (
+    LOGICAL_AXIS_RULES,
+    Rules,
+    batch_divisor,
+    batch_spec,
+    tree_shardings,
+)
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Metrics]]
+
+
+class TrainState(NamedTuple):
+    """Everything the optimizer step changes; donated to (and returned by) the train step."""
+
+    params: nnx.State  # the model's nnx.Param variables
+    opt_state: optax.OptState  # mirrors `params` (same nnx.Param wrappers, same metadata)
+    step: jax.Array  # int32 [], number of applied (not skipped) updates
+
+
+def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    """Shapes/dtypes of the train state (no memory, no compute): used to derive shardings."""
+    return jax.eval_shape(
+        lambda p: TrainState(p, optimizer.init(p), jnp.zeros((), jnp.int32)), params
+    )
+
+
+def init_train_state(
+    params: nnx.State,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules = LOGICAL_AXIS_RULES,
+) -> TrainState:
+    """Place `params` on the mesh by the rules and build the optimizer state there.
+
+    The optimizer state is created inside a jit whose `out_shardings` come from the rules,
+    so Adam moments are born sharded like their parameters.
+    """
+    shardings = tree_shardings(abstract_train_state(params, optimizer), mesh, rules)
+    params = jax.device_put(params, shardings.params)
+    init = jax.jit(
+        lambda p: TrainState(p, optimizer.init(p), jnp.zeros((), jnp.int32)),
+        in_shardings=(shardings.params,),
+        out_shardings=shardings,
+    )
+    return init(params)
+
+
+def _accumulate(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: Batch,
+    param_shardings: Any,
+) -> tuple[jax.Array, Metrics, nnx.State]:
+    """Mean loss, mean metrics and mean float32 gradient over the leading micro-batch axis."""
+
+    def micro_loss(p: nnx.State, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
+        loss, metrics = loss_fn(nnx.merge(graphdef, p, rest), micro_batch)
+        return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], batch)
+    _, metrics_shape = jax.eval_shape(micro_loss, params, first)
+
+    def body(carry, micro_batch):
+        grad_sum, loss_sum, metric_sums = carry
+        (loss, metrics), grads = grad_fn(params, micro_batch)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        grad_sum = jax.lax.with_sharding_constraint(grad_sum, param_shardings)
+        metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+        return (grad_sum, loss_sum + loss, metric_sums), None
+
+    init = (
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
+    )
+    (grad_sum, loss_sum, metric_sums), _ = jax.lax.scan(body, init, batch)
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, params)
+    metrics = jax.tree.map(lambda m: m / num_micro, metric_sums)
+    return loss_sum / num_micro, metrics, grads
+
+
+def _guarded_update(
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    loss: jax.Array,
+    grads: nnx.State,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """Apply the optimizer unless loss or gradient norm is non-finite; return (state, norm, skipped)."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 - elementwise select
+    new_state = TrainState(
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        step=state.step + finite.astype(jnp.int32),
+    )
+    return new_state, grad_norm, ~finite
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A compiled-on-first-use train step: `state, metrics = step(state, batch)`.
+
+    `metrics` holds the loss_fn's metrics averaged over micro-batches plus `loss`,
+    `grad_norm` (before clipping) and `skipped` (True when a non-finite loss or gradient
+    norm left params and optimizer state untouched). On CPU the call waits for the result:
+    several in-flight steps with collectives can deadlock XLA:CPU's rendezvous.
+    """
+
+    jitted: Any  # jax.jit(fn(state, rest, batch)) with shardings and donation
+    rest: nnx.State  # non-parameter model variables, passed through unchanged
+    divisor: int  # micro_batch must be a multiple of this (devices of the batch axes)
+    blocking: bool
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        check_batch(batch, self.divisor, micro_batched=True)
+        out = self.jitted(state, self.rest, batch)
+        return jax.block_until_ready(out) if self.blocking else out
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        """Lower (without running) for HLO / memory inspection."""
+        return self.jitted.lower(state, self.rest, batch)
+
+
+def check_batch(batch: Batch, divisor: int, micro_batched: bool) -> None:
+    """Fail with one line if the batch cannot be split over the batch mesh axes."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise UserError("batch: empty; expected a dict of arrays")
+    dims = 2 if micro_batched else 1
+    layout = "[num_micro, micro_batch, ...]" if micro_batched else "[batch, ...]"
+    lead = None
+    for path, x in leaves:
+        name = jax.tree_util.keystr(path)
+        if x.ndim < dims:
+            raise UserError(f"batch{name}: shape {x.shape}; expected {layout}")
+        if lead is None:
+            lead = x.shape[:dims]
+        elif x.shape[:dims] != lead:
+            raise UserError(f"batch{name}: leading dims {x.shape[:dims]} differ from {lead}")
+    rows = lead[-1]
+    if rows % divisor:
+        raise UserError(
+            f"batch: {rows} rows per (micro-)batch cannot be split evenly; use a multiple of "
+            f"{divisor} (devices of the mesh axes of the 'batch' rule, times forward micro-batches)"
+        )
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    loss_fn: LossFn,
+    mesh: Mesh,
+    rules: Rules = LOGICAL_AXIS_RULES,
+) -> TrainStep:
+    """Build the jitted, sharded, donating train step.
+
+    graphdef, rest: from `nnx.split(model, nnx.Param, ...)`; `rest` holds non-trainable
+        variables (may be empty).
+    state: the (possibly abstract) `TrainState` whose structure the step takes and returns.
+    loss_fn: `loss_fn(model, micro_batch) -> (scalar loss, {name: scalar metric})`; the
+        step averages loss, metrics and gradients over micro-batches, so a loss that is a
+        mean over a micro-batch gives exactly the big-batch gradient when micro-batches
+        have equal weight.
+    """
+    state_sh = tree_shardings(state, mesh, rules)
+    rest_sh = tree_shardings(rest, mesh, rules)
+    batch_sh = NamedSharding(mesh, batch_spec(rules, micro_batched=True))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step(state: TrainState, rest: nnx.State, batch: Batch) -> tuple[TrainState, Metrics]:
+        loss, metrics, grads = _accumulate(
+            graphdef, loss_fn, state.params, rest, batch, state_sh.params
+        )
+        new_state, grad_norm, skipped = _guarded_update(optimizer, state, loss, grads)
+        return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sh, rest_sh, batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+    blocking = mesh.devices.flat[0].platform == "cpu"
+    return TrainStep(jitted, rest, batch_divisor(mesh, rules), blocking)
