@@ -10,7 +10,6 @@ wrappers and their metadata), so the same function shards it too.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any, Iterable, Sequence
@@ -109,12 +108,13 @@ def logical_to_spec(
         if not axes:
             spec.append(None)
         elif used.intersection(axes):
-            _warn_once(f"{where}: {name!r} reuses mesh axes {axes}; dimension replicated")
+            _warn_once((name, size, axes, "reuse"), f"{where}: {name!r} reuses mesh axes {axes}; replicated")
             spec.append(None)
         elif size % parts:
             _warn_once(
-                f"{where}: dimension {name!r} of size {size} is not divisible by mesh axes "
-                f"{axes} ({parts} devices); replicated instead"
+                (name, size, axes, "indivisible"),
+                f"{where}: dimension {name!r} of size {size} is not divisible by mesh axes {axes} "
+                f"({parts} devices); replicated instead (same for every such dimension)",
             )
             spec.append(None)
         else:
@@ -123,10 +123,14 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    """Log a replication fallback once per process (shardings are derived many times)."""
-    log.warning(message)
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    """Log a replication fallback once per (name, size, axes): shardings are derived many times."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
 
 
 def _path_name(path: tuple) -> str:

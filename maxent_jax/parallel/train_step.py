@@ -49,6 +49,25 @@ def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformat
     )
 
 
+def sharded_abstract_state(
+    params: nnx.State,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules = LOGICAL_AXIS_RULES,
+) -> TrainState:
+    """The train state as `jax.ShapeDtypeStruct`s carrying the rules' shardings on `mesh`.
+
+    This is the restore target for a checkpoint written on any mesh
+    (`CheckpointManager.restore(step, target)` reshards onto this one).
+    """
+    abstract = abstract_train_state(params, optimizer)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        tree_shardings(abstract, mesh, rules),
+    )
+
+
 def init_train_state(
     params: nnx.State,
     optimizer: optax.GradientTransformation,
@@ -115,7 +134,7 @@ def _guarded_update(
     grads: nnx.State,
 ) -> tuple[TrainState, jax.Array, jax.Array]:
     """Apply the optimizer unless loss or gradient norm is non-finite; return (state, norm, skipped)."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
