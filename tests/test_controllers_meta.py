@@ -23,11 +23,13 @@ def _batch(seed: int = 0) -> dict[str, jnp.ndarray]:
     q = np.exp(utilities) / np.exp(utilities).sum(-1, keepdims=True)
     valid = np.ones((4, 4), bool)
     valid[3, 3] = False
+    per_token_ref = rng.uniform(-2.0, -0.5, size=(4, 4))
+    lengths = rng.integers(1, 40, size=(4, 4))
     return {
         "q": jnp.asarray(q, jnp.float32),
-        "ref": jnp.asarray(rng.uniform(-2.0, -0.5, size=(4, 4)), jnp.float32),
+        "ref_logp_sum": jnp.asarray(per_token_ref * lengths, jnp.float32),
         "valid": jnp.asarray(valid),
-        "lengths": jnp.asarray(rng.integers(1, 40, size=(4, 4)), jnp.int32),
+        "lengths": jnp.asarray(lengths, jnp.int32),
     }
 
 
@@ -36,7 +38,7 @@ BATCH = _batch()
 
 def _entropy(tau, beta, length_normalize_ref=True):
     b = BATCH
-    return mean_weight_entropy(jnp.float32(tau), jnp.float32(beta), b["q"], b["ref"], b["valid"], b["lengths"],
+    return mean_weight_entropy(jnp.float32(tau), jnp.float32(beta), b["q"], b["ref_logp_sum"], b["valid"], b["lengths"],
                                length_normalize_ref)
 
 
@@ -53,8 +55,9 @@ def _inputs(tau, beta, kl=0.08, entropy=None) -> ControllerInputs:
 @pytest.mark.parametrize("length_normalize_ref", [True, False])
 def test_closed_form_entropy_matches_spec_formulas(length_normalize_ref):
     tau, beta = 0.3, 0.04
-    q, r = np.asarray(BATCH["q"], np.float64), np.asarray(BATCH["ref"], np.float64)
+    q, s_ref = np.asarray(BATCH["q"], np.float64), np.asarray(BATCH["ref_logp_sum"], np.float64)
     valid, n = np.asarray(BATCH["valid"]), np.asarray(BATCH["lengths"], np.float64)
+    r = s_ref / np.maximum(n, 1) if length_normalize_ref else s_ref
     entropies = []
     for g in range(4):
         m = valid[g]

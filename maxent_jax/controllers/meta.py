@@ -76,15 +76,13 @@ def _kl_terms(inputs: ControllerInputs, settings: ControllerSettings) -> tuple[j
 
 
 def _entropy_fn(inputs: ControllerInputs, settings: ControllerSettings) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    if inputs.q is None or inputs.ref is None or inputs.valid is None:
+    batch = (inputs.q, inputs.ref_logp_sum, inputs.valid, inputs.lengths)
+    if any(x is None for x in batch):
         raise ValueError(
-            f"controller_meta.method={settings.meta_method!r} needs ControllerInputs.q, .ref and .valid "
-            "(the step's batch) to rebuild the closed-form weights"
+            f"controller_meta.method={settings.meta_method!r} needs ControllerInputs.q, .ref_logp_sum, .valid "
+            "and .lengths (the step's batch) to rebuild the closed-form weights"
         )
-    lengths = inputs.lengths if inputs.lengths is not None else jnp.ones_like(inputs.q)
-    return lambda tau, beta: mean_weight_entropy(
-        tau, beta, inputs.q, inputs.ref, inputs.valid, lengths, settings.length_normalize_ref
-    )
+    return lambda tau, beta: mean_weight_entropy(tau, beta, *batch, settings.length_normalize_ref)
 
 
 def _entropy_loss_fn(

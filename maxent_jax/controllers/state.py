@@ -56,17 +56,17 @@ class ControllerInputs:
         accumulation window on *all* hosts (the reference uses the last micro-batch only).
     kl: token-weighted KL (spec 7.3) over the whole window and all hosts, i.e.
         sum_i k_i n_i / sum_i n_i across everything (the reference: last micro-batch, rank 0).
-    q, ref, valid, lengths: `[prompts, group]` arrays of the step's batch, needed only by the
-        `first_order` / `truncated_backprop` meta methods to rebuild the closed-form weights
-        w(tau, beta) (spec 6.3): listwise target q, reference term r (per-token mean or raw
-        sum of reference log-probs, per `maxent.length_normalize_ref`), a mask of real
-        completions, and completion token counts. None for the other controllers.
+    q, ref_logp_sum, valid, lengths: `[prompts, group]` arrays of the step's batch, needed
+        only by the `first_order` / `truncated_backprop` meta methods to rebuild the
+        closed-form weights w(tau, beta) of spec 6.3: listwise target q, summed reference
+        log-probs S_ref, a mask of real completions, completion token counts n (the same
+        arrays the weights were computed from). None for the other controllers.
     """
 
     weight_entropy: jax.Array
     kl: jax.Array
     q: jax.Array | None = None
-    ref: jax.Array | None = None
+    ref_logp_sum: jax.Array | None = None
     valid: jax.Array | None = None
     lengths: jax.Array | None = None
 
