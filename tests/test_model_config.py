@@ -69,6 +69,7 @@ def test_bad_values_name_the_field(change, field):
     ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"model_type": "llama", "mlp_bias": True}, "mlp_bias=True"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=True"),
 ])
 def test_unsupported_checkpoints_are_rejected_with_one_line(extra, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):

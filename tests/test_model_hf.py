@@ -24,6 +24,7 @@ from maxent_jax.errors import UserError
 from maxent_jax.model.hf_io import (INDEX_FILE, SINGLE_FILE, export_hf_checkpoint, iter_hf_tensors,
                                     load_hf_checkpoint, resolve_checkpoint)
 from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.model.rope import inverse_frequencies
 
 LENGTHS = (7, 12, 4)
 WIDTH = 12
@@ -39,7 +40,7 @@ FAMILIES = {
     "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                dict(tie_word_embeddings=False, rope_parameters={
                    "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
@@ -109,6 +110,10 @@ def test_parity_with_transformers_export_and_round_trip(name, tmp_path):
     seqs = _sequences()
     cfg, model = load_hf_checkpoint(tmp_path / "hf")
     assert cfg.family == name.split("_")[0].replace("llama3", "llama")
+    if name == "llama3":  # the scaling must touch all three bands: kept, blended, divided by factor
+        ratio = (inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+                 / inverse_frequencies(cfg.head_dim, cfg.rope_theta, None))
+        assert ratio.max() == 1 and ratio.min() == np.float32(1 / 8) and ((ratio > 1 / 8) & (ratio < 1)).any()
 
     ours = _our_logprobs(model, seqs)
     for row, seq in enumerate(seqs):
@@ -204,3 +209,31 @@ def test_paths_that_are_neither_local_nor_reachable_give_one_line(tmp_path):
         resolve_checkpoint("nobody-here/no-such-model")
     with pytest.raises(UserError, match="has no config.json"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_tiny_default_exports_with_its_tokenizer_and_matches_transformers(tmp_path):
+    from maxent_jax.data.tokenizer import build_offline_tokenizer
+    from maxent_jax.model.config import ModelConfig
+    from maxent_jax.model.decoder import Decoder
+
+    cfg = ModelConfig.tiny()
+    model = Decoder(cfg, rngs=nnx.Rngs(3))
+    tokenizer_dir = build_offline_tokenizer(tmp_path / "cache")
+    out = export_hf_checkpoint(model, cfg, tmp_path / "export", tokenizer_dir=tokenizer_dir)
+    export_hf_checkpoint(model, cfg, out, tokenizer_dir=tokenizer_dir)  # overwriting an export is atomic too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "export"]
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = np.asarray(tok("<think>3 * 4 = 12</think><answer>12</answer>").input_ids, np.int32)[None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    positions = np.arange(ids.shape[1], dtype=np.int32)[None]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state):
+        m = nnx.merge(graphdef, state)
+        return m.logits(m(ids, positions, np.ones_like(ids, bool))[0])
+
+    np.testing.assert_allclose(np.asarray(logits(state)), expected, rtol=1e-5, atol=1e-6)

@@ -151,6 +151,8 @@ class ModelConfig:
         )
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"config.json hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+        if hf.get("use_sliding_window"):
+            raise UserError("config.json use_sliding_window=True is not supported; expected false (full attention)")
         if model_type == "llama" and bool(hf.get("mlp_bias", False)):
             raise UserError("config.json mlp_bias=True is not supported; expected false")
         fields.update(overrides)
