@@ -34,7 +34,7 @@ from maxent_jax.rewards.registry import RewardFn, get_reward
 
 log = logging.getLogger(__name__)
 
-_WATCHDOG_GRACE_S = 5.0
+_POOL_STARTUP_S = 120.0  # a fresh spawned worker imports numpy, sympy, math-verify first
 
 
 class _RewardTimeout(BaseException):
@@ -117,6 +117,7 @@ class RewardScorer:
       num_workers: worker processes for large batches (0: always in-process).
       item_timeout_s: time limit of one reward call on one completion (None: unlimited).
       min_parallel_batch: batches smaller than this are scored in-process.
+      watchdog_grace_s: slack added to a chunk's time budget before the workers count as stuck.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class RewardScorer:
         num_workers: int = 0,
         item_timeout_s: float | None = 30.0,
         min_parallel_batch: int = 64,
+        watchdog_grace_s: float = 5.0,
     ) -> None:
         if not names:
             raise UserError("reward_funcs=[] is not valid; name at least one registered reward")
@@ -142,6 +144,7 @@ class RewardScorer:
         self.num_workers = num_workers
         self.item_timeout_s = item_timeout_s
         self.min_parallel_batch = min_parallel_batch
+        self.watchdog_grace_s = watchdog_grace_s
         self.last_failures: list[str] = []
         self._pool: Any = None
 
@@ -186,8 +189,10 @@ class RewardScorer:
     def _score_in_workers(
         self, texts: list[str], answers: list[str], is_eval: bool
     ) -> list[tuple[list[float], list[str | None]]]:
+        startup = 0.0
         if self._pool is None:
             self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+            startup = _POOL_STARTUP_S
         n = len(texts)
         size = max(1, math.ceil(n / (self.num_workers * 4)))
         starts = list(range(0, n, size))
@@ -199,11 +204,11 @@ class RewardScorer:
                 callback=lambda res, c=chunk: done.put((c, res, None)),
                 error_callback=lambda err, c=chunk: done.put((c, None, err)),
             )
-        budget = (self.item_timeout_s or 60.0) * len(self._fns) * size + _WATCHDOG_GRACE_S
+        budget = (self.item_timeout_s or 60.0) * len(self._fns) * size + self.watchdog_grace_s
         results: dict[int, Any] = {}
         while len(results) < len(starts):
             try:
-                chunk, res, err = done.get(timeout=budget)
+                chunk, res, err = done.get(timeout=budget + (startup if not results else 0.0))
             except queue.Empty:
                 break
             results[chunk] = res if err is None else f"worker failed: {type(err).__name__}: {err}"
