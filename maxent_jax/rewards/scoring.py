@@ -13,7 +13,8 @@ when no worker reports progress within one chunk's time budget, the unfinished c
 score 0, the workers are killed and a fresh pool is started on the next call.
 
 Large batches (>= `min_parallel_batch`) are scored in `num_workers` spawned processes
-(spawn, not fork: the trainer process runs JAX threads).
+(spawn, not fork: the trainer process runs JAX threads); `num_workers=0` (config
+`rewards.num_workers`) picks `auto_workers()`, `num_workers=None` always scores in-process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -55,6 +57,11 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, (list, tuple)) and completion:
         return completion_text(completion[0])
     return ""
+
+
+def auto_workers() -> int:
+    """Worker count for `num_workers=0`: half the CPUs, between 1 and 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def resolve_weights(names: Sequence[str], weights: Sequence[float]) -> list[float]:
@@ -114,7 +121,7 @@ class RewardScorer:
     Args:
       names: registered reward names (config `reward_funcs`).
       weights: one weight per name, or empty for 1.0 each (`reward_weights`).
-      num_workers: worker processes for large batches (0: always in-process).
+      num_workers: worker processes for large batches (0: `auto_workers()`; None: in-process).
       item_timeout_s: time limit of one reward call on one completion (None: unlimited).
       min_parallel_batch: batches smaller than this are scored in-process.
       watchdog_grace_s: slack added to a chunk's time budget before the workers count as stuck.
@@ -125,7 +132,7 @@ class RewardScorer:
         names: Sequence[str],
         weights: Sequence[float] = (),
         *,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         item_timeout_s: float | None = 30.0,
         min_parallel_batch: int = 64,
         watchdog_grace_s: float = 5.0,
@@ -134,14 +141,14 @@ class RewardScorer:
             raise UserError("reward_funcs=[] is not valid; name at least one registered reward")
         if len(set(names)) != len(names):
             raise UserError(f"reward_funcs={list(names)!r} is not valid; a reward may appear only once")
-        if num_workers < 0:
-            raise UserError(f"reward num_workers={num_workers!r} is not valid; it must be >= 0")
+        if num_workers is not None and num_workers < 0:
+            raise UserError(f"rewards.num_workers={num_workers!r} is not valid; it must be >= 0")
         if item_timeout_s is not None and not item_timeout_s > 0:
-            raise UserError(f"reward item_timeout_s={item_timeout_s!r} is not valid; it must be > 0 or None")
+            raise UserError(f"rewards.timeout_s={item_timeout_s!r} is not valid; it must be > 0 or None")
         self.names = list(names)
         self.weights = resolve_weights(names, weights)
         self._fns = [get_reward(n) for n in names]
-        self.num_workers = num_workers
+        self.num_workers = 0 if num_workers is None else (num_workers or auto_workers())
         self.item_timeout_s = item_timeout_s
         self.min_parallel_batch = min_parallel_batch
         self.watchdog_grace_s = watchdog_grace_s
@@ -234,7 +241,7 @@ def compute_rewards(
     answers: Sequence[str],
     *,
     is_eval: bool,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     item_timeout_s: float | None = 30.0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One-shot scoring; a training loop should keep a `RewardScorer` to reuse its workers."""
