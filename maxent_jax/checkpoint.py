@@ -35,6 +35,8 @@ from maxent_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+FINAL_EXPORT_DIR = "final_hf"
+CONTROLLER_STATE_FILE = "controller_state.json"
 REJECTED_DIR = "checkpoints_rejected"
 MANIFEST = "maxent_manifest.json"
 _STATE, _EXTRAS = "state", "extras"
@@ -371,3 +373,34 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# End of training
+
+
+def export_final(
+    params: Any,
+    model_config: Any,
+    workdir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None,
+    controller_state: Mapping[str, Any] | None,
+    dtype: str | None = None,
+) -> pathlib.Path:
+    """Write WORKDIR/final_hf: HF config, safetensors weights and tokenizer, plus controller_state.json.
+
+    `params` / `model_config` are the policy's `nnx.State` (or Decoder) and `ModelConfig`;
+    `controller_state` is the controllers' JSON (spec 8.4), stored beside the weights so the
+    directory alone can seed another run. Transformers ignores the extra file. The weights
+    directory is renamed into place whole; the JSON is then replaced atomically.
+    """
+    from maxent_jax.model.hf_io import export_hf_checkpoint
+
+    out = export_hf_checkpoint(params, model_config, pathlib.Path(workdir) / FINAL_EXPORT_DIR,
+                               tokenizer_dir=tokenizer_dir, dtype=dtype)
+    if controller_state is not None and jax.process_index() == 0:
+        tmp = out / (CONTROLLER_STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(dict(controller_state), indent=2) + "\n")
+        os.replace(tmp, out / CONTROLLER_STATE_FILE)
+    return out

@@ -262,3 +262,30 @@ def test_extras_must_be_json(tmp_path):
         with pytest.raises(UserError, match="checkpoint extras must be plain JSON data"):
             manager.save(1, {"w": jnp.zeros(2)}, {"bad": object()})
     assert json.loads(json.dumps(EXTRAS)) == EXTRAS
+
+
+def test_final_export_is_a_loadable_hf_directory_with_controller_state(tmp_path):
+    from flax import nnx
+
+    from maxent_jax.data.tokenizer import build_offline_tokenizer
+    from maxent_jax.model.config import ModelConfig
+    from maxent_jax.model.decoder import Decoder
+    from maxent_jax.model.hf_io import load_hf_checkpoint
+
+    cfg = ModelConfig.tiny(num_layers=1)
+    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.default_rng(0)  # host-made values: no per-op compiles of a random init
+    params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(a.dtype)), abstract)
+    controller = {"beta": 0.04, "tau": 0.1, "tau_log": -2.302585, "tau_entropy_ema": 0.1}
+    tokenizer_dir = build_offline_tokenizer(tmp_path / "tok")
+    out = ckpt.export_final(params, cfg, tmp_path, tokenizer_dir=tokenizer_dir, controller_state=controller)
+    assert out == tmp_path / "final_hf"
+    assert json.loads((out / "controller_state.json").read_text()) == controller
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    loaded_cfg, loaded = load_hf_checkpoint(out)
+    assert loaded_cfg.vocab_size == cfg.vocab_size
+    want = dict(nnx.to_flat_state(params))
+    got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+    assert want.keys() == got.keys()
+    for path in want:
+        np.testing.assert_array_equal(np.asarray(want[path].get_value()), np.asarray(got[path].get_value()))
