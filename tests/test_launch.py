@@ -10,6 +10,7 @@ config resolver) is the real Python.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import stat
@@ -44,8 +45,9 @@ record = {{"argv": argv, "env": dict(os.environ)}}
 path = os.path.join(fake, f"{{role}}.{{os.getpid()}}.json")
 
 def save():
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(record, f)
+    os.replace(path + ".tmp", path)
 
 if role == "train":
     token_file = next(a.split("=", 1)[1] for a in argv if a.startswith("--config.vllm.token_file=")) \
@@ -95,9 +97,12 @@ for ((i = 0; i < ntasks; i++)); do
   SLURM_PROCID=$i SLURM_NTASKS=$ntasks SLURMD_NODENAME="${nodes[$i]}" "$@" &
   pids+=($!)
 done
+# Like a real step, srun ends only after its tasks: a signal is forwarded, then the tasks are awaited.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || rc=$?; done
+done
 exit "$rc"
 '''
 
@@ -194,12 +199,14 @@ def _flag(argv, name):
 CREDENTIALS = {"HF_TOKEN": "hf_secret", "WANDB_API_KEY": "wb_secret", "WANDB_PROJECT": "proj", "WANDB_ENTITY": "team"}
 
 
-def test_help_lists_every_flag():
+def test_help_and_docs_list_every_flag():
     proc = subprocess.run(["bash", str(SBATCH), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
+    doc = (REPO_ROOT / "docs" / "launch.md").read_text()
     for flag in ("--config", "--model", "--task", "--mesh", "--dp", "--tp", "--vllm-port", "--vllm-args",
                  "--coordinator-port", "--gpus-per-node", "--health-timeout", "--args", "--dry-run", "--help"):
         assert f"  {flag}" in proc.stdout or f" {flag} " in proc.stdout, flag
+        assert re.search(rf"`[^`]*{flag}\b", doc), flag
 
 
 def test_shellcheck_clean():
