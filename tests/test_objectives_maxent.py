@@ -94,6 +94,9 @@ def test_weights_fall_back_to_uniform_when_reference_is_minus_inf():
     ref = jnp.array([[-jnp.inf, -jnp.inf], [-jnp.inf, -1.0]])
     w = maxent_weights(q, ref, valid, 0.1, 0.1, jnp.ones((2, 2)), True)
     np.testing.assert_allclose(w, [[0.5, 0.5], [0.0, 1.0]], **TOL)
+    # beta = 0: the reference term vanishes even where it is -inf (w proportional to q^(1/tau))
+    w = maxent_weights(q, ref, valid, 0.5, 0.0, jnp.ones((2, 2)), True)
+    np.testing.assert_allclose(w[1], [0.81 / 0.82, 0.01 / 0.82], **TOL)
 
 
 def test_entropy_stats_hand_values():

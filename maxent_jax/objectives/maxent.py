@@ -26,6 +26,7 @@ Array = jax.Array
 _Q_TEMPERATURE_FLOOR = 1e-8
 _LOG_FLOOR = 1e-12
 _DENOM_FLOOR = 1e-8
+_DEAD_REFERENCE = -1e30
 
 
 def listwise_target(u: Array, valid: Array, q_temperature: float | Array, q_epsilon: float | Array) -> Array:
@@ -75,13 +76,16 @@ def maxent_weights(
         re-weighting w_i = w~_i max(n_i,1) / sum_j w~_j max(n_j,1) (False).
 
     Returns weights summing to 1 over the valid members of each non-empty group, 0 elsewhere.
-    A group whose logits are all non-finite (e.g. -inf reference log-probs) gets uniform
-    weights (the reference's exception fallback).
+    A member whose reference log-prob is -inf gets weight 0 when beta > 0; if every member
+    of a group has one, the group gets uniform weights (the reference's exception fallback).
     """
     tau = jnp.asarray(tau, jnp.float32)
     beta = jnp.asarray(beta, jnp.float32)
     d = jnp.maximum(tau + beta, _DENOM_FLOOR)
     r = reference_term(ref_logp_sum, lengths, length_normalize_ref)
+    # a -inf (or NaN) reference log-prob becomes a huge finite penalty: weight 0 when beta > 0,
+    # and no effect at beta = 0 (where 0 * -inf would otherwise be NaN)
+    r = jnp.where(jnp.isfinite(r), r, _DEAD_REFERENCE)
     logits = jnp.log(jnp.maximum(q.astype(jnp.float32), _LOG_FLOOR)) / d + (beta / d) * r
     w = masked_softmax(logits, valid)
     if length_normalize_ref:
