@@ -180,6 +180,11 @@ def test_load_casts_to_bfloat16_and_rejects_incomplete_or_foreign_checkpoints(tm
     _build_hf("qwen3", tmp_path / "hf")
     cfg, model = load_hf_checkpoint(tmp_path / "hf", dtype="bfloat16", compute_dtype="bfloat16", remat=True)
     assert cfg.param_dtype == "bfloat16" and cfg.remat and model.lm_head.get_value().dtype == jax.numpy.bfloat16
+    export_hf_checkpoint(model, cfg, tmp_path / "bf16")  # bfloat16 safetensors that transformers reads as such
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").to(torch.bfloat16)
+    for key, value in original.state_dict().items():
+        assert reloaded.state_dict()[key].dtype == torch.bfloat16 and torch.equal(value, reloaded.state_dict()[key])
 
     tensors = load_file(str(tmp_path / "hf" / SINGLE_FILE))
     missing = dict(tensors)
