@@ -51,8 +51,9 @@ def _forward_logprobs(state: nnx.State, ids: jax.Array, positions: jax.Array, ma
     model = nnx.merge(GRAPHDEF, state)
     hidden, _ = model(ids, positions, mask)
     logp, entropy = token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=3, return_entropy=True)
+    whole = token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=0)  # 0 = one block
     full = jax.nn.log_softmax(model.logits(hidden[:, :-1]), axis=-1)
-    return logp, entropy, full
+    return logp, entropy, full, whole
 
 
 MODEL = _random_model(CFG)
@@ -77,9 +78,10 @@ def test_left_and_right_padding_give_identical_logprobs_and_chunking_is_exact():
     out = {}
     for left in (True, False):
         ids, pos, mask = _padded(seqs, WIDTH, left)
-        logp, entropy, full = map(np.asarray, _forward_logprobs(STATE, ids, pos, mask))
+        logp, entropy, full, whole = map(np.asarray, _forward_logprobs(STATE, ids, pos, mask))
         gathered = np.take_along_axis(full, ids[:, 1:, None], axis=-1)[..., 0]
         np.testing.assert_allclose(logp, gathered, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(whole, gathered, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(entropy, -(np.exp(full) * full).sum(-1), rtol=1e-5, atol=1e-6)
         out[left] = [(logp[r], entropy[r], mask[r]) for r in range(len(seqs))]
     for row, n in enumerate(LENGTHS):
@@ -170,7 +172,7 @@ def test_bfloat16_params_and_compute_stay_close_to_float32():
     np.testing.assert_allclose(lp16[valid], lp32[valid], atol=0.15)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -2, 1.5])
+@pytest.mark.parametrize("chunk_size", [-2, 1.5, True])
 def test_bad_chunk_size_is_a_user_error(chunk_size):
     from maxent_jax.errors import UserError
 

@@ -42,7 +42,8 @@ def test_chat_template_and_completion_tokens(tok):
     pieces = tok.convert_ids_to_tokens(ids)
     for tag in offline.TAG_TOKENS:
         assert tag in pieces  # each tag is one token
-    assert {"1", "2", "9"} <= set(pieces) and not any(p.strip("Ġ").isdigit() and len(p.strip("Ġ")) > 1 for p in pieces)
+    digits = [p.strip("Ġ") for p in pieces if p.strip("Ġ").isdigit()]
+    assert {"1", "2", "9"} <= set(digits) and all(len(d) == 1 for d in digits)
     assert ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True) == "<think>12 + 7 = 19</think><answer>19</answer>"
 
@@ -58,7 +59,7 @@ def test_cached_after_first_use_and_deterministic(tok_dir, tmp_path, monkeypatch
     first_build_seconds = time.perf_counter() - started
     assert again.name == tok_dir.name
     assert (again / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
-    assert first_build_seconds < 10  # training itself takes well under a second; this bounds a loaded CI box
+    assert first_build_seconds < 10  # training alone takes ~0.15 s; this bound leaves room for a loaded CI box
 
     def no_training():
         raise AssertionError("the cached tokenizer was rebuilt")

@@ -27,10 +27,11 @@ def token_logprobs(model: Decoder, hidden: jax.Array, targets: jax.Array, *, chu
 
     hidden `[batch, seq, embed]` (the decoder's output), targets `[batch, seq]` int32 (any value at
     positions the caller ignores; out-of-range ids are clipped). `chunk_size` is the number of
-    sequence positions per logits block; seq is padded up to a multiple of it internally.
+    sequence positions per logits block (0 = the whole sequence in one block, as the config's
+    `model.logprob_chunk_size` means); seq is padded up to a multiple of it internally.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise UserError(f"chunk_size={chunk_size!r} is invalid; expected a positive integer")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
+        raise UserError(f"chunk_size={chunk_size!r} is invalid; expected a non-negative integer (0 = whole sequence)")
     return chunked_logprobs(model.lm_head_kernel(), hidden, targets, chunk_size=chunk_size,
                             return_entropy=return_entropy)
 
@@ -39,7 +40,7 @@ def chunked_logprobs(kernel: jax.Array, hidden: jax.Array, targets: jax.Array, *
                      return_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Same as `token_logprobs` for an explicit head kernel `[embed, vocab]` (pure function of arrays)."""
     batch, seq, embed = hidden.shape
-    chunk = min(chunk_size, seq)
+    chunk = min(chunk_size, seq) if chunk_size > 0 else seq
     num_chunks = -(-seq // chunk)
     pad = num_chunks * chunk - seq
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
