@@ -159,6 +159,9 @@ def test_dapo_uses_the_accumulation_token_normalizer():
     batch["token_normalizer"] = jnp.asarray(10.0)
     scaled, _, _ = _loss_and_grad(logp, batch, s)
     np.testing.assert_allclose(scaled, base * 5 / 10, **TOL)
+    batch["token_normalizer"] = jnp.full((1, 2), 10.0)  # repeated per row, as a row-sharded batch carries it
+    per_row, _, _ = _loss_and_grad(logp, batch, s)
+    np.testing.assert_allclose(per_row, scaled, **TOL)
 
 
 def test_sampler_correction_truncates_and_masks():

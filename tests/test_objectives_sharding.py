@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from maxent_jax.objectives import InfoSeedSettings, ObjectiveSettings, get_objective
+from maxent_jax.objectives.groups import flatten_groups, group_batch, to_groups
 from maxent_jax.objectives.grpo import prepare_grpo_batch
 from maxent_jax.objectives.maxent import prepare_maxent_batch
 
@@ -111,6 +112,20 @@ def test_eager_matches_jit(case):
     full, _ = _prepare(batch, u, ref_sum, lengths)
     run = _value_and_grad(name, s)
     _assert_tree_close(run(logp, dict(full), 0.04), jax.jit(run)(logp, dict(full), jnp.float32(0.04)))
+
+
+def test_flat_batch_regrouped_inside_the_loss_gives_the_same_result():
+    """The train step hands the loss flat rows `[P*G, ...]`; `group_batch` restores the layout."""
+    name, s = CASES[2]
+    batch, logp, u, ref_sum, lengths = _edge_batch()
+    full, _ = _prepare(batch, u, ref_sum, lengths)
+    full.pop("seed_hidden")
+    flat = {k: flatten_groups(v) for k, v in full.items()}
+    flat["token_normalizer"] = jnp.asarray(20.0)
+    fn = functools.partial(get_objective(name), settings=s)
+    grouped = jax.jit(lambda x, b: fn(x, {**b, "token_normalizer": jnp.asarray(20.0)}, {"beta": 0.04})[0])(logp, full)
+    regrouped = jax.jit(lambda x, b: fn(to_groups(x, G), group_batch(b, G), {"beta": 0.04})[0])(flatten_groups(logp), flat)
+    np.testing.assert_allclose(regrouped, grouped, rtol=1e-5, atol=1e-7)
 
 
 def test_prepare_helpers_on_the_mesh():

@@ -7,7 +7,8 @@
   `dr_grpo`: token sum / (number of valid sequences * max_completion_length);
   `dapo`: token sum / `token_normalizer`, the number of tokens per micro-batch of the
   accumulation window (the loop passes it, so that the mean of the micro-batch losses is a
-  global token mean as in TRL); without it, the micro-batch's own token count.
+  global token mean as in TRL; a scalar or that value repeated per row); without it, the
+  micro-batch's own token count.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def aggregate_tokens(
         rows = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
         return jnp.sum(x) / (rows * float(max_completion_length))
     if loss_type == "dapo":
-        norm = tokens if token_normalizer is None else jnp.asarray(token_normalizer, jnp.float32)
+        # a scalar, or the same value repeated per row (to fit a row-sharded batch)
+        norm = tokens if token_normalizer is None else jnp.mean(jnp.asarray(token_normalizer, jnp.float32))
         return jnp.sum(x) / jnp.maximum(norm, 1.0)
     raise ValueError(f"aggregate_tokens: unknown loss_type {loss_type!r}")

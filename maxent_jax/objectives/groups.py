@@ -19,6 +19,8 @@ with `jnp.where` before arithmetic, so they neither poison a sum nor a gradient.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +34,16 @@ def to_groups(x: Array, group_size: int) -> Array:
             f"to_groups: leading dimension {x.shape[0]} is not a multiple of group_size={group_size}"
         )
     return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
+
+
+def group_batch(batch: Mapping[str, Array], group_size: int) -> dict[str, Array]:
+    """`to_groups` on every array of a flat, row-major batch (`[N, ...]` -> `[N/G, G, ...]`).
+
+    Scalars (0-d arrays) pass through unchanged. This is how a loss function receiving the
+    train step's flat micro-batch (rows = completions, each group's rows contiguous) gets the
+    objectives' layout.
+    """
+    return {k: v if jnp.ndim(v) == 0 else to_groups(v, group_size) for k, v in batch.items()}
 
 
 def flatten_groups(x: Array) -> Array:
