@@ -91,7 +91,8 @@ def infonce_loss(h: Array, seed_ids: Array, keep: Array, temperature: float) -> 
     h = h.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
     hn = h / jnp.maximum(norm, 1e-12)
-    sims = hn @ hn.T / max(float(temperature), 1e-4)
+    # HIGHEST: float32 similarities on GPUs too (the default may use TF32 / bf16 passes)
+    sims = jnp.matmul(hn, hn.T, precision=jax.lax.Precision.HIGHEST) / max(float(temperature), 1e-4)
     n = h.shape[0]
     eye = jnp.eye(n, dtype=bool)
     cols = rows[None, :] & ~eye
@@ -142,7 +143,8 @@ def seed_diversity_l2(h: Array, seed_ids: Array, keep: Array, num_seeds: int) ->
     rows = keep & (seed_ids >= 0)
     onehot = (jax.nn.one_hot(seed_ids, num_seeds) * rows[:, None]).astype(jnp.float32)
     counts = jnp.sum(onehot, axis=0)
-    means = (onehot.T @ h.astype(jnp.float32)) / jnp.maximum(counts, 1.0)[:, None]
+    sums = jnp.matmul(onehot.T, h.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    means = sums / jnp.maximum(counts, 1.0)[:, None]
     present = counts > 0
     diff = means[:, None, :] - means[None, :, :]
     dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1) + 1e-30)
