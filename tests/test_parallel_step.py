@@ -38,11 +38,18 @@ ROWS, PROMPT, COMPLETION = 32, 4, 4
 LOSS = functools.partial(next_token_loss, chunk_size=4)
 
 
+def scaled_loss(model, batch):
+    """next-token loss times a per-step scalar (how controller values such as beta reach a loss)."""
+    loss, metrics = LOSS(model, batch)
+    return loss * batch["loss_scale"], metrics
+
+
 def record_gradients() -> optax.GradientTransformation:
-    """SGD with learning rate 1 whose state is the last gradient (read back exactly by the tests)."""
+    """State = the last gradient (read back exactly by the tests); update = 0 * gradient, which
+    leaves params unchanged unless the gradient is not finite (then they would turn NaN)."""
     return optax.GradientTransformation(
         lambda params: jax.tree.map(jnp.zeros_like, params),
-        lambda grads, state, params=None: (jax.tree.map(jnp.negative, grads), grads),
+        lambda grads, state, params=None: (jax.tree.map(lambda g: 0.0 * g, grads), grads),
     )
 
 
@@ -71,8 +78,8 @@ def run_step(model_parts, mesh, optimizer, batch):
     """Place the params on `mesh`, build the step, run it once; returns (state, metrics, step)."""
     graphdef, params, rest = model_parts
     state = init_train_state(params, optimizer, mesh)
-    step = make_train_step(graphdef, rest, state, optimizer, LOSS, mesh)
-    return *step(state, batch), step
+    step = make_train_step(graphdef, rest, state, optimizer, scaled_loss, mesh)
+    return *step(state, batch, {"loss_scale": 1.0}), step
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +143,17 @@ def test_sharded_accumulated_step_equals_single_device_big_batch_and_skips_nan(m
     bad["completion_mask"] = bad["completion_mask"].copy()
     bad["completion_mask"][2, 0, 1] = np.nan
     before = jax.tree.map(np.asarray, state)
-    state, metrics = step_again(state, bad)
+    state, metrics = step_again(state, bad, {"loss_scale": 1.0})
     assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+
+    # A new scalar value reaches the loss without recompiling: loss and gradients double.
+    state, metrics = step_again(state, micro_batches(rows, 4), {"loss_scale": 2.0})
+    assert step_again.jitted._cache_size() == 1
+    assert abs(float(metrics["loss"]) - 2 * ref_loss) <= 2e-5 * abs(ref_loss)
+    for name, g in flat(state.opt_state).items():
+        g, w = np.asarray(g.get_value()), want[name].get_value()
+        assert np.linalg.norm(g - 2 * w) <= 2e-5 * np.linalg.norm(w), name
 
 
 @pytest.mark.slow

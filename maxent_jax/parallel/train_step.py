@@ -7,6 +7,8 @@ state is donated so parameters and optimizer moments are updated in place.
 Batch layout: a dict of arrays shaped `[num_micro, micro_batch, ...]`; the step scans over
 the `num_micro` micro-batches (gradient accumulation inside the compiled program) and the
 `micro_batch` dimension is split over the mesh axes of the 'batch' rule, ('data', 'fsdp').
+Per-step values shared by all rows (controller tau/beta, ...) travel as `scalars`: traced,
+replicated arguments merged into every micro-batch dict, so changing them never recompiles.
 """
 
 from __future__ import annotations
@@ -95,12 +97,13 @@ def _accumulate(
     params: nnx.State,
     rest: nnx.State,
     batch: Batch,
+    scalars: dict[str, jax.Array],
     param_shardings: Any,
 ) -> tuple[jax.Array, Metrics, nnx.State]:
     """Mean loss, mean metrics and mean float32 gradient over the leading micro-batch axis."""
 
     def micro_loss(p: nnx.State, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
-        loss, metrics = loss_fn(nnx.merge(graphdef, p, rest), micro_batch)
+        loss, metrics = loss_fn(nnx.merge(graphdef, p, rest), {**micro_batch, **scalars})
         return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -157,19 +160,32 @@ class TrainStep:
     several in-flight steps with collectives can deadlock XLA:CPU's rendezvous.
     """
 
-    jitted: Any  # jax.jit(fn(state, rest, batch)) with shardings and donation
+    jitted: Any  # jax.jit(fn(state, rest, batch, scalars)) with shardings and donation
     rest: nnx.State  # non-parameter model variables, passed through unchanged
     divisor: int  # micro_batch must be a multiple of this (devices of the batch axes)
     blocking: bool
 
-    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def __call__(
+        self, state: TrainState, batch: Batch, scalars: dict[str, Any] | None = None
+    ) -> tuple[TrainState, Metrics]:
+        """One optimizer step; `scalars` ({name: number}) are added to every micro-batch dict."""
+        scalars = _check_scalars(batch, scalars)
         check_batch(batch, self.divisor, micro_batched=True)
-        out = self.jitted(state, self.rest, batch)
+        out = self.jitted(state, self.rest, batch, scalars)
         return jax.block_until_ready(out) if self.blocking else out
 
-    def lower(self, state: Any, batch: Any) -> Any:
+    def lower(self, state: Any, batch: Any, scalars: dict[str, Any] | None = None) -> Any:
         """Lower (without running) for HLO / memory inspection."""
-        return self.jitted.lower(state, self.rest, batch)
+        return self.jitted.lower(state, self.rest, batch, _check_scalars(batch, scalars))
+
+
+def _check_scalars(batch: Batch, scalars: dict[str, Any] | None) -> dict[str, jax.Array]:
+    """Scalars as float32 0-d arrays (a stable signature: new values never recompile)."""
+    scalars = dict(scalars or {})
+    clash = sorted(set(scalars) & set(batch))
+    if clash:
+        raise ValueError(f"scalars {clash} clash with batch keys of the same name")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in scalars.items()}
 
 
 def check_batch(batch: Batch, divisor: int, micro_batched: bool) -> None:
@@ -213,23 +229,25 @@ def make_train_step(
     loss_fn: `loss_fn(model, micro_batch) -> (scalar loss, {name: scalar metric})`; the
         step averages loss, metrics and gradients over micro-batches, so a loss that is a
         mean over a micro-batch gives exactly the big-batch gradient when micro-batches
-        have equal weight.
+        have equal weight. `micro_batch` also holds the call's `scalars`.
     """
     state_sh = tree_shardings(state, mesh, rules)
     rest_sh = tree_shardings(rest, mesh, rules)
     batch_sh = NamedSharding(mesh, batch_spec(rules, micro_batched=True))
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def step(state: TrainState, rest: nnx.State, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(
+        state: TrainState, rest: nnx.State, batch: Batch, scalars: dict[str, jax.Array]
+    ) -> tuple[TrainState, Metrics]:
         loss, metrics, grads = _accumulate(
-            graphdef, loss_fn, state.params, rest, batch, state_sh.params
+            graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params
         )
         new_state, grad_norm, skipped = _guarded_update(optimizer, state, loss, grads)
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
 
     jitted = jax.jit(
         step,
-        in_shardings=(state_sh, rest_sh, batch_sh),
+        in_shardings=(state_sh, rest_sh, batch_sh, replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
