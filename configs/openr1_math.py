@@ -1,14 +1,16 @@
 """The OpenR1-Math task and the three objectives of the reference's math recipes (spec 14).
 
 Every model directory (`configs/<model>/`) builds its shared settings with `task_config()`
-and then applies exactly one of `grpo()`, `maxent()` or `infoseed()`. The paired GRPO and
-MaxEnt recipes of a model therefore share every data, sampling, optimizer, eval and
-checkpoint setting; `grpo()` and `maxent()` touch only `objective.train_grpo_objective`,
-`maxent.*`, `controllers.*` and `controller_meta.*` (tests/test_recipes.py checks this).
+(plus the model's own size settings in its `base.py`) and then applies exactly one
+objective: `grpo()`, `maxent()` (annealed weight-entropy target), `maxent_meta()` (the
+meta-controlled variant of the 7B recipe) or `infoseed()`. The paired GRPO and MaxEnt
+recipes of a model therefore share every data, sampling, optimizer, eval and checkpoint
+setting; the objective functions touch only `objective.train_grpo_objective`, `maxent.*`,
+`controllers.*` and `controller_meta.*` (tests/test_recipes.py checks this).
 
-Values are the reference's resolved 1.5B recipe values (spec 14) except where a comment
-names a reference quirk (spec 17) and says what we use instead. Run the recipes from the
-repository root: they import `configs.*` the way flax's example configs import theirs.
+Values are the reference's resolved recipe values (spec 14) except where a comment names a
+reference quirk (spec 17) and says what we use instead. Run the recipes from the repository
+root: they import `configs.*` the way flax's example configs import theirs.
 """
 
 from __future__ import annotations
@@ -194,6 +196,32 @@ def maxent(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def maxent_meta(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """MaxEnt-GRPO with a fixed entropy target and the meta-controller on: the reference's 7B
+    maxent-grpo/config_math (spec 14's companion "2k" MaxEnt settings)."""
+    c.objective.train_grpo_objective = False
+    c.maxent.tau = 0.3
+    c.maxent.q_temperature = 1.0
+    c.maxent.q_epsilon = 1e-6
+    c.maxent.logprob_chunk_size = 2
+    c.maxent.score_tail_tokens = None
+    c.maxent.target_weight_entropy = 0.6
+    c.maxent.tau_lr = 0.01
+    c.maxent.tau_min = 0.05
+    c.maxent.tau_max = 1.0
+    c.maxent.tau_warmup_steps = 0
+    c.maxent.clip_adv_baseline = 0.0625  # 1 / num_generations
+    c.maxent.allow_empty_weight_fallback = True
+    c.controllers.overwrite_from_config = True
+    c.controller_meta.enabled = True
+    c.controller_meta.method = "analytic"
+    c.controller_meta.lr = 0.05
+    c.controller_meta.optimizer = "sgd"
+    c.controller_meta.update_interval = 1
+    c.controller_meta.truncation_steps = 1
+    return c
+
+
 def infoseed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """GRPO plus the InfoSeed auxiliary loss (infoseed/config_math); changes sampling and
     batch settings too, so it is not part of the GRPO/MaxEnt pair."""
@@ -202,6 +230,8 @@ def infoseed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.objective.train_grpo_objective = True
     c.data.system_prompt = SYSTEM_PROMPT_INFOSEED
     # Reference: fp16. We keep bf16 (no loss scaling needed).
+    c.objective.beta = 0.5
+    c.vllm.return_logprobs = True
     c.optim.learning_rate = 5e-6
     c.train.per_device_train_batch_size = 8
     c.train.gradient_accumulation_steps = 64

@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 import yaml
@@ -232,6 +232,10 @@ IGNORED: dict[str, str] = {
     "vllm_enable_sleep_mode": _SERVER_SIDE,
     "vllm_guided_decoding_regex": _TRL_ONLY,
     "disable_distributed_sampler": _Q2 + "; each host process reads its own slice of every global batch",
+    # Both spellings occur in the shipped reference recipes; neither is a field, so the reference
+    # clipped with clip_range (default 0.2) wherever clip_range itself was absent.
+    "ppo_clip_range": _Q2 + "; the loop clips with clip_range (default 0.2): set clip_range",
+    "ppo_ppo_clip_range": _Q2 + "; the loop clips with clip_range (default 0.2): set clip_range",
     "dataloader_num_workers": _DATALOADER,
     "dataloader_pin_memory": _DATALOADER,
     "dataloader_prefetch_factor": _DATALOADER,
@@ -321,6 +325,14 @@ class Recipe:
     updates: dict[str, tuple[Any, str]]
     ignored: tuple[tuple[str, str], ...]  # (key, reason)
     notes: tuple[str, ...]  # values we changed or interpreted, and why
+    # Fields the recipe leaves without a usable value: field -> the error if no override sets it.
+    unresolved: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def check_overrides(self, overridden: Iterable[str]) -> None:
+        """Raise the first unresolved field's error unless a --config override sets it."""
+        missing = [message for field, message in self.unresolved.items() if field not in set(overridden)]
+        if missing:
+            raise UserError(f"recipe {self.source}: " + "; ".join(missing))
 
     def warnings(self) -> list[str]:
         """Lines to show the user: every ignored key with its reason, then every note."""
@@ -377,9 +389,10 @@ def translate(data: dict[str, Any], source: str = "recipe") -> Recipe:
                     raise UserError(f"recipe {source}: key {key}={value!r} is invalid for {field}") from None
             _put(updates, field, value, key, source)
     notes: list[str] = []
-    _rules(data, updates, notes, source)
+    unresolved: dict[str, str] = {}
+    _rules(data, updates, notes, unresolved, source)
     ignored = tuple((k, IGNORED[k]) for k in data if k in IGNORED)
-    return Recipe(source=source, updates=updates, ignored=ignored, notes=tuple(notes))
+    return Recipe(source=source, updates=updates, ignored=ignored, notes=tuple(notes), unresolved=unresolved)
 
 
 def _with_suggestion(key: str, known: set[str]) -> str:
@@ -398,7 +411,7 @@ def _put(updates: dict[str, tuple[Any, str]], field: str, value: Any, key: str, 
     updates[field] = (value, updates[field][1] + "+" + key if field in updates else key)
 
 
-def _rules(data: dict[str, Any], updates: dict, notes: list[str], source: str) -> None:
+def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: dict[str, str], source: str) -> None:
     """The keys that need more than a rename (RULE_KEYS)."""
     def put(field: str, value: Any, key: str) -> None:
         _put(updates, field, value, key, source)
@@ -496,11 +509,12 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], source: str) -
         except (TypeError, ValueError):
             raise refuse(f"key max_steps={max_steps!r} is invalid: an integer number of optimizer steps") from None
         if max_steps <= 0:
-            raise refuse(
-                f"key max_steps={max_steps!r} is unsupported: give the number of optimizer steps to run "
-                "(the reference derived it from epochs in micro-batches, Q15)"
+            unresolved["train.max_steps"] = (
+                f"key max_steps={max_steps!r} (train by epochs) is unsupported: give the number of optimizer "
+                "steps with --config.train.max_steps=N (the reference counted epochs in micro-batches, Q15)"
             )
-        put("train.max_steps", max_steps, "max_steps")
+        else:
+            put("train.max_steps", max_steps, "max_steps")
 
     optim = data.get("optim")
     if optim is not None and (not str(optim).startswith("adamw") or any(s in str(optim) for s in ("8bit", "bnb"))):

@@ -61,7 +61,8 @@ def test_recipe_validates_with_spec14_values(path):
     assert c.rewards.reward_funcs == ("pure_accuracy_math",) and c.rewards.reward_weights == (1.0,)
     assert (c.optim.adam_beta2, c.optim.adam_epsilon, c.optim.max_grad_norm) == (0.99, 1e-6, 0.15)
     assert (c.optim.lr_scheduler_type, c.optim.warmup_ratio, c.objective.clip_range) == ("cosine", 0.2, 0.05)
-    assert (c.checkpoint.save_steps, c.logging.logging_steps, c.objective.beta) == (50, 1, 0.5)
+    assert (c.checkpoint.save_steps, c.logging.logging_steps) == (50, 1)
+    assert c.objective.beta == (0.04 if model == "qwen2_5_7b" and kind != "infoseed" else 0.5)
     # Fixed reference quirks: weights are synced (Q5), PPO's min (Q12), explicit clip term (Q11).
     assert c.rollout.sync_interval_steps == 1
     assert c.objective.negative_adv_rule == "standard_min" and c.maxent.use_clip_objective
@@ -112,18 +113,44 @@ def test_infoseed_values(model):
     assert (c.rollout.num_generations, c.rollout.max_prompt_length, c.rollout.max_completion_length) == (4, 1400, 600)
     assert (c.optim.learning_rate, c.train.per_device_train_batch_size, c.train.gradient_accumulation_steps) == (
         5e-6, 8, 64)
-    assert (c.controller_meta.enabled, c.controller_meta.method, c.controller_meta.lr) == (True, "analytic", 0.02)
+    assert (c.controller_meta.enabled, c.controller_meta.method) == (True, "analytic")
+    assert c.controller_meta.lr == {"qwen2_5_1_5b": 0.02, "qwen2_5_7b": 0.05}[model]
     assert (c.controllers.kl_horizon, c.controllers.kl_ctl_step_size) == (50_000, 0.15)
     # Q15 fixed: 3 epochs of the 93,733-row split counted in optimizer steps of 8 x 64 prompts.
     assert c.train.max_steps == 3 * 93_733 // 512 == 549
 
 
+# What the reference's per-model recipes change besides the model (its 0.5B and 7B files).
+SIZE_FIELDS = {"model.name_or_path", "model.logprob_chunk_size", "rollout.max_prompt_length",
+               "rollout.max_completion_length", "rollout.num_generations", "train.max_steps",
+               "train.num_train_epochs", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+               "objective.beta", "vllm.return_logprobs"}
+
+
 def test_models_share_the_task():
-    """Every model's GRPO recipe is the same task: only model fields differ."""
+    """Every model's GRPO recipe is the same task: only the model and its size settings differ."""
     flats = {m: _flat(_recipe(m, "grpo")) for m in MODELS}
     base = flats.pop("qwen2_5_1_5b")
+    assert {k for k in base if base[k] != flats["llama3_1_8b"][k]} == {"model.name_or_path", "model.logprob_chunk_size"}
     for other in flats.values():
-        assert {k for k in base if base[k] != other[k]} <= {"model.name_or_path", "model.logprob_chunk_size"}
+        assert {k for k in base if base[k] != other[k]} <= SIZE_FIELDS
+
+
+def test_per_model_reference_values():
+    small, big = _recipe("qwen2_5_0_5b", "maxent"), _recipe("qwen2_5_7b", "grpo")
+    assert (small.rollout.max_prompt_length, small.rollout.max_completion_length, small.rollout.num_generations) == (
+        1024, 512, 4)
+    assert (small.train.max_steps, small.train.num_train_epochs, small.maxent.tau) == (200, 1, 1e-4)
+    assert (big.objective.beta, big.train.per_device_train_batch_size, big.train.gradient_accumulation_steps) == (
+        0.04, 1, 2)
+    assert (big.rollout.max_completion_length, big.vllm.return_logprobs) == (4096, False)
+    m = _recipe("qwen2_5_7b", "maxent")
+    assert (m.maxent.tau, m.maxent.q_temperature, m.maxent.target_weight_entropy, m.maxent.tau_lr) == (0.3, 1.0, 0.6, 0.01)
+    assert (m.maxent.tau_min, m.maxent.tau_max, m.maxent.tau_warmup_steps, m.maxent.clip_adv_baseline) == (
+        0.05, 1.0, 0, 0.0625)
+    assert (m.controller_meta.enabled, m.controller_meta.lr, m.controllers.overwrite_from_config) == (True, 0.05, True)
+    assert m.maxent.allow_empty_weight_fallback and m.maxent.target_weight_entropy_start is None
+    assert _recipe("qwen2_5_7b", "infoseed").controller_meta.lr == 0.05
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +228,7 @@ lr_scheduler_type: cosine
 warmup_ratio: 0.2
 max_grad_norm: 0.15
 clip_range: 0.05
+ppo_clip_range: 0.05
 max_steps: 2000
 num_train_epochs: 5
 per_device_train_batch_size: 2
@@ -270,17 +298,17 @@ def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
     assert got["vllm.url"] == "http://localhost:29525/generate"  # trailing slash dropped
     ignored = {k for k, _ in recipe.ignored}
     assert {"disable_distributed_sampler", "attn_implementation", "vllm_gpu_memory_utilization",
-            "gradient_checkpointing_kwargs", "overwrite_output_dir"} <= ignored
+            "gradient_checkpointing_kwargs", "overwrite_output_dir", "ppo_clip_range"} <= ignored
     assert any("Q5" in n for n in recipe.notes) and any("--workdir=var/data/run" in n for n in recipe.notes)
 
 
 def test_unknown_keys_and_refused_values_make_one_error_line(tmp_path):
-    text = "maxent_tua: 0.1\nppo_clip_range: 0.05\nuse_peft: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
+    text = "maxent_tua: 0.1\nclip_rnage: 0.05\nuse_peft: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
     with pytest.raises(UserError) as err:
         recipes.load(_yaml(tmp_path, text))
     msg = str(err.value)
     assert "\n" not in msg
-    assert "maxent_tua (did you mean maxent_tau?)" in msg and "ppo_clip_range" in msg
+    assert "maxent_tua (did you mean maxent_tau?)" in msg and "clip_rnage (did you mean clip_range?)" in msg
     assert "use_peft=True" in msg and "load_in_4bit" not in msg and "nested sections" in msg and "training" in msg
 
 
@@ -317,7 +345,6 @@ def test_rule_mappings(tmp_path, text, field, value):
 
 @pytest.mark.parametrize("text,needle", [
     ("init_kl_coeff: 0.5\nbeta: 0.04", "keys beta=0.04 and init_kl_coeff=0.5 both set objective.beta"),
-    ("max_steps: -1", "max_steps=-1 is unsupported"),
     ("optim: adamw_8bit", "optim='adamw_8bit' is unsupported"),
     ("use_vllm: true\nvllm_mode: remote", "vllm_mode='remote'"),
     ("learning_rate: fast", "learning_rate='fast' cannot set optim.learning_rate: expected float"),
@@ -350,6 +377,14 @@ def test_precedence_config_then_recipe_then_overrides(tmp_path, monkeypatch, cap
     # Without --config the recipe starts from the base config (reference defaults), not the tiny demo.
     c = _resolve(monkeypatch, ["train", f"--recipe={path}"])
     assert (c.rollout.max_prompt_length, c.train.sft_warmup_steps) == (512, 0)
+
+
+def test_epoch_based_recipe_needs_a_step_override(tmp_path, monkeypatch):
+    path = _yaml(tmp_path, "max_steps: -1\nnum_train_epochs: 3\n")
+    with pytest.raises(UserError, match=r"max_steps=-1 \(train by epochs\) is unsupported.*--config.train.max_steps"):
+        _resolve(monkeypatch, ["train", f"--recipe={path}"])
+    c = _resolve(monkeypatch, ["train", f"--recipe={path}", "--config.train.max_steps=549"])
+    assert (c.train.max_steps, c.train.num_train_epochs) == (549, 3)
 
 
 def test_train_cli_reports_recipe_errors_in_one_line(tmp_path):

@@ -13,4 +13,7 @@ def shared_config() -> ml_collections.ConfigDict:
     # Sequence positions per block when gathering per-token log-probs over the
     # 128,256-token vocabulary: bounds the float32 logits buffer, the numbers are unchanged.
     c.model.logprob_chunk_size = 512
+    # The reference's Llama recipe is an older PPO-style file (vLLM colocated, eval off, critic
+    # keys its loader drops, Q2; spec 14 does not resolve it). This recipe runs the shared
+    # OpenR1-Math settings instead, so it compares directly with the Qwen GRPO recipes.
     return c

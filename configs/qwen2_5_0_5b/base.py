@@ -13,4 +13,10 @@ def shared_config() -> ml_collections.ConfigDict:
     # Sequence positions per block when gathering per-token log-probs over the
     # 151,936-token vocabulary: bounds the float32 logits buffer, the numbers are unchanged.
     c.model.logprob_chunk_size = 1024
+    # The reference's 0.5B recipes (both objectives): shorter sequences, groups of 4, 200 steps.
+    c.rollout.max_prompt_length = 1024
+    c.rollout.max_completion_length = 512
+    c.rollout.num_generations = 4
+    c.train.max_steps = 200
+    c.train.num_train_epochs = 1
     return c

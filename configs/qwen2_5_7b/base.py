@@ -13,4 +13,13 @@ def shared_config() -> ml_collections.ConfigDict:
     # Sequence positions per block when gathering per-token log-probs over the
     # 152,064-token vocabulary: bounds the float32 logits buffer, the numbers are unchanged.
     c.model.logprob_chunk_size = 512
+    # The reference's 7B recipes (both objectives): beta 0.04, one prompt per micro-batch with
+    # 2 accumulation steps, 4096-token completions, no server log-probs (the ratio's
+    # denominator is then the stop-gradient of the current log-probs, spec 5.4). Its eval
+    # cadence was 500 steps; we keep the shared 25 (--config.eval.eval_steps=500 restores it).
+    c.objective.beta = 0.04
+    c.train.per_device_train_batch_size = 1
+    c.train.gradient_accumulation_steps = 2
+    c.rollout.max_completion_length = 4096
+    c.vllm.return_logprobs = False
     return c

@@ -10,4 +10,6 @@ from configs.qwen2_5_7b import base
 
 
 def get_config():
-    return openr1_math.infoseed(base.shared_config())
+    c = openr1_math.infoseed(base.shared_config())
+    c.controller_meta.lr = 0.05  # the 7B InfoSeed recipe's meta learning rate (1.5B: 0.02)
+    return c

@@ -10,4 +10,4 @@ from configs.qwen2_5_7b import base
 
 
 def get_config():
-    return openr1_math.maxent(base.shared_config())
+    return openr1_math.maxent_meta(base.shared_config())
