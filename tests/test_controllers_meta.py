@@ -237,3 +237,12 @@ def test_tau_and_beta_stay_in_bounds_for_any_statistics(name, data):
         tau, beta = float(state.tau), float(state.beta)
         assert 0.1 <= tau <= 0.9 and beta >= 0.0 and math.isfinite(beta)
         assert float(state.log_tau) == pytest.approx(math.log(tau), rel=1e-6)
+
+
+def test_padding_values_do_not_leak_into_the_meta_gradient():
+    s = _meta(meta_method="first_order", meta_use_hessian=True, meta_tau_lr=1.0, kl_target=0.0)
+    poisoned = {**BATCH, "q": BATCH["q"].at[3, 3].set(jnp.nan), "ref_logp_sum": BATCH["ref_logp_sum"].at[3, 3].set(-jnp.inf)}
+    state = init_controller_state(s)
+    clean, m_clean = step_fn(state, _inputs(0.3, 0.04), s, 1, 1.0)
+    dirty, m_dirty = step_fn(state, ControllerInputs(weight_entropy=jnp.float32(0.5), kl=jnp.float32(0.0), **poisoned), s, 1, 1.0)
+    assert float(dirty.tau) == float(clean.tau) and math.isfinite(float(m_dirty["train/meta/tau_curvature"]))
