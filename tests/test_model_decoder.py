@@ -29,9 +29,10 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _padded(seqs: list[np.ndarray], width: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _padded(seqs: list[np.ndarray], width: int, left: bool,
+            pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, positions, mask) `[batch, width]` with explicit positions counting real tokens only."""
-    ids = np.zeros((len(seqs), width), np.int32)
+    ids = np.full((len(seqs), width), pad_id, np.int32)
     mask = np.zeros((len(seqs), width), bool)
     for row, seq in enumerate(seqs):
         cols = slice(width - len(seq), width) if left else slice(0, len(seq))
@@ -76,10 +77,11 @@ def test_every_parameter_carries_its_logical_axes():
 def test_left_and_right_padding_give_identical_logprobs_and_chunking_is_exact():
     seqs = _sequences(LENGTHS, CFG.vocab_size)
     out = {}
-    for left in (True, False):
-        ids, pos, mask = _padded(seqs, WIDTH, left)
+    for left, pad_id in ((True, -1), (False, CFG.vocab_size + 7)):  # pad ids outside the vocabulary are harmless
+        ids, pos, mask = _padded(seqs, WIDTH, left, pad_id)
         logp, entropy, full, whole = map(np.asarray, _forward_logprobs(STATE, ids, pos, mask))
-        gathered = np.take_along_axis(full, ids[:, 1:, None], axis=-1)[..., 0]
+        targets = np.clip(ids[:, 1:], 0, CFG.vocab_size - 1)  # token_logprobs clips out-of-range targets
+        gathered = np.take_along_axis(full, targets[..., None], axis=-1)[..., 0]
         np.testing.assert_allclose(logp, gathered, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(whole, gathered, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(entropy, -(np.exp(full) * full).sum(-1), rtol=1e-5, atol=1e-6)

@@ -195,14 +195,15 @@ class Decoder(nnx.Module):
         """Hidden states after the final norm.
 
         input_ids, positions `[batch, seq]` int32; attention_mask `[batch, seq]` (bool or 0/1), false on
-        padding. With `cache`, the seq new tokens occupy cache slots `[cache.index, cache.index + seq)`
+        padding (ids outside the vocabulary are clipped, so any pad id works). With `cache`, the seq new tokens occupy cache slots `[cache.index, cache.index + seq)`
         (the caller keeps `cache.index + seq <= cache.max_len`) and attend to every valid earlier slot.
         Returns (hidden `[batch, seq, embed]` in compute dtype, updated cache or None).
         """
         cfg = self.cfg
         compute = _dtype(cfg.compute_dtype)
         seq = input_ids.shape[1]
-        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(compute)
+        # Clip, not NaN-fill: a stray pad id outside the vocabulary must not poison real rows (0 * NaN).
+        x = jnp.take(self.embedding[...], input_ids, axis=0, mode="clip").astype(compute)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_valid = attention_mask.astype(jnp.bool_)
         if cache is None:
