@@ -275,6 +275,7 @@ def test_two_nodes_server_on_the_last(slurm):
     assert server["env"]["SLURMD_NODENAME"] == "n1" and _flag(server["argv"], "host") == "0.0.0.0"
     assert _flag(trainer["argv"], "config.vllm.url") == "http://n1:29525/generate"
     assert "CUDA_VISIBLE_DEVICES" not in trainer["env"]  # the trainer node keeps all its GPUs
+    assert trainer["env"]["SLURM_NTASKS"] == "1"  # not the job's 2: jax.distributed must not wait for a peer
     assert _flag(trainer["argv"], "config.mesh.shape") == "(1,8,1)"
     assert server["env"]["HF_TOKEN"] == "hf_secret" and trainer["env"]["WANDB_API_KEY"] == "wb_secret"
     assert r.records("serve")[0].get("terminated")
