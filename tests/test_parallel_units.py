@@ -263,3 +263,18 @@ def test_flops_match_the_decoder_parameter_count():
 
 def test_mfu():
     assert model_flops_utilization(1000.0, 6e9, 1e12, 8) == pytest.approx(0.75)
+
+
+def test_init_sharded_model_equals_eager_init():
+    from maxent_jax.parallel.train_step import init_sharded_model
+
+    cfg = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=8,
+                           num_kv_heads=2, head_dim=4)
+    mesh = make_mesh((1, 2, 4))
+    graphdef, params, rest = init_sharded_model(lambda: Decoder(cfg, rngs=nnx.Rngs(3)), mesh)
+    eager = nnx.state(Decoder(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), params, eager)
+    want = tree_shardings(params, mesh)
+    for got, spec in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        assert got.sharding.is_equivalent_to(spec, got.ndim)
+    assert params["embedding"].get_value().sharding.spec == P("tensor", "fsdp")

@@ -70,6 +70,26 @@ def sharded_abstract_state(
     )
 
 
+def init_sharded_model(
+    make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Randomly initialise a model with every parameter born sharded: `(graphdef, params, rest)`.
+
+    The initialiser runs inside a jit whose `out_shardings` come from the rules, so a model
+    larger than one device is never materialised whole (eager construction would put it all
+    on the default device first). `make_model` is e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(0))`.
+    """
+    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+
+    def init() -> tuple[nnx.State, nnx.State]:
+        _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+        return params, rest
+
+    out = (tree_shardings(abstract_params, mesh, rules), tree_shardings(abstract_rest, mesh, rules))
+    params, rest = jax.jit(init, out_shardings=out)()
+    return graphdef, params, rest
+
+
 def init_train_state(
     params: nnx.State,
     optimizer: optax.GradientTransformation,
