@@ -37,6 +37,11 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str  # "stop" (EOS / stop string / stop token) or "length"
+    # `logprobs` are the model's log-probs of the sampled tokens at temperature 1 over the full
+    # vocabulary, under the weights that generated them: the "old policy" of the PPO ratio,
+    # what vLLM reports by default. `sampling_logprobs`, when a backend provides them, are the
+    # log-probs under the distribution actually sampled from (temperature, top-k, top-p applied).
+    sampling_logprobs: list[float] | None = None
 
 
 class RolloutBackend(Protocol):
@@ -51,10 +56,20 @@ class RolloutBackend(Protocol):
         """`params.n` completions for each prompt, in prompt order."""
 
     def expected_weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """HF tensor name -> (shape, dtype name) that a weight push must match exactly."""
+        """HF tensor name -> (shape, dtype name) that a weight push must match exactly.
+
+        Dtype names as numpy spells them (`float32`, `bfloat16`, `float16`); a `torch.` prefix is ignored.
+        """
 
     def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray]]) -> None:
         """Replace all weights at once; called with validated tensors, never interleaved with generate."""
 
     def reset_prefix_cache(self) -> None:
         """Forget cached attention computed with earlier weights."""
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of text prompts, as the engine itself would tokenize them.
+
+        Called by the server only for requests that send `prompts` as strings; a backend
+        without this method serves `prompt_token_ids` requests only (text prompts get a 400).
+        """

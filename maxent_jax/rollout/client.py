@@ -1,0 +1,397 @@
+"""The trainer's client for a rollout server (jax or vllm backend): generate, push weights.
+
+No jax at module level: the client is plain HTTP + JSON, so it can be imported anywhere.
+What it adds over a bare HTTP call, following REFERENCE_SPEC 3.4-3.5 and fixing quirk Q4:
+- a client_tag in the payload and the `X-VLLM-Client-Tag` header; results carrying another
+  tag are dropped and counted, and a server that echoes no tag at all is an error (not a
+  silent run on someone else's completions) unless `require_tag_echo=False`;
+- retries with exponential backoff on connection errors, timeouts and 5xx; 4xx and
+  malformed responses fail at once (retrying cannot fix them); the final error names the
+  URL, the attempts and the last status;
+- prompts clipped by characters, completions regrouped per prompt, behaviour log-probs
+  attached, latency and weight-staleness metrics;
+- weight pushes streamed tensor by tensor (chunked HTTP body; see weights.py for framing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.parse
+import uuid
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.protocol import CLIENT_TAG_HEADER, WEIGHT_VERSION_HEADER
+from maxent_jax.rollout.weights import iter_stream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_CHAR_LIMIT = 2048
+
+
+class RolloutError(RuntimeError):
+    """The rollout server could not give usable completions; the message says which server and why."""
+
+
+class ClientTagError(RolloutError):
+    """Results missing our client_tag echo, or all of them tagged for another client."""
+
+
+def resolve_client_tag(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """The tag this process sends: explicit/config -> $VLLM_CLIENT_TAG -> jax process -> SLURM -> rank-0-of-1.
+
+    The jax process index is used only when this process already runs jax with several
+    processes (the client never imports jax itself).
+    """
+    if explicit:
+        return explicit
+    if env.get("VLLM_CLIENT_TAG"):
+        return env["VLLM_CLIENT_TAG"]
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        return f"rank-{jax.process_index()}-of-{jax.process_count()}"
+    if env.get("SLURM_PROCID"):
+        return f"rank-{env['SLURM_PROCID']}-of-{env.get('SLURM_NTASKS', '1')}"
+    return "rank-0-of-1"
+
+
+def prompt_char_limit(max_prompt_length: int, env: Mapping[str, str] = os.environ) -> int:
+    """max($MAX_PROMPT_CHARS or 2048, 4 * max_prompt_length) characters (REFERENCE_SPEC 2.2, 3.4)."""
+    raw = env.get("MAX_PROMPT_CHARS") or str(DEFAULT_PROMPT_CHAR_LIMIT)
+    try:
+        floor = int(raw)
+    except ValueError:
+        raise ValueError(f"MAX_PROMPT_CHARS={raw!r}: expected an integer number of characters") from None
+    return max(floor, 4 * max_prompt_length)
+
+
+def base_url(url: str) -> str:
+    """scheme://host:port of a server URL; a reference-style `.../generate` URL is accepted too."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"rollout server url {url!r}: expected http://host:port")
+    return f"http://{parts.netloc}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One completion as the trainer consumes it."""
+
+    token_ids: np.ndarray  # [len] int32
+    logprobs: np.ndarray | None  # [len] float32: behaviour (old-policy) log-probs, temperature 1
+    text: str
+    finish_reason: str
+    weight_version: int
+    sampling_logprobs: np.ndarray | None = None  # [len] float32, under the sampled distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutBatch:
+    """Completions regrouped per prompt (prompt order; a group may be short) and request metrics."""
+
+    groups: list[list[Sample]]
+    weight_version: int
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class _Reply:
+    status: int
+    body: bytes
+
+
+class RolloutClient:
+    """Talks to one rollout server. Thread-compatible: one request per call, fresh connection each time."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_tag: str | None = None,
+        timeout: float = 240.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        backoff_multiplier: float = 2.0,
+        require_tag_echo: bool = True,
+        token: str | None = None,
+        max_prompt_length: int = 512,
+        env: Mapping[str, str] = os.environ,
+    ):
+        if max_retries < 1:
+            raise ValueError(f"max_retries={max_retries}: need at least 1 attempt")
+        self.url = base_url(url)
+        parts = urllib.parse.urlsplit(self.url)
+        self._host, self._port = parts.hostname, parts.port or 80
+        self.client_tag = resolve_client_tag(client_tag, env)
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.backoff_multiplier = backoff_multiplier
+        self.require_tag_echo = require_tag_echo
+        self.token = token
+        self.char_limit = prompt_char_limit(max_prompt_length, env)
+        self.dropped_foreign = 0  # results/outputs with another client's tag, over this client's life
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _once(self, method: str, path: str, body: Any, headers: dict, chunked: bool = False) -> _Reply:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        try:
+            try:
+                conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+            except (BrokenPipeError, ConnectionResetError):
+                if not chunked:
+                    raise
+                # The server refused mid-upload (auth, validation) and closed: its answer may be waiting.
+            response = conn.getresponse()
+            return _Reply(response.status, response.read())
+        finally:
+            conn.close()
+
+    def _call(self, method: str, path: str, body: Any = None, headers: dict | None = None, retry: bool = True) -> tuple[_Reply, int]:
+        """One request with retries on transport errors and 5xx; returns (reply, attempts used)."""
+        attempts = self.max_retries if retry else 1
+        last = "no attempt"
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = self._once(method, path, body, dict(headers or {}))
+            except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if reply.status < 500:
+                    return reply, attempt
+                last = f"HTTP {reply.status}: {reply.body[:300].decode('utf-8', 'replace')}"
+            if attempt < attempts:
+                delay = self.backoff * self.backoff_multiplier ** (attempt - 1)
+                log.warning("rollout %s %s%s attempt %d/%d failed (%s); retrying in %.2fs", method, self.url, path, attempt, attempts, last, delay)
+                time.sleep(delay)
+        raise RolloutError(f"rollout server {self.url}{path} failed after {attempts} attempt(s); last: {last}")
+
+    def _json(self, reply: _Reply, path: str) -> Any:
+        try:
+            obj = json.loads(reply.body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RolloutError(f"rollout server {self.url}{path} answered HTTP {reply.status} with a non-JSON body: {reply.body[:200]!r}") from None
+        if reply.status != 200:
+            message = obj.get("error") if isinstance(obj, dict) else obj
+            raise RolloutError(f"rollout server {self.url}{path} refused (HTTP {reply.status}): {message}")
+        return obj
+
+    def health(self) -> bool:
+        """True when the server answers /health."""
+        try:
+            reply = self._once("GET", "/health", None, {})
+        except (OSError, http.client.HTTPException):
+            return False
+        return reply.status == 200
+
+    def wait_healthy(self, seconds: float) -> None:
+        """Block until /health answers, or raise after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not self.health():
+            if time.monotonic() > deadline:
+                raise RolloutError(f"rollout server {self.url} not healthy after {seconds:.0f}s")
+            time.sleep(0.1)
+
+    def info(self) -> dict:
+        reply, _ = self._call("GET", "/info")
+        return self._json(reply, "/info")
+
+    def reset_prefix_cache(self) -> None:
+        reply, _ = self._call("POST", "/reset_prefix_cache", b"{}", {"Content-Type": "application/json"})
+        self._json(reply, "/reset_prefix_cache")
+
+    # -- generate -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        current_step: int | None = None,
+    ) -> RolloutBatch:
+        """`params.n` completions per prompt; prompts are strings (clipped) or token-id lists."""
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        payload, n_clipped = self._payload(prompts, params)
+        group_id = hashlib.sha256("|".join(map(str, payload.get("prompts") or payload["prompt_token_ids"])).encode()).hexdigest()
+        headers = {"Content-Type": "application/json", CLIENT_TAG_HEADER: self.client_tag, "X-VLLM-Group-Request-ID": group_id}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        start = time.perf_counter()
+        reply, attempts = self._call("POST", "/generate", json.dumps(payload).encode("utf-8"), headers)
+        latency = time.perf_counter() - start
+        body = self._json(reply, "/generate")
+        groups, version, dropped = self._parse(body, len(prompts), params)
+        metrics = {
+            "rollout/latency_s": latency,
+            "rollout/attempts": float(attempts),
+            "rollout/weight_version": float(version),
+            "rollout/foreign_tag_dropped": float(dropped),
+            "rollout/completions": float(sum(len(g) for g in groups)),
+            "rollout/partial_prompts": float(sum(0 < len(g) < params.n for g in groups)),
+            "rollout/empty_prompts": float(sum(not g for g in groups)),
+            "rollout/clipped_prompts": float(n_clipped),
+        }
+        if current_step is not None:
+            metrics["rollout/weight_staleness_steps"] = float(current_step - version)
+        return RolloutBatch(groups=groups, weight_version=version, metrics=metrics)
+
+    def _payload(self, prompts: Sequence, params: SamplingParams) -> tuple[dict, int]:
+        """The JSON body (reference field names) and how many text prompts were clipped."""
+        payload: dict[str, Any] = {
+            "n": params.n,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "stop": list(params.stop),
+            "stop_token_ids": list(params.stop_token_ids),
+            "ignore_eos": params.ignore_eos,
+            "seed": params.seed,
+            "logprobs": 1 if params.logprobs else 0,
+            "client_tag": self.client_tag,
+            "request_id": f"maxent-{uuid.uuid4().hex}",
+        }
+        if all(isinstance(p, str) for p in prompts):
+            clipped = [p[: self.char_limit] for p in prompts]
+            payload["prompts"] = clipped
+            n_clipped = sum(len(a) != len(b) for a, b in zip(prompts, clipped))
+        else:
+            payload["prompt_token_ids"] = [[int(t) for t in p] for p in prompts]
+            n_clipped = 0
+        return payload, n_clipped
+
+    def _tag_of(self, obj: Any) -> str | None:
+        if not isinstance(obj, dict):
+            return None
+        tag = obj.get("client_tag")
+        if tag is None and isinstance(obj.get("metadata"), dict):
+            tag = obj["metadata"].get("client_tag")
+        return tag if isinstance(tag, str) else None
+
+    def _parse(self, body: Any, num_prompts: int, params: SamplingParams) -> tuple[list[list[Sample]], int, int]:
+        where = f"rollout server {self.url}/generate"
+        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+            raise RolloutError(f"{where} answered without a 'results' list: {str(body)[:200]}")
+        version = body.get("weight_version")
+        if not isinstance(version, int):
+            raise RolloutError(f"{where} answered without an integer 'weight_version': {version!r}")
+        groups: list[list[Sample]] = [[] for _ in range(num_prompts)]
+        dropped = tagged = 0
+        for pos, result in enumerate(body["results"]):
+            if not isinstance(result, dict) or not isinstance(result.get("outputs"), list):
+                raise RolloutError(f"{where}: result {pos} is not an object with an 'outputs' list")
+            result_tag = self._tag_of(result)
+            if result_tag is not None and result_tag != self.client_tag:
+                dropped += 1
+                continue
+            index = result.get("prompt_index", pos)
+            if not isinstance(index, int) or not 0 <= index < num_prompts:
+                raise RolloutError(f"{where}: result {pos} has prompt_index {index!r} for {num_prompts} prompts")
+            for output in result["outputs"]:
+                tag = self._tag_of(output) or result_tag
+                if tag is None:
+                    continue
+                tagged += 1
+                if tag != self.client_tag:
+                    dropped += 1
+                    continue
+                groups[index].append(self._sample(output, version, params, where))
+        untagged = sum(len(r.get("outputs", [])) for r in body["results"] if isinstance(r, dict)) - tagged - dropped
+        if untagged and self.require_tag_echo:
+            raise ClientTagError(
+                f"{where} returned {untagged} completion(s) without a client_tag echo: it does not speak the "
+                f"client_tag protocol, so completions cannot be told apart from other clients'. Use a maxent-jax "
+                f"server, or set require_tag_echo=False to accept untagged results."
+            )
+        if dropped:
+            self.dropped_foreign += dropped
+            log.warning("dropped %d result(s)/output(s) tagged for another client (ours: %r)", dropped, self.client_tag)
+        if not any(groups):
+            raise ClientTagError(f"{where}: response has no completions for client_tag {self.client_tag!r} ({dropped} foreign dropped)")
+        return groups, version, dropped
+
+    def _sample(self, output: Any, version: int, params: SamplingParams, where: str) -> Sample:
+        ids = output.get("token_ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise RolloutError(f"{where}: an output has no integer 'token_ids' list: {str(output)[:200]}")
+        logprobs = output.get("logprobs")
+        if params.logprobs:
+            if not isinstance(logprobs, list) or len(logprobs) != len(ids):
+                raise RolloutError(f"{where}: an output's 'logprobs' do not match its {len(ids)} tokens: {str(logprobs)[:200]}")
+        sampling = output.get("sampling_logprobs")
+        return Sample(
+            token_ids=np.asarray(ids, dtype=np.int32),
+            logprobs=np.asarray(logprobs, dtype=np.float32) if params.logprobs else None,
+            text=str(output.get("text", "")),
+            finish_reason=str(output.get("finish_reason")),
+            weight_version=int(output.get("metadata", {}).get("weight_version", version)),
+            sampling_logprobs=np.asarray(sampling, dtype=np.float32) if isinstance(sampling, list) else None,
+        )
+
+    # -- weights --------------------------------------------------------------------------
+
+    def push_weights(
+        self,
+        tensors: Iterable[tuple[str, np.ndarray]] | Callable[[], Iterable[tuple[str, np.ndarray]]],
+        *,
+        version: int | None = None,
+    ) -> dict[str, float]:
+        """Stream HF-named tensors to POST /weights; returns seconds, bytes, GB/s and the new version.
+
+        `tensors` is consumed lazily, one tensor at a time. Pass a zero-argument callable
+        returning the iterable to allow retries (an iterator can be sent only once).
+        """
+        if not self.token:
+            raise ValueError("push_weights needs the server's token (RolloutClient(token=...))")
+        replayable = callable(tensors)
+        sent = {"bytes": 0}
+
+        def body() -> Iterable[bytes]:
+            source = tensors() if replayable else tensors
+            sent["bytes"] = 0
+            for chunk in iter_stream(source):
+                sent["bytes"] += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+                yield chunk
+
+        headers = {
+            "Authorization": f"Bearer {self.token}",
+            "Content-Type": "application/octet-stream",
+            "Transfer-Encoding": "chunked",
+        }
+        if version is not None:
+            headers[WEIGHT_VERSION_HEADER] = str(int(version))
+        start = time.perf_counter()
+        attempts = self.max_retries if replayable else 1
+        last = "no attempt"
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = self._once("POST", "/weights", body(), headers, chunked=True)
+            except (OSError, http.client.HTTPException) as err:
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if reply.status < 500:
+                    break
+                last = f"HTTP {reply.status}: {reply.body[:300].decode('utf-8', 'replace')}"
+            if attempt == attempts:
+                raise RolloutError(f"rollout server {self.url}/weights failed after {attempts} attempt(s); last: {last}")
+            time.sleep(self.backoff * self.backoff_multiplier ** (attempt - 1))
+        result = self._json(reply, "/weights")
+        seconds = time.perf_counter() - start
+        return {
+            "weight_version": int(result["weight_version"]),
+            "seconds": seconds,
+            "bytes": float(sent["bytes"]),
+            "gb_per_s": sent["bytes"] / 1e9 / max(seconds, 1e-9),
+        }

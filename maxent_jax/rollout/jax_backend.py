@@ -1,0 +1,171 @@
+"""The `jax` rollout backend: the in-process sampler behind the server protocol (CPUs, tests, one-box runs).
+
+Weights are the decoder's NNX parameter state. A push arrives as HF-named numpy tensors; each
+is converted to our layout (`model.mapping`), cast to the parameter dtype and placed with the
+sharding of the parameter it replaces, into a *new* state; the server then swaps the state
+reference under its engine lock, so a generate call sees all old or all new weights.
+Stop strings are applied on the host after decoding (token-level stops run inside the loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.mapping import tensor_maps
+from maxent_jax.rollout.backend import Completion, SamplingParams
+from maxent_jax.rollout.protocol import ProtocolError
+from maxent_jax.rollout.sampler import Sampler
+from maxent_jax.rollout.weights import dtype_name
+
+
+def stop_string_cut(token_ids: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> tuple[int, str] | None:
+    """(tokens to keep, text) when the decoded completion contains a stop string, else None.
+
+    As in vLLM: the text ends just before the first stop string; the tokens end with the one
+    that completed it. Binary search over prefixes (decoding grows with the prefix), so a long
+    completion costs O(log n) decodes, not n.
+    """
+    if not stops or not any(stop in decode(token_ids) for stop in stops):
+        return None
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(stop in decode(token_ids[:mid]) for stop in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    text = decode(token_ids[:lo])
+    cut = min(text.find(stop) for stop in stops if stop in text)
+    return lo, text[:cut]
+
+
+def _eos_ids(model_dir: Path, cfg_eos: int | None, tokenizer) -> list[int]:
+    """EOS ids from config.json, generation_config.json (may be a list) and the tokenizer."""
+    import json
+
+    ids = {cfg_eos} if cfg_eos is not None else set()
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(int(i) for i in ids)
+
+
+class JaxBackend:
+    """RolloutBackend over a Decoder; `from_pretrained` builds it from an HF directory."""
+
+    def __init__(
+        self,
+        model: Decoder,
+        *,
+        tokenizer=None,
+        model_name: str = "maxent-jax",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
+        self.sampler, self.state = Sampler.for_model(model, eos_token_ids=eos_token_ids)
+        self._maps = tensor_maps(self.cfg)
+        self._base_key = jax.random.key(seed)
+        self._requests = itertools.count()
+        flat = dict(nnx.to_flat_state(self.state))
+        self._expected = {}
+        for m in self._maps:
+            var = flat[m.path]
+            hf = jax.eval_shape(m.to_hf, jax.ShapeDtypeStruct(var.shape, var.dtype))
+            self._expected[m.hf_name] = (tuple(hf.shape), dtype_name(var.dtype))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0) -> "JaxBackend":
+        """Load config, weights (`model.hf_io`) and, when the directory has one, the tokenizer."""
+        from maxent_jax.model.hf_io import load_hf_checkpoint
+
+        path = Path(model_dir)
+        _, model = load_hf_checkpoint(path, dtype=dtype, compute_dtype=dtype)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        eos = _eos_ids(path, model.cfg.eos_token_id, tokenizer)
+        return cls(model, tokenizer=tokenizer, model_name=str(path), max_model_len=max_model_len, seed=seed, eos_token_ids=eos)
+
+    def info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "backend": "jax",
+            "max_model_len": self.max_model_len,
+            "max_prompt_len": self.max_model_len - 1,
+            "vocab_size": self.cfg.vocab_size,
+            "dtype": self.cfg.param_dtype,
+            "eos_token_ids": list(self.sampler.eos_token_ids),
+            "has_tokenizer": self.tokenizer is not None,
+        }
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ProtocolError("this model directory has no tokenizer: send prompt_token_ids instead of prompts")
+        return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if params.stop and self.tokenizer is None:
+            raise ProtocolError("stop strings need a tokenizer and this model directory has none; use stop_token_ids")
+        if params.seed is not None:
+            key = jax.random.key(params.seed)
+        else:
+            key = jax.random.fold_in(self._base_key, next(self._requests))
+        batch = self.sampler.generate(self.state, prompt_token_ids, params, key)
+        groups: list[list[Completion]] = []
+        for p in range(len(prompt_token_ids)):
+            group = []
+            for j in range(params.n):
+                r = p * params.n + j
+                length = int(batch.lengths[r])
+                ids = batch.tokens[r, :length].tolist()
+                lps = batch.logprobs[r, :length].tolist()
+                slps = batch.sampling_logprobs[r, :length].tolist()
+                reason = "stop" if batch.stopped[r] else "length"
+                cut = stop_string_cut(ids, params.stop, self._decode)
+                if cut is not None:
+                    keep, text = cut
+                    ids, lps, slps, reason = ids[:keep], lps[:keep], slps[:keep], "stop"
+                else:
+                    text = self._decode(ids)
+                group.append(Completion(token_ids=ids, logprobs=lps, text=text, finish_reason=reason, sampling_logprobs=slps))
+            groups.append(group)
+        return groups
+
+    def expected_weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return dict(self._expected)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Build a complete new state from the tensors, then swap it in (one reference assignment)."""
+        tensors = dict(named_tensors)
+        flat = dict(nnx.to_flat_state(self.state))
+        for m in self._maps:
+            var = flat[m.path]
+            host = np.ascontiguousarray(m.from_hf(tensors[m.hf_name])).astype(var.dtype)
+            flat[m.path] = var.replace(jax.device_put(host, var.get_value().sharding))
+        new_state = nnx.from_flat_state(list(flat.items()))
+        jax.block_until_ready(new_state)
+        self.state = new_state
+
+    def reset_prefix_cache(self) -> None:
+        """Nothing to forget: the sampler builds a fresh KV cache for every request."""

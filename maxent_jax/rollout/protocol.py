@@ -1,0 +1,321 @@
+"""The rollout server's JSON protocol: request validation, response layout, OpenAPI schema.
+
+Pure host code (no jax, no HTTP) so both backends' servers and the client share one
+definition. The request accepts every field the reference trainer's client sends
+(REFERENCE_SPEC 3.4); fields we cannot honour are accepted only at their neutral value
+(e.g. `frequency_penalty: 0.0`) and refused otherwise, so a request never silently means
+something else than it says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from maxent_jax.rollout.backend import Completion, SamplingParams
+
+CLIENT_TAG_HEADER = "X-VLLM-Client-Tag"
+WEIGHT_VERSION_HEADER = "X-Weight-Version"
+
+
+class ProtocolError(ValueError):
+    """A request the server refuses; `status` is the HTTP status, the message names the field."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# Sampling fields: name -> (JSON type(s), default, description). Allowed both at the top
+# level and inside `sampling_params` (the reference client sends them in both places).
+_SAMPLING_FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "n": ((int,), 1, "completions per prompt, >= 1"),
+    "max_tokens": ((int,), 256, "maximum completion tokens, >= 1"),
+    "temperature": ((int, float), 1.0, "sampling temperature, >= 0 (0 = greedy)"),
+    "top_p": ((int, float), 1.0, "nucleus mass in (0, 1]"),
+    "top_k": ((int,), 0, "keep the k most likely tokens; 0 or -1 = all"),
+    "stop": ((str, list), None, "stop string(s); the completion text ends before the first one"),
+    "stop_token_ids": ((list,), None, "token ids that end a completion (kept in token_ids)"),
+    "ignore_eos": ((bool,), False, "keep sampling past EOS"),
+    "seed": ((int, type(None)), None, "PRNG seed; equal seeds give equal completions"),
+    "logprobs": ((bool, int, type(None)), 1, "return per-token log-probs (any truthy value)"),
+    "best_of": ((int, type(None)), None, "accepted only when null or equal to n"),
+    "frequency_penalty": ((int, float, type(None)), 0.0, "accepted only as 0"),
+    "presence_penalty": ((int, float, type(None)), 0.0, "accepted only as 0"),
+}
+# Top-level-only fields.
+_REQUEST_FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "prompts": ((list,), None, "prompt strings (tokenized by the server)"),
+    "prompt_token_ids": ((list,), None, "prompts as token-id lists; exactly one of prompts/prompt_token_ids"),
+    "sampling_params": ((dict,), None, "the sampling fields, nested (must agree with top-level ones)"),
+    "return_logprobs": ((bool,), True, "return per-token log-probs"),
+    "client_tag": ((str, type(None)), None, "echoed in every result; the X-VLLM-Client-Tag header is used if absent"),
+    "request_id": ((str, type(None)), None, "echoed in the response"),
+    "stream": ((bool,), False, "accepted only as false"),
+    "logit_bias": ((dict, type(None)), None, "accepted only as null or {}"),
+    "guided_json": ((dict, str, type(None)), None, "accepted only as null"),
+    "guided_regex": ((str, type(None)), None, "accepted only as null"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """A validated /generate request: exactly one of `texts` / `token_ids` is set."""
+
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    params: SamplingParams
+    client_tag: str | None
+    request_id: str | None
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids)
+
+
+def _check_type(field: str, value: Any, types: tuple[type, ...]) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ProtocolError(f"field {field!r}: expected {names}, got {type(value).__name__} {value!r:.80}")
+
+
+def _merged_sampling(payload: dict) -> dict:
+    nested = payload.get("sampling_params") or {}
+    unknown = sorted(set(nested) - set(_SAMPLING_FIELDS))
+    if unknown:
+        raise ProtocolError(f"unknown field sampling_params.{unknown[0]}; valid: {sorted(_SAMPLING_FIELDS)}")
+    merged = {}
+    for name, (types, default, _) in _SAMPLING_FIELDS.items():
+        values = [src[name] for src in (payload, nested) if name in src]
+        for value in values:
+            _check_type(name, value, types)
+        if len(values) == 2 and values[0] != values[1]:
+            raise ProtocolError(
+                f"field {name!r}: top level says {values[0]!r} but sampling_params says {values[1]!r}"
+            )
+        merged[name] = values[0] if values else default
+    return merged
+
+
+def _int_list(field: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ProtocolError(f"field {field!r}: expected a list of integers, got {value!r:.80}")
+    if any(v < 0 for v in value):
+        raise ProtocolError(f"field {field!r}: token ids must be >= 0, got {value!r:.80}")
+    return list(value)
+
+
+def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateRequest:
+    """Validate a decoded /generate body; raises ProtocolError naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"request body must be a JSON object, got {type(payload).__name__}")
+    allowed = set(_REQUEST_FIELDS) | set(_SAMPLING_FIELDS)
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise ProtocolError(f"unknown field {unknown[0]!r}; valid fields: {sorted(allowed)}")
+    for name, (types, _, _) in _REQUEST_FIELDS.items():
+        if name in payload:
+            _check_type(name, payload[name], types)
+    s = _merged_sampling(payload)
+
+    has_text, has_ids = payload.get("prompts") is not None, payload.get("prompt_token_ids") is not None
+    if has_text == has_ids:
+        raise ProtocolError("give exactly one of 'prompts' (strings) or 'prompt_token_ids' (lists of ints)")
+    texts = token_ids = None
+    if has_text:
+        texts = payload["prompts"]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ProtocolError(f"field 'prompts': expected a non-empty list of strings, got {texts!r:.80}")
+    else:
+        raw = payload["prompt_token_ids"]
+        if not raw:
+            raise ProtocolError("field 'prompt_token_ids': expected a non-empty list of token-id lists")
+        token_ids = [_int_list(f"prompt_token_ids[{i}]", ids) for i, ids in enumerate(raw)]
+        empty = [i for i, ids in enumerate(token_ids) if not ids]
+        if empty:
+            raise ProtocolError(f"field 'prompt_token_ids[{empty[0]}]': a prompt needs at least one token")
+
+    if s["n"] < 1:
+        raise ProtocolError(f"field 'n': must be >= 1, got {s['n']}")
+    if s["max_tokens"] < 1:
+        raise ProtocolError(f"field 'max_tokens': must be >= 1, got {s['max_tokens']}")
+    if not (math.isfinite(s["temperature"]) and s["temperature"] >= 0):
+        raise ProtocolError(f"field 'temperature': must be finite and >= 0, got {s['temperature']}")
+    if not 0 < s["top_p"] <= 1:
+        raise ProtocolError(f"field 'top_p': must be in (0, 1], got {s['top_p']}")
+    if s["top_k"] < -1:
+        raise ProtocolError(f"field 'top_k': must be >= 1, or 0/-1 for no limit, got {s['top_k']}")
+    if s["best_of"] not in (None, s["n"]):
+        raise ProtocolError(f"field 'best_of': only null or n ({s['n']}) is supported, got {s['best_of']}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if s[name] not in (None, 0, 0.0):
+            raise ProtocolError(f"field {name!r}: only 0 is supported, got {s[name]}")
+    if payload.get("stream"):
+        raise ProtocolError("field 'stream': only false is supported")
+    if payload.get("logit_bias"):
+        raise ProtocolError("field 'logit_bias': only null or {} is supported")
+    for name in ("guided_json", "guided_regex"):
+        if payload.get(name) is not None:
+            raise ProtocolError(f"field {name!r}: guided decoding is not supported; send null")
+
+    stop = s["stop"]
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(x, str) and x for x in stop):
+        raise ProtocolError(f"field 'stop': expected non-empty strings, got {list(stop)!r:.80}")
+    stop_ids = tuple(_int_list("stop_token_ids", s["stop_token_ids"] or []))
+    want_logprobs = bool(payload.get("return_logprobs", True)) and bool(s["logprobs"] is None or s["logprobs"])
+    params = SamplingParams(
+        n=s["n"],
+        max_tokens=s["max_tokens"],
+        temperature=float(s["temperature"]),
+        top_p=float(s["top_p"]),
+        top_k=max(0, s["top_k"]),
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=s["ignore_eos"],
+        seed=s["seed"],
+        logprobs=want_logprobs,
+    )
+    tag = payload.get("client_tag")
+    return GenerateRequest(
+        texts=texts,
+        token_ids=token_ids,
+        params=params,
+        client_tag=tag if tag is not None else header_tag,
+        request_id=payload.get("request_id"),
+    )
+
+
+def completion_json(index: int, completion: Completion, client_tag: str | None, weight_version: int, with_logprobs: bool) -> dict:
+    """One output; `metadata` carries what the reference client reads (REFERENCE_SPEC 3.4)."""
+    out: dict[str, Any] = {
+        "index": index,
+        "text": completion.text,
+        "token_ids": list(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        "client_tag": client_tag,
+    }
+    meta: dict[str, Any] = {"client_tag": client_tag, "token_count": len(completion.token_ids), "weight_version": weight_version}
+    if with_logprobs:
+        out["logprobs"] = [float(x) for x in completion.logprobs]
+        sampling = getattr(completion, "sampling_logprobs", None)
+        if sampling is not None:
+            out["sampling_logprobs"] = [float(x) for x in sampling]
+        meta["logprob_sum"] = float(sum(out["logprobs"]))
+    out["metadata"] = meta
+    return out
+
+
+def generate_response(
+    request: GenerateRequest,
+    prompt_token_ids: list[list[int]],
+    completions: list[list[Completion]],
+    weight_version: int,
+    model: str,
+) -> dict:
+    """The /generate response: one result per prompt, each with `n` outputs, all tagged."""
+    tag = request.client_tag
+    results = []
+    for i, (ids, outs) in enumerate(zip(prompt_token_ids, completions, strict=True)):
+        results.append(
+            {
+                "prompt_index": i,
+                "client_tag": tag,
+                "prompt_token_ids": ids,
+                "outputs": [completion_json(j, c, tag, weight_version, request.params.logprobs) for j, c in enumerate(outs)],
+            }
+        )
+    return {
+        "request_id": request.request_id,
+        "client_tag": tag,
+        "model": model,
+        "weight_version": weight_version,
+        "results": results,
+    }
+
+
+def _field_schema(types: tuple[type, ...], description: str) -> dict:
+    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object", type(None): "null"}
+    kinds = sorted({names[t] for t in types})
+    return {"type": kinds[0] if len(kinds) == 1 else kinds, "description": description}
+
+
+def openapi_schema() -> dict:
+    """OpenAPI 3.1 description of the endpoints, generated from the same field tables as the validator."""
+    sampling = {name: _field_schema(t, d) for name, (t, _, d) in _SAMPLING_FIELDS.items()}
+    request = {name: _field_schema(t, d) for name, (t, _, d) in _REQUEST_FIELDS.items()}
+    request["prompts"]["items"] = {"type": "string"}
+    request["prompt_token_ids"]["items"] = {"type": "array", "items": {"type": "integer"}}
+    request["sampling_params"] = {"type": "object", "properties": sampling, "additionalProperties": False}
+    error = {"description": "refused; the body names the problem", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "maxent-jax rollout server", "version": "1"},
+        "paths": {
+            "/health": {"get": {"summary": "liveness", "responses": {"200": ok_json}}},
+            "/info": {"get": {"summary": "model, backend, weight version, max lengths", "responses": {"200": ok_json}}},
+            "/generate": {
+                "post": {
+                    "summary": "sample n completions per prompt",
+                    "parameters": [{"name": CLIENT_TAG_HEADER, "in": "header", "schema": {"type": "string"}}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
+                    "responses": {"200": {"description": "one result per prompt", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateResponse"}}}}, "400": error, "413": error},
+                }
+            },
+            "/weights": {
+                "post": {
+                    "summary": "replace all weights atomically (stream of one-tensor safetensors frames, see docs/rollout.md)",
+                    "security": [{"bearer": []}],
+                    "parameters": [{"name": WEIGHT_VERSION_HEADER, "in": "header", "schema": {"type": "integer"}}],
+                    "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "responses": {"200": ok_json, "400": error, "401": error, "403": error, "413": error},
+                }
+            },
+            "/reset_prefix_cache": {"post": {"summary": "forget cached attention", "responses": {"200": ok_json}}},
+            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": ok_json}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "GenerateRequest": {"type": "object", "properties": {**sampling, **request}, "additionalProperties": False},
+                "GenerateResponse": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {"type": ["string", "null"]},
+                        "client_tag": {"type": ["string", "null"]},
+                        "model": {"type": "string"},
+                        "weight_version": {"type": "integer"},
+                        "results": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "prompt_index": {"type": "integer"},
+                                    "client_tag": {"type": ["string", "null"]},
+                                    "prompt_token_ids": {"type": "array", "items": {"type": "integer"}},
+                                    "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Output"}},
+                                },
+                            },
+                        },
+                    },
+                },
+                "Output": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "text": {"type": "string"},
+                        "token_ids": {"type": "array", "items": {"type": "integer"}},
+                        "logprobs": {"type": "array", "items": {"type": "number"}, "description": "model log-probs (temperature 1, full vocabulary) of the sampled tokens"},
+                        "sampling_logprobs": {"type": "array", "items": {"type": "number"}, "description": "log-probs under the distribution actually sampled from (jax backend)"},
+                        "finish_reason": {"enum": ["stop", "length"]},
+                        "client_tag": {"type": ["string", "null"]},
+                        "metadata": {"type": "object"},
+                    },
+                },
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
+            },
+        },
+    }

@@ -1,0 +1,348 @@
+"""The rollout HTTP server: the protocol of docs/rollout.md in front of any RolloutBackend.
+
+Built on the standard library's ThreadingHTTPServer so it runs unchanged in the trainer's
+environment and in the vLLM environment (which has no jax): this module imports neither.
+One lock serialises every call into the backend, which is what makes a weight push atomic
+for generation: a generate call runs entirely under the old or entirely under the new weights.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from maxent_jax.rollout import protocol
+from maxent_jax.rollout.backend import RolloutBackend
+from maxent_jax.rollout.protocol import ProtocolError
+from maxent_jax.rollout.weights import WeightStreamError, expected_nbytes, read_stream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
+_FRAME_OVERHEAD_BYTES = 4096  # generous per-frame allowance for the safetensors header
+
+
+class _Body:
+    """Reads a request body (Content-Length or chunked) with a byte limit; `read_exact` for the weight parser."""
+
+    def __init__(self, rfile, headers, limit: int):
+        self._rfile = rfile
+        self._limit = limit
+        self._consumed = 0
+        self._chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        self._chunk_left = 0
+        self._done = False
+        if self._chunked:
+            self._remaining = None
+        else:
+            length = headers.get("Content-Length")
+            if length is None:
+                raise ProtocolError("request has no body length: send Content-Length or Transfer-Encoding: chunked", 411)
+            try:
+                self._remaining = int(length)
+            except ValueError:
+                raise ProtocolError(f"bad Content-Length header {length!r}") from None
+            if self._remaining > limit:
+                raise ProtocolError(f"request body of {self._remaining} bytes exceeds the limit of {limit} bytes", 413)
+
+    def _count(self, n: int) -> None:
+        self._consumed += n
+        if self._consumed > self._limit:
+            raise ProtocolError(f"request body exceeds the limit of {self._limit} bytes", 413)
+
+    def _raw(self, n: int) -> bytes:
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise WeightStreamError(f"request body ended early: wanted {n} more bytes, got {len(data)}")
+        return data
+
+    def _next_chunk(self) -> None:
+        line = self._rfile.readline(1024).strip()
+        try:
+            size = int(line.split(b";")[0], 16)
+        except ValueError:
+            raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+        if size == 0:
+            while self._rfile.readline(1024).strip():  # trailers
+                pass
+            self._done = True
+        self._chunk_left = size
+
+    def read_exact(self, n: int) -> bytes:
+        """Exactly n body bytes; a body that ends first raises WeightStreamError (a truncated upload)."""
+        if not self._chunked:
+            if n > self._remaining:
+                raise WeightStreamError(f"request body ended early: wanted {n} bytes, {self._remaining} left")
+            self._remaining -= n
+            return self._raw(n)
+        parts = []
+        while n:
+            if self._chunk_left == 0:
+                if self._done:
+                    raise WeightStreamError("request body ended early (last chunk received)")
+                self._next_chunk()
+                continue
+            take = min(n, self._chunk_left)
+            self._count(take)
+            parts.append(self._raw(take))
+            self._chunk_left -= take
+            n -= take
+            if self._chunk_left == 0:
+                self._raw(2)  # CRLF after chunk data
+        return b"".join(parts)
+
+    def read_all(self) -> bytes:
+        """The whole body (JSON endpoints)."""
+        if not self._chunked:
+            n, self._remaining = self._remaining, 0
+            return self._raw(n)
+        parts = []
+        while not self._done:
+            if self._chunk_left == 0:
+                self._next_chunk()
+                continue
+            parts.append(self.read_exact(self._chunk_left))
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Discard what is left so the connection can answer (and be reused)."""
+        self.read_all()
+
+    def at_end(self) -> bool:
+        """True when nothing but the chunked terminator is left."""
+        if not self._chunked:
+            return self._remaining == 0
+        if self._chunk_left == 0 and not self._done:
+            self._next_chunk()
+        return self._done
+
+
+class RolloutServer:
+    """Serves one backend over HTTP; `start()` runs it on a daemon thread, `serve_forever()` in the caller's."""
+
+    def __init__(
+        self,
+        backend: RolloutBackend,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        token: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
+        self.backend = backend
+        self.token = token
+        self.max_request_bytes = max_request_bytes
+        self.weight_version = 0
+        self.engine_lock = threading.Lock()
+        self._info = dict(backend.info())
+        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def info(self) -> dict:
+        return {**self._info, "weight_version": self.weight_version}
+
+    def serve_forever(self) -> None:
+        log.info("rollout server (%s backend) listening on %s", self._info.get("backend"), self.url)
+        self._httpd.serve_forever()
+
+    def start(self) -> "RolloutServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="rollout-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close the socket; in-flight requests on daemon threads are abandoned."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- endpoint logic (no HTTP details below this line) ---------------------------------
+
+    def generate(self, payload: Any, header_tag: str | None) -> dict:
+        request = protocol.parse_generate(payload, header_tag)
+        if request.texts is not None:
+            encode = getattr(self.backend, "encode", None)
+            if encode is None:
+                raise ProtocolError(f"the {self._info.get('backend')} backend takes prompt_token_ids only, not text prompts")
+            prompt_ids = [list(ids) for ids in encode(request.texts)]
+        else:
+            prompt_ids = request.token_ids
+        self._check_lengths(prompt_ids, request.params.max_tokens)
+        with self.engine_lock:
+            version = self.weight_version
+            completions = self.backend.generate(prompt_ids, request.params)
+        return protocol.generate_response(request, prompt_ids, completions, version, str(self._info.get("model")))
+
+    def _check_lengths(self, prompt_ids: list[list[int]], max_tokens: int) -> None:
+        max_prompt = self._info.get("max_prompt_len")
+        max_total = self._info.get("max_model_len")
+        vocab = self._info.get("vocab_size")
+        for i, ids in enumerate(prompt_ids):
+            if max_prompt is not None and len(ids) > max_prompt:
+                raise ProtocolError(f"prompt {i} has {len(ids)} tokens; this server accepts at most max_prompt_len={max_prompt}")
+            if max_total is not None and len(ids) + max_tokens > max_total:
+                raise ProtocolError(
+                    f"prompt {i}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceeds max_model_len={max_total}"
+                )
+            if vocab is not None and ids and max(ids) >= vocab:
+                raise ProtocolError(f"prompt {i}: token id {max(ids)} is outside the vocabulary (size {vocab})")
+
+    def weights_limit(self, expected: dict) -> int:
+        """Largest acceptable /weights body: the model's bytes plus a header allowance per frame."""
+        return expected_nbytes(expected) + _FRAME_OVERHEAD_BYTES * (len(expected) + 1)
+
+    def push_weights(self, body: _Body, version: int | None) -> dict:
+        start = time.perf_counter()
+        expected = self.backend.expected_weights()
+        tensors = read_stream(body.read_exact, expected)
+        if not body.at_end():
+            raise WeightStreamError("bytes after the end frame")
+        nbytes = sum(t.nbytes for t in tensors.values())
+        with self.engine_lock:
+            if version is not None and version < self.weight_version:
+                raise ProtocolError(
+                    f"header {protocol.WEIGHT_VERSION_HEADER}: {version} is older than the current weight version {self.weight_version}",
+                    409,
+                )
+            self.backend.load_weights(tensors.items())
+            self.backend.reset_prefix_cache()
+            self.weight_version = self.weight_version + 1 if version is None else version
+            new_version = self.weight_version
+        seconds = time.perf_counter() - start
+        log.info("weights v%d applied: %d tensors, %.1f MB in %.2fs", new_version, len(tensors), nbytes / 1e6, seconds)
+        return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds}
+
+    def reset_prefix_cache(self) -> dict:
+        with self.engine_lock:
+            self.backend.reset_prefix_cache()
+        return {"ok": True}
+
+
+def _handler_class(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        rollout = server
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "maxent-jax-rollout/1"
+    rollout: RolloutServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send_json(self, status: int, obj: Any, close: bool = False) -> None:
+        raw = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _error(self, status: int, message: str, close: bool = False) -> None:
+        self._send_json(status, {"error": message, "status": status}, close=close)
+
+    def _run(self, fn: Callable[[], Any], body: _Body | None = None) -> None:
+        """Call an endpoint; map refusals to 4xx JSON and backend failures to 500, keep serving."""
+        try:
+            self._send_json(200, fn())
+        except ProtocolError as err:
+            self._refuse(err.status, str(err), body)
+        except WeightStreamError as err:
+            self._refuse(400, f"weight push refused, nothing applied: {err}", body)
+        except Exception as err:  # a backend failure must not take the server down
+            log.exception("%s %s failed", self.command, self.path)
+            self._error(500, f"{type(err).__name__}: {err}", close=True)
+
+    def _refuse(self, status: int, message: str, body: _Body | None) -> None:
+        close = status in (411, 413)
+        if body is not None and not close:
+            try:
+                body.drain()
+            except (ProtocolError, WeightStreamError, OSError):
+                close = True
+        self._error(status, message, close=close)
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = self._path()
+        if path == "/health":
+            self._send_json(200, {"status": "ok"})
+        elif path == "/info":
+            self._send_json(200, self.rollout.info())
+        elif path == "/openapi.json":
+            self._send_json(200, protocol.openapi_schema())
+        else:
+            self._error(404, f"no endpoint GET {path}; see /openapi.json")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        path = self._path()
+        if path == "/weights":
+            self._post_weights()
+            return
+        if path not in ("/generate", "/reset_prefix_cache"):
+            self._error(404, f"no endpoint POST {path}; see /openapi.json", close=True)
+            return
+        try:
+            body = _Body(self.rfile, self.headers, self.rollout.max_request_bytes)
+            raw = body.read_all()
+        except (ProtocolError, WeightStreamError) as err:
+            self._error(getattr(err, "status", 400), str(err), close=True)
+            return
+        if path == "/reset_prefix_cache":
+            self._run(self.rollout.reset_prefix_cache)
+            return
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self._error(400, f"request body is not valid JSON: {err}")
+            return
+        tag = self.headers.get(protocol.CLIENT_TAG_HEADER)
+        self._run(lambda: self.rollout.generate(payload, tag))
+
+    def _post_weights(self) -> None:
+        token = self.rollout.token
+        if token is None:
+            self._error(403, "weight push disabled: the server was started without --token-file", close=True)
+            return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[len("Bearer ") :].strip().encode(), token.encode()):
+            self._error(401, "weight push needs 'Authorization: Bearer <token>' with the server's token", close=True)
+            return
+        raw_version = self.headers.get(protocol.WEIGHT_VERSION_HEADER)
+        version = None
+        if raw_version is not None:
+            try:
+                version = int(raw_version)
+            except ValueError:
+                version = -1
+            if version < 0:
+                self._error(400, f"header {protocol.WEIGHT_VERSION_HEADER}: expected an integer >= 0, got {raw_version!r}", close=True)
+                return
+        try:
+            limit = self.rollout.weights_limit(self.rollout.backend.expected_weights())
+            body = _Body(self.rfile, self.headers, limit)
+        except ProtocolError as err:
+            self._error(err.status, str(err), close=True)
+            return
+        self._run(lambda: self.rollout.push_weights(body, version), body)

@@ -1,0 +1,187 @@
+"""The weight-push stream: HF-named tensors framed as a sequence of one-tensor safetensors files.
+
+Why this framing: every frame is a valid safetensors file, so any safetensors reader can
+inspect a captured stream, and the receiver learns a tensor's name, dtype and shape from
+the frame header *before* its bytes arrive, so a wrong push is rejected without buffering
+it. The sender never holds more than one tensor in host memory.
+
+Stream (the HTTP body of `POST /weights`, Content-Length or chunked):
+
+    frame*  end-frame
+    frame     = u64-LE header_len | header (UTF-8 JSON, space-padded to a multiple of 8)
+                | tensor bytes (little-endian, C order)
+    header    = {"<hf name>": {"dtype": "BF16", "shape": [..], "data_offsets": [0, nbytes]}}
+    end-frame = a safetensors file with no tensors whose header is
+                {"__metadata__": {"end_of_weights": "<number of tensor frames>"}}
+
+Dtype names on the Python side are numpy's (`float32`, `bfloat16` from ml_dtypes, ...);
+a backend may report them with a `torch.` prefix, which is ignored.
+
+This module must not import jax: the vLLM server environment has none.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Callable, Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+# numpy dtype name <-> safetensors dtype code.
+_DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_CODE_DTYPES = {code: name for name, code in _DTYPE_CODES.items()}
+_MAX_HEADER_BYTES = 1 << 20
+END_KEY = "end_of_weights"
+
+
+class WeightStreamError(ValueError):
+    """A push that does not match what the backend expects; nothing of it was applied."""
+
+
+def dtype_name(dtype: object) -> str:
+    """Canonical dtype name: `np.dtype('float32')`, `'torch.bfloat16'`, `'bfloat16'` -> `'float32'`/`'bfloat16'`."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        text = text[len("torch.") :]
+    return str(np.dtype(_numpy_dtype(text)))
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def expected_nbytes(expected: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Total tensor bytes of a push matching `expected` (name -> (shape, dtype name))."""
+    return sum(
+        int(np.prod(shape, dtype=np.int64)) * _numpy_dtype(dtype_name(dtype)).itemsize
+        for shape, dtype in expected.values()
+    )
+
+
+def _header_bytes(header: dict) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_frame(name: str, array: np.ndarray) -> tuple[bytes, memoryview]:
+    """One tensor frame as (length-prefixed header, tensor bytes); the bytes are a view, not a copy."""
+    kind = dtype_name(array.dtype)
+    if kind not in _DTYPE_CODES:
+        raise WeightStreamError(f"tensor {name!r}: dtype {kind} cannot be sent; valid: {sorted(_DTYPE_CODES)}")
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    header = {name: {"dtype": _DTYPE_CODES[kind], "shape": list(array.shape), "data_offsets": [0, array.nbytes]}}
+    return _header_bytes(header), memoryview(array.reshape(-1).view(np.uint8))
+
+
+def end_frame(count: int) -> bytes:
+    """The closing frame: a tensor-less safetensors file carrying the number of tensor frames."""
+    return _header_bytes({"__metadata__": {END_KEY: str(count)}})
+
+
+def iter_stream(named_tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[bytes | memoryview]:
+    """The whole push as byte chunks, one tensor at a time (for a chunked HTTP body)."""
+    count = 0
+    for name, array in named_tensors:
+        header, data = encode_frame(name, np.asarray(array))
+        yield header
+        if data.nbytes:
+            yield data
+        count += 1
+    yield end_frame(count)
+
+
+def read_stream(
+    read_exact: Callable[[int], bytes],
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+) -> dict[str, np.ndarray]:
+    """Parse and validate a whole push; returns name -> array only if it is complete and exact.
+
+    `read_exact(n)` returns exactly n bytes or raises (EOF mid-frame is a truncated push).
+    Every frame is checked against `expected` (name -> (shape, dtype name)) from its header,
+    before its data is read. Raises WeightStreamError naming the first problem.
+    """
+    want = {name: (tuple(shape), dtype_name(dtype)) for name, (shape, dtype) in expected.items()}
+    received: dict[str, np.ndarray] = {}
+    while True:
+        header = _read_header(read_exact)
+        if "__metadata__" in header and len(header) == 1:
+            meta = header["__metadata__"]
+            if not isinstance(meta, dict) or END_KEY not in meta:
+                raise WeightStreamError(f"frame with no tensor and no {END_KEY!r} metadata: {meta!r}")
+            if str(meta[END_KEY]) != str(len(received)):
+                raise WeightStreamError(
+                    f"end frame says {meta[END_KEY]} tensors but the stream carried {len(received)}"
+                )
+            break
+        name, array = _read_tensor(read_exact, header, want, received)
+        received[name] = array
+    missing = sorted(set(want) - set(received))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightStreamError(f"push is missing {len(missing)} of {len(want)} tensors: {shown}")
+    return received
+
+
+def _read_header(read_exact: Callable[[int], bytes]) -> dict:
+    (size,) = struct.unpack("<Q", read_exact(8))
+    if size > _MAX_HEADER_BYTES:
+        raise WeightStreamError(f"frame header of {size} bytes exceeds the {_MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(read_exact(size).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightStreamError(f"frame header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise WeightStreamError(f"frame header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def _read_tensor(
+    read_exact: Callable[[int], bytes],
+    header: dict,
+    want: Mapping[str, tuple[tuple[int, ...], str]],
+    received: Mapping[str, np.ndarray],
+) -> tuple[str, np.ndarray]:
+    names = [key for key in header if key != "__metadata__"]
+    if len(names) != 1:
+        raise WeightStreamError(f"each frame must hold exactly one tensor, this one holds {len(names)}: {names[:5]}")
+    (name,) = names
+    info = header[name]
+    if name not in want:
+        raise WeightStreamError(f"unknown tensor {name!r}: the model has no weight of that name")
+    if name in received:
+        raise WeightStreamError(f"tensor {name!r} sent twice")
+    try:
+        kind = _CODE_DTYPES[info["dtype"]]
+        shape = tuple(int(dim) for dim in info["shape"])
+        start, stop = (int(offset) for offset in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise WeightStreamError(f"tensor {name!r}: malformed header entry {info!r}") from None
+    want_shape, want_dtype = want[name]
+    if shape != want_shape:
+        raise WeightStreamError(f"tensor {name!r}: shape {list(shape)}, expected {list(want_shape)}")
+    if kind != want_dtype:
+        raise WeightStreamError(f"tensor {name!r}: dtype {kind}, expected {want_dtype}")
+    dtype = _numpy_dtype(kind)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if (start, stop) != (0, nbytes):
+        raise WeightStreamError(f"tensor {name!r}: data_offsets [{start}, {stop}], expected [0, {nbytes}]")
+    data = read_exact(nbytes) if nbytes else b""
+    return name, np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)

@@ -1,0 +1,167 @@
+"""The /generate request validator and the weight-stream framing, without a server (fast, no jax)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load as safetensors_load
+
+from maxent_jax.rollout.backend import Completion
+from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate
+from maxent_jax.rollout.weights import WeightStreamError, encode_frame, iter_stream, read_stream
+
+
+def test_reference_client_payload_is_accepted():
+    # The body the reference trainer sends (REFERENCE_SPEC 3.4), with every optional field present.
+    payload = {
+        "prompts": ["a", "b"], "temperature": 0.8, "top_p": 0.9, "n": 4, "max_tokens": 32, "stream": False,
+        "request_id": "maxent-abc",
+        "sampling_params": {"temperature": 0.8, "top_p": 0.9, "n": 4, "max_tokens": 32, "frequency_penalty": 0.0,
+                            "presence_penalty": 0.0, "logprobs": 1},
+        "return_logprobs": True, "logprobs": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+        "stop": ["</answer>"], "client_tag": "rank-0-of-2",
+    }
+    req = parse_generate(payload, header_tag="ignored-when-payload-has-one")
+    assert req.texts == ["a", "b"] and req.token_ids is None
+    p = req.params
+    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.stop, p.logprobs) == (4, 32, 0.8, 0.9, ("</answer>",), True)
+    assert req.client_tag == "rank-0-of-2" and req.request_id == "maxent-abc"
+
+
+def test_header_tag_used_when_payload_has_none():
+    req = parse_generate({"prompt_token_ids": [[1, 2]]}, header_tag="from-header")
+    assert req.client_tag == "from-header" and req.token_ids == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        ({"prompt_token_ids": [[1]], "bogus": 1}, "unknown field 'bogus'"),
+        ({"prompt_token_ids": [[1]], "sampling_params": {"tempreature": 1}}, "sampling_params.tempreature"),
+        ({"prompt_token_ids": [[1]], "n": 0}, "'n': must be >= 1"),
+        ({"prompt_token_ids": [[1]], "n": "4"}, "field 'n': expected int"),
+        ({"prompt_token_ids": [[1]], "n": True}, "field 'n': expected int"),
+        ({"prompt_token_ids": [[1]], "top_p": 0.0}, "'top_p': must be in (0, 1]"),
+        ({"prompt_token_ids": [[1]], "temperature": -1}, "'temperature'"),
+        ({"prompt_token_ids": [[1]], "max_tokens": 0}, "'max_tokens'"),
+        ({"prompt_token_ids": [[1]], "n": 2, "sampling_params": {"n": 3}}, "top level says 2 but sampling_params says 3"),
+        ({"prompt_token_ids": [[1]], "stream": True}, "'stream'"),
+        ({"prompt_token_ids": [[1]], "frequency_penalty": 0.5}, "'frequency_penalty'"),
+        ({"prompt_token_ids": [[1]], "best_of": 3}, "'best_of'"),
+        ({"prompt_token_ids": [[1]], "guided_regex": "a+"}, "'guided_regex'"),
+        ({"prompt_token_ids": [[1, -3]]}, "prompt_token_ids[0]"),
+        ({"prompt_token_ids": [[]]}, "prompt_token_ids[0]"),
+        ({"prompts": ["a"], "prompt_token_ids": [[1]]}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"prompts": [1, 2]}, "'prompts'"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_requests_name_the_field(payload, fragment):
+    with pytest.raises(ProtocolError) as err:
+        parse_generate(payload)
+    assert fragment in str(err.value)
+    assert err.value.status == 400
+
+
+def test_response_tags_every_result_and_output_and_carries_reference_metadata():
+    req = parse_generate({"prompt_token_ids": [[5], [6]], "n": 2, "client_tag": "t1", "request_id": "r"})
+    comp = Completion(token_ids=[1, 2], logprobs=[-0.5, -0.25], text="xy", finish_reason="stop", sampling_logprobs=[-0.1, -0.2])
+    body = generate_response(req, [[5], [6]], [[comp, comp], [comp, comp]], weight_version=3, model="m")
+    json.dumps(body)  # serialisable
+    assert body["client_tag"] == "t1" and body["weight_version"] == 3 and body["request_id"] == "r"
+    assert [r["prompt_index"] for r in body["results"]] == [0, 1]
+    for result in body["results"]:
+        assert result["client_tag"] == "t1" and len(result["outputs"]) == 2
+        for out in result["outputs"]:
+            assert out["client_tag"] == "t1" and out["metadata"]["client_tag"] == "t1"
+            assert out["metadata"]["logprob_sum"] == -0.75 and out["metadata"]["token_count"] == 2
+            assert out["sampling_logprobs"] == [-0.1, -0.2]
+
+
+def test_openapi_schema_lists_endpoints_and_request_fields():
+    schema = openapi_schema()
+    assert set(schema["paths"]) == {"/health", "/info", "/generate", "/weights", "/reset_prefix_cache", "/openapi.json"}
+    props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"prompts", "prompt_token_ids", "n", "top_k", "client_tag", "sampling_params"} <= set(props)
+    assert schema["components"]["schemas"]["GenerateRequest"]["additionalProperties"] is False
+
+
+# -- weight stream framing ----------------------------------------------------------------
+
+
+def _tensors():
+    rng = np.random.default_rng(0)
+    return [
+        ("model.embed_tokens.weight", rng.normal(size=(6, 4)).astype(np.float32)),
+        ("model.norm.weight", rng.normal(size=(4,)).astype(ml_dtypes.bfloat16)),
+        ("lm_head.weight", rng.normal(size=(6, 4)).astype(np.float16)),
+    ]
+
+
+def _expected(tensors):
+    return {name: (a.shape, str(a.dtype)) for name, a in tensors}
+
+
+def _reader(stream: bytes):
+    buf = io.BytesIO(stream)
+
+    def read_exact(n: int) -> bytes:
+        data = buf.read(n)
+        if len(data) != n:
+            raise WeightStreamError("stream ended early")
+        return data
+
+    return read_exact
+
+
+def _stream(tensors) -> bytes:
+    return b"".join(bytes(chunk) for chunk in iter_stream(tensors))
+
+
+def test_stream_round_trips_bit_exact_including_bfloat16():
+    tensors = _tensors()
+    got = read_stream(_reader(_stream(tensors)), _expected(tensors))
+    for name, array in tensors:
+        assert got[name].dtype == array.dtype
+        np.testing.assert_array_equal(got[name].view(np.uint8), array.view(np.uint8))
+
+
+def test_each_frame_is_a_valid_safetensors_file():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header, data = encode_frame("w", array)
+    loaded = safetensors_load(header + bytes(data))
+    np.testing.assert_array_equal(loaded["w"], array)
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda t: [("model.bogus", t[0][1])] + t[1:], "unknown tensor 'model.bogus'"),
+        (lambda t: [(t[0][0], t[0][1][:5])] + t[1:], "shape [5, 4], expected [6, 4]"),
+        (lambda t: [(t[0][0], t[0][1].astype(np.float16))] + t[1:], "dtype float16, expected float32"),
+        (lambda t: t[:2], "missing 1 of 3 tensors: lm_head.weight"),
+        (lambda t: t + t[:1], "sent twice"),
+    ],
+)
+def test_wrong_pushes_are_refused_naming_the_tensor(mutate, fragment):
+    tensors = _tensors()
+    with pytest.raises(WeightStreamError) as err:
+        read_stream(_reader(_stream(mutate(list(tensors)))), _expected(tensors))
+    assert fragment in str(err.value)
+
+
+def test_truncated_stream_and_wrong_end_count_are_refused():
+    tensors = _tensors()
+    stream = _stream(tensors)
+    with pytest.raises(WeightStreamError, match="ended early"):
+        read_stream(_reader(stream[:-40]), _expected(tensors))
+    body = b"".join(bytes(c) for c in list(iter_stream(tensors))[:-1])
+    from maxent_jax.rollout.weights import end_frame
+
+    with pytest.raises(WeightStreamError, match="end frame says 2 tensors but the stream carried 3"):
+        read_stream(_reader(body + end_frame(2)), _expected(tensors))
