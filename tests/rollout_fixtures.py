@@ -30,41 +30,22 @@ import pytest
 from maxent_jax.rollout.client import RolloutClient
 
 TOKEN = "test-token-0123456789"
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_CORPUS = [
-    "what is 12 + 7? <answer>19</answer>",
-    "compute 3 * 4 and answer in tags <answer>12</answer>",
-    "the quick brown fox jumps over the lazy dog 0123456789",
-    "USER: add the numbers\nASSISTANT: the sum is",
-]
 
 
 def backends() -> list[str]:
     return [b.strip() for b in os.environ.get("MAXENT_ROLLOUT_BACKENDS", "jax").split(",") if b.strip()]
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer trained on a tiny corpus, ids 0/1/2 = the Qwen-style specials."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=_SPECIALS, show_progress=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(str(directory))
-
-
 def write_tiny_model(directory: Path, seed: int) -> Path:
-    """Export a ModelConfig.tiny() decoder with random weights (seed) and the test tokenizer."""
+    """Export a ModelConfig.tiny() decoder with random weights (seed) and the offline tokenizer."""
     from flax import nnx
 
+    from maxent_jax.data.tokenizer import build_offline_tokenizer
     from maxent_jax.model import Decoder, ModelConfig
     from maxent_jax.model.hf_io import export_hf_checkpoint
 
-    tok_dir = directory.parent / f"{directory.name}-tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = build_offline_tokenizer(directory.parent / "tokenizer-cache")
     cfg = ModelConfig.tiny(max_position_embeddings=256)
-    write_tokenizer(tok_dir, cfg.vocab_size)
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     return export_hf_checkpoint(model, cfg, directory, tokenizer_dir=tok_dir)
 

@@ -321,28 +321,27 @@ class _Handler(BaseHTTPRequestHandler):
         self._run(lambda: self.rollout.generate(payload, tag))
 
     def _post_weights(self) -> None:
-        token = self.rollout.token
-        if token is None:
-            self._error(403, "weight push disabled: the server was started without --token-file", close=True)
-            return
-        auth = self.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[len("Bearer ") :].strip().encode(), token.encode()):
-            self._error(401, "weight push needs 'Authorization: Bearer <token>' with the server's token", close=True)
-            return
-        raw_version = self.headers.get(protocol.WEIGHT_VERSION_HEADER)
-        version = None
-        if raw_version is not None:
-            try:
-                version = int(raw_version)
-            except ValueError:
-                version = -1
-            if version < 0:
-                self._error(400, f"header {protocol.WEIGHT_VERSION_HEADER}: expected an integer >= 0, got {raw_version!r}", close=True)
-                return
+        # The body is drained (within the size bound) before any refusal, so a client streaming
+        # a push always reads the answer instead of a reset connection.
         try:
             limit = self.rollout.weights_limit(self.rollout.backend.expected_weights())
             body = _Body(self.rfile, self.headers, limit)
         except ProtocolError as err:
             self._error(err.status, str(err), close=True)
             return
+        token = self.rollout.token
+        if token is None:
+            self._refuse(403, "weight push disabled: the server was started without --token-file", body)
+            return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[len("Bearer ") :].strip().encode(), token.encode()):
+            self._refuse(401, "weight push needs 'Authorization: Bearer <token>' with the server's token", body)
+            return
+        raw_version = self.headers.get(protocol.WEIGHT_VERSION_HEADER)
+        version = None
+        if raw_version is not None:
+            version = int(raw_version) if raw_version.strip().isdigit() else None
+            if version is None:
+                self._refuse(400, f"header {protocol.WEIGHT_VERSION_HEADER}: expected an integer >= 0, got {raw_version!r}", body)
+                return
         self._run(lambda: self.rollout.push_weights(body, version), body)
