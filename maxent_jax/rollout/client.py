@@ -288,7 +288,7 @@ class RolloutClient:
         if not isinstance(version, int):
             raise RolloutError(f"{where} answered without an integer 'weight_version': {version!r}")
         groups: list[list[Sample]] = [[] for _ in range(num_prompts)]
-        dropped = tagged = 0
+        dropped = untagged = 0
         for pos, result in enumerate(body["results"]):
             if not isinstance(result, dict) or not isinstance(result.get("outputs"), list):
                 raise RolloutError(f"{where}: result {pos} is not an object with an 'outputs' list")
@@ -302,13 +302,11 @@ class RolloutClient:
             for output in result["outputs"]:
                 tag = self._tag_of(output) or result_tag
                 if tag is None:
-                    continue
-                tagged += 1
-                if tag != self.client_tag:
+                    untagged += 1
+                elif tag != self.client_tag:
                     dropped += 1
                     continue
                 groups[index].append(self._sample(output, version, params, where))
-        untagged = sum(len(r.get("outputs", [])) for r in body["results"] if isinstance(r, dict)) - tagged - dropped
         if untagged and self.require_tag_echo:
             raise ClientTagError(
                 f"{where} returned {untagged} completion(s) without a client_tag echo: it does not speak the "
@@ -341,6 +339,21 @@ class RolloutClient:
         )
 
     # -- weights --------------------------------------------------------------------------
+
+    def push_params(self, params: Any, cfg: Any, *, dtype: str | None = None, version: int | None = None) -> dict[str, float]:
+        """Push live (possibly sharded) decoder parameters: HF names and layouts, cast, streamed.
+
+        `params` is the decoder's nnx state or module, `cfg` its ModelConfig; each tensor is
+        converted and cast on device and fetched to the host one at a time
+        (`model.hf_io.iter_hf_tensors`). `dtype` defaults to the server's (`/info` dtype).
+        """
+        from maxent_jax.model.hf_io import iter_hf_tensors  # jax only when pushing from jax params
+
+        if dtype is None:
+            dtype = self.info().get("dtype")
+            if dtype is None:
+                raise RolloutError(f"rollout server {self.url}/info reports no dtype; pass push_params(dtype=...)")
+        return self.push_weights(lambda: iter_hf_tensors(params, cfg, dtype), version=version)
 
     def push_weights(
         self,

@@ -1,0 +1,67 @@
+"""Weight push from live JAX parameters (the trainer's path) and the server entry point as a process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import jax
+from flax import nnx
+
+from maxent_jax.model.hf_io import iter_hf_tensors, load_hf_checkpoint
+from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.weights import iter_stream
+from tests.rollout_fixtures import TOKEN, rollout_model_dirs, start_rollout_server  # noqa: F401 - fixture
+
+PROMPTS = [[1, 20, 30, 40], [1, 50, 60]]
+GREEDY = SamplingParams(n=2, max_tokens=8, temperature=0.0)
+
+
+def _ids(batch):
+    return [[s.token_ids.tolist() for s in g] for g in batch.groups]
+
+
+def test_push_params_streams_one_tensor_at_a_time_and_equals_a_fresh_server(rollout_model_dirs):
+    dir_a, dir_b = rollout_model_dirs
+    cfg, model_b = load_hf_checkpoint(dir_b)
+    params = nnx.state(model_b, nnx.Param)
+    sizes = [leaf.nbytes for leaf in jax.tree.leaves(params)]
+    chunks = [len(c) if isinstance(c, bytes) else c.nbytes for c in iter_stream(iter_hf_tensors(params, cfg, "float32"))]
+    assert max(chunks) == max(sizes)  # the largest piece in flight is one tensor, never the model
+    with start_rollout_server("jax", dir_a) as (url, _):
+        client = RolloutClient(url, client_tag="trainer", token=TOKEN)
+        report = client.push_params(params, cfg, version=3)
+        assert report["weight_version"] == 3 and report["bytes"] >= sum(sizes)
+        pushed = client.generate(PROMPTS, GREEDY, current_step=4)
+    with start_rollout_server("jax", dir_b) as (url, _):
+        fresh = RolloutClient(url, client_tag="fresh").generate(PROMPTS, GREEDY)
+    assert _ids(pushed) == _ids(fresh) and pushed.metrics["rollout/weight_staleness_steps"] == 1.0
+    for g1, g2 in zip(pushed.groups, fresh.groups):
+        for s1, s2 in zip(g1, g2):
+            np.testing.assert_array_equal(s1.logprobs, s2.logprobs)
+
+
+@pytest.mark.slow
+def test_serve_entry_point_killed_mid_run_client_retries_then_fails_clearly(rollout_model_dirs, tmp_path):
+    with start_rollout_server("jax", rollout_model_dirs[0], subprocess_mode=True, tmp_dir=tmp_path) as (url, proc):
+        client = RolloutClient(url, client_tag="t", max_retries=3, backoff=0.1, timeout=120)
+        assert len(client.generate(PROMPTS, GREEDY).groups) == 2
+        outcome = {}
+
+        def long_request():
+            try:
+                outcome["batch"] = client.generate(PROMPTS * 8, SamplingParams(n=8, max_tokens=200, temperature=1.0, ignore_eos=True))
+            except RolloutError as err:
+                outcome["error"] = err
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.0)  # the request is in flight (compiling a new bucket, then decoding)
+        proc.kill()
+        worker.join(timeout=120)
+    assert "error" in outcome, "the request finished before the kill; make it longer"
+    message = str(outcome["error"])
+    assert f"{url}/generate failed after 3 attempt(s)" in message and "ConnectionRefusedError" in message
