@@ -23,10 +23,10 @@ import numpy as np
 from maxent_jax.errors import UserError
 from maxent_jax.rewards.math_accuracy import extract_answer, passes_format_gate
 
-GenerateFn = Callable[[Sequence[str]], Sequence[str]]
-"""prompts -> one completion text per prompt."""
-SampleFn = Callable[[Sequence[str], int], Sequence[Sequence[str]]]
-"""(prompts, n) -> n completion texts per prompt."""
+GenerateFn = Callable[[Sequence[Mapping[str, Any]]], Sequence[str]]
+"""eval rows (with `prompt`, and `prompt_ids` when tokenised) -> one completion text per row."""
+SampleFn = Callable[[Sequence[Mapping[str, Any]], int], Sequence[Sequence[str]]]
+"""(rows, n) -> n completion texts per row."""
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 """(completions, answers) -> the eval reward of each completion (relaxed format)."""
 
@@ -49,14 +49,14 @@ def format_failures(completions: Sequence[str]) -> tuple[int, int]:
 
 def evaluate_policy(
     generate_fn: GenerateFn,
-    rows: Sequence[Mapping[str, str]],
+    rows: Sequence[Mapping[str, Any]],
     reward_fn: RewardFn,
     batch_size: int,
     *,
     process_index: int = 0,
     process_count: int = 1,
 ) -> dict[str, float]:
-    """Spec 10: one completion per eval row (`{'prompt', 'answer'}`), global means over all processes.
+    """Spec 10: one completion per eval row (`{'prompt', 'answer', ...}`), global means over all processes.
 
     Each process takes rows[process_index::process_count] in batches of `batch_size` prompts
     (`per_device_eval_batch_size`); sums are all-gathered, so every process returns the same dict.
@@ -66,7 +66,7 @@ def evaluate_policy(
     shard = list(rows[process_index::process_count])
     totals = np.zeros(4, dtype=np.float64)  # reward sum, count, missing answer, missing format
     for batch in _batches(shard, batch_size):
-        completions = list(generate_fn([row["prompt"] for row in batch]))
+        completions = list(generate_fn(batch))
         if len(completions) != len(batch):
             raise ValueError(f"generate_fn returned {len(completions)} completions for {len(batch)} prompts")
         rewards = np.asarray(reward_fn(completions, [row["answer"] for row in batch]), dtype=np.float64)
@@ -137,7 +137,7 @@ class ResultsFile:
 
 
 def evaluate_problems(
-    rows: Sequence[Mapping[str, str]],
+    rows: Sequence[Mapping[str, Any]],
     sample_fn: SampleFn,
     reward_fn: RewardFn,
     *,
@@ -156,7 +156,7 @@ def evaluate_problems(
     pending = [(key, row) for key, row in keyed if key not in results.records]
     done = len(keyed) - len(pending)
     for batch in _batches(pending, batch_size):
-        samples = sample_fn([row["prompt"] for _, row in batch], num_samples)
+        samples = sample_fn([row for _, row in batch], num_samples)
         for (key, row), completions in zip(batch, samples, strict=True):
             completions = list(completions)
             rewards = [float(r) for r in reward_fn(completions, [row["answer"]] * len(completions))]

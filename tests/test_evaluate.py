@@ -28,9 +28,9 @@ def test_evaluate_policy_means_and_format_fractions():
                "USER: p3\nASSISTANT:": NONE, "USER: p4\nASSISTANT:": GOOD}
     batches = []
 
-    def generate(prompts):
-        batches.append(len(prompts))
-        return [outputs[p] for p in prompts]
+    def generate(rows):
+        batches.append(len(rows))
+        return [outputs[row["prompt"]] for row in rows]
 
     metrics = ev.evaluate_policy(generate, ROWS, _reward, batch_size=2)
     assert batches == [2, 2, 1]
@@ -47,9 +47,9 @@ def test_evaluate_policy_means_and_format_fractions():
 def _sampler(per_problem):
     calls = []
 
-    def sample(prompts, n):
-        calls.append(list(prompts))
-        return [per_problem[p.split()[1]][:n] for p in prompts]
+    def sample(rows, n):
+        calls.append([row["problem"] for row in rows])
+        return [per_problem[row["problem"]][:n] for row in rows]
 
     return sample, calls
 
@@ -77,7 +77,7 @@ def test_evaluate_problems_records_and_resumes(tmp_path):
     calls.clear()
     records = ev.evaluate_problems(ROWS, sample, _reward, num_samples=4, batch_size=2,
                                    results=ev.ResultsFile(out, settings))
-    assert [c[0].split()[1] for c in calls] == ["p2", "p4"]  # p0 and p1 were done
+    assert [c[0] for c in calls] == ["p2", "p4"]  # p0 and p1 were done
     assert [r["num_correct"] for r in records] == [0, 1, 2, 3, 4]
     assert records[1]["rewards"] == [1.0, 0.0, 0.0, 0.0] and records[1]["missing_format"] == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
