@@ -262,6 +262,34 @@ def abstract_state(tree: Any) -> Any:
     return jax.tree.map(to_abstract, tree)
 
 
+def restore_checkpoint(path: str | os.PathLike, target: Any, *, partial: bool = False) -> tuple[Any, dict]:
+    """Restore `(state, extras)` from a step directory; `target` gives the structure and the CURRENT shardings.
+
+    `target` is a pytree of `jax.ShapeDtypeStruct` with `sharding` (or concrete arrays,
+    whose shardings are used), so a checkpoint written on one mesh restores onto another.
+    `partial=True` restores only the subtrees `target` names (e.g. `{'train': {'params': ...}}`
+    for evaluation) and skips the rest of the saved state.
+    """
+    path = pathlib.Path(path)
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is not usable: {problem}")
+    target = abstract_state(target)
+    if partial:
+        state_args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
+    else:
+        state_args = ocp.args.StandardRestore(target)
+    args = ocp.args.Composite(**{_STATE: state_args, _EXTRAS: ocp.args.JsonRestore()})
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        try:
+            restored = checkpointer.restore(path.absolute(), args=args)
+        except (ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"checkpoint {path} does not match the current model/optimizer state: {first}") from None
+    return restored[_STATE], dict(restored[_EXTRAS])
+
+
 class CheckpointManager:
     """Asynchronous, atomic, verified checkpoints of one run in WORKDIR/checkpoints.
 
@@ -332,34 +360,10 @@ class CheckpointManager:
         return sorted(self._manager.all_steps())
 
     def restore(self, step_or_path: int | str | os.PathLike, target: Any, *, partial: bool = False) -> tuple[Any, dict]:
-        """Restore `(state, extras)`; `target` gives the structure and the CURRENT shardings.
-
-        `target` is a pytree of `jax.ShapeDtypeStruct` with `sharding` (or concrete arrays,
-        whose shardings are used), so a checkpoint written on one mesh restores onto another.
-        `partial=True` restores only the subtrees `target` names (e.g. `{'params': ...}` for
-        evaluation) and skips the rest of the saved state.
-        """
+        """`restore_checkpoint` of step `step_or_path` of this run (or of any step directory)."""
         self.wait()
         path = self.directory / str(step_or_path) if isinstance(step_or_path, int) else pathlib.Path(step_or_path)
-        problem = checkpoint_problem(path)
-        if problem:
-            raise UserError(f"checkpoint {path} is not usable: {problem}")
-        target = abstract_state(target)
-        if partial:
-            state_args = ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
-        else:
-            state_args = ocp.args.StandardRestore(target)
-        args = ocp.args.Composite(**{_STATE: state_args, _EXTRAS: ocp.args.JsonRestore()})
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            try:
-                restored = checkpointer.restore(path.absolute(), args=args)
-            except (ValueError, KeyError, TypeError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise UserError(
-                    f"checkpoint {path} does not match the current model/optimizer state: {first}"
-                ) from None
-        return restored[_STATE], dict(restored[_EXTRAS])
+        return restore_checkpoint(path, target, partial=partial)
 
     def wait(self) -> None:
         """Block until the pending save is committed (and pruning is done)."""
