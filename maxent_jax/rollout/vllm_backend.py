@@ -21,6 +21,7 @@ import numpy as np
 
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.backend import Completion, SamplingParams
+from maxent_jax.rollout.protocol import ProtocolError
 
 WORKER_EXTENSION = "maxent_jax.rollout.vllm_worker.MaxentWeightReceiver"
 
@@ -30,6 +31,9 @@ WORKER_EXTENSION = "maxent_jax.rollout.vllm_worker.MaxentWeightReceiver"
 _CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 # The engine must live in this process: pushed tensors are handed to the worker by reference.
 _IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+# vLLM samples greedily below this temperature (its `_SAMPLING_EPS`) and then refuses n > 1.
+_GREEDY_BELOW = 1e-5
 
 # safetensors dtype codes -> numpy dtype names (the contract's spelling).
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -121,7 +125,9 @@ class VLLMBackend:
             # vLLM's compiled forward needs TorchDynamo; with it off, the model must run eagerly.
             engine_kwargs.setdefault("enforce_eager", os.environ["TORCHDYNAMO_DISABLE"] == "1")
         import vllm
+        from vllm.exceptions import VLLMClientError
 
+        self._vllm_client_error = VLLMClientError
         engine_kwargs.setdefault("dtype", _checkpoint_dtype(model_dir) or "auto")
         engine_kwargs.setdefault("seed", 0)
         self._vllm = vllm
@@ -147,15 +153,24 @@ class VLLMBackend:
         return [list(tokenizer.encode(text)) for text in texts]
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions per prompt; log-probs are vLLM's raw ones (temperature 1, full vocabulary)."""
-        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
-        per_prompt = [self._sampling_params(params, i) for i in range(len(prompts))]
-        outputs = self._llm.generate(prompts, per_prompt, use_tqdm=False)
-        return [[_completion(out, params.logprobs) for out in request.outputs] for request in outputs]
+        """`params.n` completions per prompt; log-probs are vLLM's raw ones (temperature 1, full vocabulary).
 
-    def _sampling_params(self, params: SamplingParams, prompt_index: int):
+        Greedy requests (temperature 0) with n > 1, which vLLM refuses, are generated once per
+        prompt and repeated n times: greedy completions of one prompt are identical anyway.
+        A request vLLM refuses is a ProtocolError (HTTP 400) with vLLM's reason.
+        """
+        copies = params.n if params.temperature < _GREEDY_BELOW else 1
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        try:
+            per_prompt = [self._sampling_params(params, params.n // copies, i) for i in range(len(prompts))]
+            outputs = self._llm.generate(prompts, per_prompt, use_tqdm=False)
+        except self._vllm_client_error as err:
+            raise ProtocolError(f"vLLM refused the request: {err}") from None
+        return [[_completion(out, params.logprobs) for out in request.outputs] * copies for request in outputs]
+
+    def _sampling_params(self, params: SamplingParams, n: int, prompt_index: int):
         return self._vllm.SamplingParams(
-            n=params.n,
+            n=n,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -181,8 +196,8 @@ class VLLMBackend:
         The caller (the server) has checked names, shapes and dtypes against `expected_weights`
         and holds the engine lock, so no generation sees a half-loaded model.
         """
-        # A list of zero-copy views, not a generator: with tensor parallelism the workers are
-        # other processes and the argument is pickled.
+        # A list of zero-copy views rather than a generator, so the argument stays picklable
+        # for engines whose workers are other processes (tensor parallelism; not tested on CPU).
         tensors = [(name, numpy_to_torch(array)) for name, array in named_tensors]
         self._llm.collective_rpc("maxent_load_weights", kwargs={"named_tensors": tensors})
         self.reset_prefix_cache()
