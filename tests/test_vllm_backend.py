@@ -81,7 +81,13 @@ def serve_vllm(model_dir: Path, token_file: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[Path, Path]:
+def vllm_env() -> Path:
+    """Checked first, so a missing environment skips (or fails) before any model is built."""
+    return vllm_python()
+
+
+@pytest.fixture(scope="module")
+def models(vllm_env, tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny exported decoders (same architecture, tied embeddings, different weights)."""
     root = tmp_path_factory.mktemp("vllm-models")
     return write_tiny_model(root / "a", seed=0), write_tiny_model(root / "b", seed=1)
@@ -96,7 +102,6 @@ def token_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models, token_file) -> Iterator[str]:
-    vllm_python()
     with serve_vllm(models[0], token_file) as url:
         yield url
 
