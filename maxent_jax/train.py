@@ -8,7 +8,10 @@ config (the reference's defaults), not from the tiny demo.
 
 from __future__ import annotations
 
+import json
+import pathlib
 import sys
+import time
 
 import ml_collections
 from absl import flags
@@ -16,6 +19,7 @@ from ml_collections import config_flags
 
 from maxent_jax import cli, recipes
 from maxent_jax import config as config_lib
+from maxent_jax.config import to_json_dict
 from maxent_jax.errors import UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
@@ -42,7 +46,39 @@ def main(argv: list[str] | None = None) -> None:
     if len(rest) > 1:
         raise UserError(f"unexpected positional arguments: {' '.join(rest[1:])}")
     config = resolve_config(fv)
-    print(config)
+    workdir = run_workdir(fv.workdir)
+    import jax  # after validation: a bad config fails before any backend starts
+
+    cli.validated(config, device_count=jax.device_count())
+    from maxent_jax.trainer import Trainer
+
+    print(f"workdir: {workdir}")
+    if jax.process_index() == 0:
+        print(config)
+        (workdir / "config.json").write_text(json.dumps(to_json_dict(config), indent=2, sort_keys=True) + "\n")
+    trainer = Trainer(config, workdir, config_path=fv["config"].config_filename)
+    try:
+        last = trainer.run()
+    finally:
+        trainer.close()
+    if last:
+        print("final: " + ", ".join(f"{k}={last[k]:.4g}" for k in SUMMARY_KEYS if k in last))
+
+
+SUMMARY_KEYS = ("train/reward", "train/kl", "train/tau", "train/beta", "eval/mean_reward")
+
+
+def run_workdir(flag: str | None) -> pathlib.Path:
+    """--workdir, else a fresh var/runs/<UTC timestamp> under the current directory; must be writable."""
+    path = pathlib.Path(flag) if flag else pathlib.Path("var/runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--workdir={str(path)!r} is not writable: {err.strerror or err}") from None
+    return path.resolve()
 
 
 def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:

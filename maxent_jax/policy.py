@@ -1,0 +1,64 @@
+"""The policy's differentiable pieces inside the train step: completion log-probs and the losses.
+
+Step batches are group-major: every array leads with `[prompts, G, ...]` (so a micro-batch always
+holds whole groups and the batch axis sharded over ('data', 'fsdp') is the prompt axis). The
+decoder sees `[prompts * G, seq]` rows; completion log-probs come back as `[prompts, G, Tc]`,
+the layout of `maxent_jax.objectives`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from maxent_jax.model.logprobs import token_logprobs
+
+Array = jax.Array
+ScoreOutput = tuple[Array, Array]
+
+
+def _rows(x: Array) -> Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int) -> ScoreOutput:
+    """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`).
+
+    The completion occupies the last Tc columns of every row (maxent_jax.scoring), so token j is
+    scored from the hidden state one column earlier.
+    """
+    p, g, length = batch["input_ids"].shape
+    tc = batch["completion_ids"].shape[-1]
+    hidden, _ = model(_rows(batch["input_ids"]), _rows(batch["positions"]), _rows(batch["attention_mask"]))
+    logp = token_logprobs(model, hidden[:, length - tc - 1:length - 1], _rows(batch["completion_ids"]),
+                         chunk_size=chunk_size or tc)
+    return logp.reshape(p, g, tc), hidden
+
+
+def sft_loss(chunk_size: int) -> Callable:
+    """Mean negative log-likelihood of the completion tokens (the supervised warm-up)."""
+
+    def loss_fn(model, batch):
+        logp, _ = completion_logprobs(model, batch, chunk_size)
+        mask = batch["completion_mask"].astype(jnp.float32)
+        nll = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return nll, {"sft/nll": nll}
+
+    return loss_fn
+
+
+def rl_loss(objective: Callable, settings, chunk_size: int) -> Callable:
+    """The train step's loss: completion log-probs of the live policy, then the registered objective.
+
+    `batch["beta"]` `[P]` carries the step's beta (the same value on every row), so a changing
+    beta never recompiles the step.
+    """
+
+    def loss_fn(model, batch):
+        token_logp, _ = completion_logprobs(model, batch, chunk_size)
+        coefs = {"beta": batch["beta"][0]}
+        return objective(token_logp, batch, coefs, settings)
+
+    return loss_fn

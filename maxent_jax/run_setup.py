@@ -1,0 +1,145 @@
+"""What a run is built from: the policy (model, tokenizer, generator) and the task (prompts, answers).
+
+Kept apart from the loop so `train`, `evaluate` and `bench` construct runs the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from maxent_jax import scoring
+from maxent_jax.data.prompts import render_prompt
+from maxent_jax.data.sources import load_rows
+from maxent_jax.data.tokenizer import build_offline_tokenizer
+from maxent_jax.errors import UserError
+from maxent_jax.model.config import ModelConfig
+from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.hf_io import load_hf_checkpoint
+from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
+from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.sampler import Sampler
+
+Generation = tuple[list[list[int]], list[list[float]], np.ndarray]
+GenerateFn = Callable[[nnx.State, Sequence[Sequence[int]], SamplingParams, jax.Array], Generation]
+
+
+def cache_dir() -> pathlib.Path:
+    """MAXENT_CACHE_DIR, else ~/.cache/maxent_jax: where the offline tokenizer is built once."""
+    return pathlib.Path(os.environ.get("MAXENT_CACHE_DIR") or pathlib.Path.home() / ".cache" / "maxent_jax")
+
+
+@dataclasses.dataclass
+class Policy:
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State
+    tokenizer: Any
+    tokenizer_dir: str
+    generate: GenerateFn
+
+    @property
+    def pad_id(self) -> int:
+        return self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
+
+
+def _load_tokenizer(path: str) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, shardings: Any = None) -> Policy:
+    """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
+    m = config.model
+    dtypes = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    if m.name_or_path:
+        model_cfg, model = load_hf_checkpoint(m.name_or_path, mesh=mesh, **dtypes)
+        tokenizer_dir = m.tokenizer_name_or_path or m.name_or_path
+    else:
+        tokenizer_dir = m.tokenizer_name_or_path or str(build_offline_tokenizer(cache_dir() / "tokenizer"))
+        model_cfg = ModelConfig.tiny(**dict(m.tiny), **dtypes)
+        model = Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    sampler, _ = Sampler.for_model(model, eos_token_ids=_eos_ids(model_cfg, tokenizer))
+
+    def generate(state: nnx.State, prompts: Sequence[Sequence[int]], sp: SamplingParams, key: jax.Array) -> Generation:
+        out = sampler.generate(state, prompts, sp, key)
+        ids = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
+        logps = [row[:n].tolist() for row, n in zip(out.logprobs, out.lengths)]
+        return ids, logps, out.stopped
+
+    return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, generate)
+
+
+def _eos_ids(model_cfg: ModelConfig, tokenizer: Any) -> list[int]:
+    ids = {t for t in (model_cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)) if t is not None}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return sorted(ids | ({im_end} if im_end is not None else set()))
+
+
+@dataclasses.dataclass
+class Task:
+    """Rendered, tokenised rows: each has `prompt`, `prompt_ids`, `answer` (and `solution` if known)."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    prompt_len: int  # the prompt bucket every score batch uses
+    clipped_prompts: int
+
+
+def load_task(config: ml_collections.ConfigDict, tokenizer: Any) -> Task:
+    d, r = config.data, config.rollout
+    rows = load_rows(d, config.seed)
+    clipped = 0
+
+    def prepare(row: dict[str, str]) -> dict[str, Any]:
+        nonlocal clipped
+        prompt = render_prompt(tokenizer, row["problem"], system_prompt=d.system_prompt, chat_template=d.chat_template,
+                               max_prompt_chars=d.max_prompt_chars, max_prompt_length=r.max_prompt_length)
+        clipped += prompt.clipped
+        ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"][-r.max_prompt_length:]
+        return {**row, "prompt": prompt.text, "prompt_ids": ids}
+
+    train = [prepare(row) for row in rows["train"]]
+    evaluation = [prepare(row) for row in rows["eval"]]
+    longest = max(len(row["prompt_ids"]) for row in train + evaluation)
+    return Task(train, evaluation, scoring.bucket(longest, 16, r.max_prompt_length), clipped)
+
+
+def objective_settings(config: ml_collections.ConfigDict) -> ObjectiveSettings:
+    """The static objective settings from the config's objective, maxent and info_seed sections."""
+    o, m, s = config.objective, config.maxent, config.info_seed
+    low, high = resolve_epsilons(o.clip_range, o.epsilon_low, o.epsilon_high)
+    return ObjectiveSettings(
+        loss_type=o.loss_type,
+        importance_sampling_level=o.importance_sampling_level,
+        epsilon_low=low,
+        epsilon_high=high,
+        negative_adv_rule=o.negative_adv_rule,
+        use_clip_objective=m.use_clip_objective,
+        clip_objective_coef=m.clip_objective_coef,
+        clip_adv_baseline=m.clip_adv_baseline,
+        kl_estimator=o.kl_estimator,
+        max_completion_length=config.rollout.max_completion_length,
+        sampler_correction=o.sampler_correction,
+        sampler_correction_max=o.sampler_correction_max,
+        sampler_correction_min=o.sampler_correction_min,
+        info_seed=InfoSeedSettings(
+            num_seeds=s.num_seeds if s.enabled else 0, lambda_=s.lambda_ if s.enabled else 0.0,
+            temperature=s.temperature, alpha_entropy=s.alpha_entropy if s.enabled else 0.0,
+            loss_type=s.loss_type, entropy_mode=s.entropy_mode),
+    )

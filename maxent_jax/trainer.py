@@ -1,0 +1,416 @@
+"""The training loop: rollout -> rewards -> reference -> weights -> sharded step -> controllers.
+
+Host code here only orchestrates; every number is computed by jitted functions from
+`policy`, `objectives`, `controllers` and `parallel`. One RL step (spec 1.1):
+
+1. the next prompts of the resumable stream (already rendered and tokenised);
+2. G completions each from the in-process sampler (live parameters) or the rollout server;
+3. rewards on the decoded text -> utilities `[P, G]`;
+4. reference log-probs from the frozen reference parameters (or the rollout's);
+5. MaxEnt weights or GRPO advantages (pure functions, before the step);
+6. the jitted, sharded, donated update with accumulation over micro-batches of whole groups;
+7. controllers, fed statistics of the whole accumulation window;
+8. telemetry, evaluation, checkpoints, weight push.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from maxent_jax import checkpoint as checkpoint_lib
+from maxent_jax import optimizer as optimizer_lib
+from maxent_jax import scoring
+from maxent_jax.controllers.persistence import resume_controller_state, to_json, write_controller_state
+from maxent_jax.controllers.settings import ControllerSettings
+from maxent_jax.controllers.state import ControllerInputs, ControllerState
+from maxent_jax.controllers.update import update_controllers
+from maxent_jax.data.stream import BatchStream
+from maxent_jax.errors import UserError
+from maxent_jax.objectives.grpo import prepare_grpo_batch
+from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
+from maxent_jax.objectives.registry import get_objective
+from maxent_jax.parallel.mesh import make_mesh
+from maxent_jax.parallel.rules import resolve_rules, tree_shardings
+from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
+from maxent_jax.policy import completion_logprobs, rl_loss, sft_loss
+from maxent_jax.preemption import PreemptionGuard
+from maxent_jax.rewards import RewardScorer
+from maxent_jax.rewards.math_accuracy import extract_answer, passes_format_gate
+from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.run_setup import Task, load_policy, load_task, objective_settings
+from maxent_jax.telemetry import Telemetry
+from maxent_jax.model.hf_io import export_hf_checkpoint
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_FILE = "controller_state.json"
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's completions, host side: prompts x G rows, prompt-major."""
+
+    batch: dict[str, np.ndarray]  # the score batch (maxent_jax.scoring), rows = P * G
+    utilities: np.ndarray  # [P, G] float32
+    reward_parts: dict[str, np.ndarray]  # reward name -> [P * G]
+    texts: list[str]
+    lengths: np.ndarray  # [P * G] completion tokens
+    stopped: np.ndarray  # [P * G] ended on EOS/stop (vs. max length)
+    seconds: float
+
+
+class Trainer:
+    """Holds the run's state and runs its phases; `run()` is the whole training."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, config_path: str | None = None):
+        self.config = config
+        self.workdir = workdir
+        c = config
+        self.num_prompts = c.train.per_device_train_batch_size * c.train.gradient_accumulation_steps
+        self.group = c.rollout.num_generations
+        self.mesh = make_mesh(tuple(c.mesh.shape))
+        self.rules = resolve_rules(_rule_overrides(c.mesh.rules))
+        self.policy = load_policy(c, self.mesh, self.rules)
+        self.task: Task = load_task(c, self.policy.tokenizer)
+        self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+        self.optimizer, self.schedule = optimizer_lib.make_optimizer(c.optim, c.train.max_steps)
+        self.warmup = optimizer_lib.warmup_steps(c.train.max_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
+        self.state: TrainState = init_train_state(self.policy.params, self.optimizer, self.mesh, self.rules)
+        self.objective_settings = objective_settings(c)
+        objective = get_objective("grpo" if c.objective.train_grpo_objective else "maxent")
+        self.rl_step = make_train_step(self.policy.graphdef, self.policy.rest, self.state, self.optimizer,
+                                       rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size),
+                                       self.mesh, self.rules)
+        self.param_shardings = tree_shardings(self.state.params, self.mesh, self.rules)
+        self.score = jax.jit(self._score_fn, in_shardings=(self.param_shardings, None))
+        self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
+        self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
+        self.update_controllers = jax.jit(update_controllers)
+        self.reference_params = None  # set when RL starts: the policy after the supervised warm-up
+        self.key = jax.random.key(c.seed)
+        self.step = 0
+        self.sft_done = c.train.sft_warmup_steps == 0
+        self.checkpoints = checkpoint_lib.CheckpointManager(
+            workdir, save_steps=c.checkpoint.save_steps, keep=c.checkpoint.save_total_limit,
+            async_save=c.checkpoint.async_save)
+        self.resume_point = checkpoint_lib.resolve_resume(c.checkpoint.resume, workdir)
+        self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=c.train.max_steps,
+                                   config_path=config_path,
+                                   resume_step=self.resume_point.step if self.resume_point else None)
+        self.consecutive_nonfinite = 0
+        self.tokens_seen = 0
+        r = c.rewards
+        self.rewards = RewardScorer(r.reward_funcs, r.reward_weights, num_workers=r.num_workers,
+                                    item_timeout_s=r.timeout_s)
+        self.eval_rewards = RewardScorer(r.eval_reward_funcs or r.reward_funcs,
+                                         r.eval_reward_weights if r.eval_reward_funcs else r.reward_weights,
+                                         num_workers=r.num_workers, item_timeout_s=r.timeout_s)
+
+    def say(self, text: str) -> None:
+        """A whole line on the console (main process), without garbling the progress line."""
+        if jax.process_index() != 0:
+            return
+        if self.telemetry.progress is not None:
+            self.telemetry.progress.message(text)
+        else:
+            print(text, flush=True)
+
+    # -- pure pieces jitted once ----------------------------------------------------------
+
+    def _score_fn(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+        model = nnx.merge(self.policy.graphdef, params, self.policy.rest)
+        logp, _ = completion_logprobs(model, batch, self.config.model.logprob_chunk_size)
+        return logp
+
+    # -- rollout -----------------------------------------------------------------------
+
+    def _sampling_params(self, n: int) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(n=n, max_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, stop=tuple(r.stop_sequences), ignore_eos=r.ignore_eos)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int) -> tuple[list[list[int]], list[list[float]], np.ndarray]:
+        """n completions per prompt (prompt-major): token ids, behaviour log-probs, stopped flags."""
+        self.key, key = jax.random.split(self.key)
+        return self.policy.generate(self.state.params, prompt_ids, self._sampling_params(n), key)
+
+    def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
+        start = time.monotonic()
+        c, g = self.config, self.group
+        prompt_ids = [r["prompt_ids"] for r in rows]
+        completions, behaviour, stopped = self.generate(prompt_ids, g)
+        texts = self.policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        answers = [r["answer"] for r in rows for _ in range(g)]
+        utilities, parts = self.rewards(texts, answers, is_eval=False)
+        completion_len = scoring.bucket(max(len(x) for x in completions), 8, c.rollout.max_completion_length)
+        batch = scoring.build_score_batch(
+            [p for p in prompt_ids for _ in range(g)], completions, prompt_len=self.task.prompt_len,
+            completion_len=completion_len, pad_id=self.policy.pad_id, behaviour_logps=behaviour)
+        return Rollout(batch=batch, utilities=np.asarray(utilities, np.float32).reshape(-1, g), reward_parts=parts,
+                       texts=texts, lengths=np.array([len(x) for x in completions]), stopped=np.asarray(stopped),
+                       seconds=time.monotonic() - start)
+
+    # -- one RL step ---------------------------------------------------------------------
+
+    def _grouped(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        g = self.group
+        return {k: v.reshape(-1, g, *v.shape[1:]) for k, v in batch.items()}
+
+    def _micro_batched(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """[P, ...] -> [num_micro, P / num_micro, ...]: micro-batches of whole groups."""
+        m = self.config.train.gradient_accumulation_steps
+        return {k: jnp.asarray(v.reshape(m, -1, *v.shape[1:])) for k, v in arrays.items()}
+
+    def prepare(self, ro: Rollout) -> tuple[dict[str, np.ndarray], dict[str, float], ControllerInputs]:
+        """Reference statistics and the objective's pre-step arrays (weights or advantages)."""
+        c = self.config
+        grouped = self._grouped(ro.batch)
+        mask = grouped["completion_mask"]
+        valid = np.ones(ro.utilities.shape, bool)
+        lengths = mask.sum(-1).astype(np.float32)
+        ref_logp = self.reference_logprobs(ro.batch).reshape(mask.shape)
+        ref_sum = (ref_logp * mask).sum(-1)
+        beta, tau = float(self.controllers.beta), float(self.controllers.tau)
+        if c.objective.train_grpo_objective:
+            advantages, stats = prepare_grpo_batch(jnp.asarray(ro.utilities), jnp.asarray(valid), c.objective.scale_rewards)
+            extra = {"advantages": np.asarray(advantages)}
+        else:
+            weights, stats = prepare_maxent_batch(
+                jnp.asarray(ro.utilities), jnp.asarray(valid), jnp.asarray(ref_sum), jnp.asarray(lengths), tau, beta,
+                q_temperature=c.maxent.q_temperature, q_epsilon=c.maxent.q_epsilon,
+                length_normalize_ref=c.maxent.length_normalize_ref)
+            extra = {"weights": np.asarray(weights)}
+        arrays = {
+            **grouped,
+            "token_mask": mask,
+            "valid": valid,
+            "ref_logp": ref_logp,
+            "beta": np.full(valid.shape[:1], beta, np.float32),
+            **extra,
+        }
+        inputs = ControllerInputs(
+            weight_entropy=jnp.asarray(stats.get("weight_entropy", 0.0), jnp.float32),
+            kl=jnp.zeros((), jnp.float32),
+            q=listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature, c.maxent.q_epsilon),
+            ref_logp_sum=jnp.asarray(ref_sum),
+            valid=jnp.asarray(valid), lengths=jnp.asarray(lengths))
+        return arrays, {k: float(v) for k, v in stats.items()}, inputs
+
+    def reference_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """`[P * G, Tc]` reference log-probs from the configured source (spec 5.3)."""
+        source = self.config.maxent.reference_logprobs_source
+        if source == "rollout":
+            return batch["behaviour_logp"]
+        params = self.state.params if source == "policy" else self.reference_params
+        grouped = {k: jnp.asarray(v)[:, None] for k, v in batch.items() if k != "behaviour_logp"}
+        return np.asarray(self.score(params, grouped)).reshape(batch["completion_mask"].shape)
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        rows = self.stream.next()
+        ro = self.rollout(rows)
+        arrays, stats, inputs = self.prepare(ro)
+        self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        skipped = bool(metrics.pop("skipped"))
+        self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+        if self.consecutive_nonfinite >= c.train.max_consecutive_nonfinite:
+            raise UserError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_consecutive_nonfinite={c.train.max_consecutive_nonfinite}); lower optim.learning_rate "
+                "or check the data")
+        self.step += 1
+        used_tau, used_beta = float(self.controllers.tau), float(self.controllers.beta)
+        inputs = inputs.replace(kl=jnp.asarray(metrics.get("loss/kl", 0.0), jnp.float32))
+        lr_scale = optimizer_lib.lr_scale(self.schedule, c.optim.learning_rate, self.step - 1)
+        self.controllers, controller_metrics = self.update_controllers(
+            self.controllers, inputs, self.controller_settings, jnp.int32(self.step), jnp.float32(lr_scale))
+        return {
+            **{f"train/{k}": v for k, v in metrics.items()},
+            **{f"train/{k}": v for k, v in stats.items()},
+            **{k: float(v) for k, v in controller_metrics.items()},
+            **self._rollout_metrics(ro),
+            "train/tau": used_tau,
+            "train/beta": used_beta,
+            "train/kl_coeff": used_beta,
+            "train/skipped_steps": float(skipped),
+            "train/learning_rate": float(self.schedule(self.step - 1)),
+            "train/grpo_objective": float(c.objective.train_grpo_objective),
+            "train/global_step": float(self.step),
+        }
+
+    def _rollout_metrics(self, ro: Rollout) -> dict[str, float]:
+        u = ro.utilities
+        centred = u - u.mean(-1, keepdims=True)
+        lengths = ro.lengths.astype(np.float32)
+        clipped = lengths >= self.config.rollout.max_completion_length
+        terminated = lengths[~clipped] if (~clipped).any() else np.zeros(1, np.float32)
+        self.tokens_seen += int(ro.batch["attention_mask"].sum())
+        out = {
+            "train/reward": float(u.mean()),
+            "train/reward_std": float(u.std()),
+            "train/frac_reward_zero_std": float((np.abs(centred) < 1e-8).all(-1).mean()),
+            "train/completions/mean_length_sampled": float(lengths.mean()),
+            "train/completions/min_length_sampled": float(lengths.min()),
+            "train/completions/max_length_sampled": float(lengths.max()),
+            "train/completions/clipped_frac": float(clipped.mean()),
+            "train/completions/mean_length_terminated": float(terminated.mean()),
+            "train/completions/min_length_terminated": float(terminated.min()),
+            "train/completions/max_length_terminated": float(terminated.max()),
+            "train/num_tokens": float(self.tokens_seen),
+            "train/rollout_seconds": ro.seconds,
+        }
+        for name, values in ro.reward_parts.items():
+            out[f"train/rewards/{name}/mean"] = float(np.mean(values))
+            out[f"train/rewards/{name}/std"] = float(np.std(values))
+        return out
+
+
+    # -- supervised warm-up --------------------------------------------------------------
+
+    def supervised_warmup(self) -> None:
+        """Teach the answer format on the dataset's worked solutions before RL (the tiny default)."""
+        c = self.config
+        if any("solution" not in row for row in self.task.train[:1]):
+            raise UserError("config field train.sft_warmup_steps > 0 needs worked solutions: this dataset has no "
+                            "'solution' column; set train.sft_warmup_steps=0")
+        tok = self.policy.tokenizer
+        end = _eos_suffix(tok)
+        opt, _ = optimizer_lib.make_optimizer(
+            ml_collections.ConfigDict(dict(c.optim.to_dict(), learning_rate=c.train.sft_learning_rate,
+                                           lr_scheduler_type="constant", warmup_steps=0, warmup_ratio=0.0)),
+            c.train.sft_warmup_steps)
+        state = init_train_state(self.state.params, opt, self.mesh, self.rules)
+        step_fn = make_train_step(self.policy.graphdef, self.policy.rest, state, opt,
+                                  sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules)
+        rows_per_step = self.num_prompts * self.group
+        stream = BatchStream(self.task.train, rows_per_step, c.seed + 1)
+        self.say(f"supervised warm-up: {c.train.sft_warmup_steps} steps of {rows_per_step} solutions")
+        for i in range(c.train.sft_warmup_steps):
+            rows = stream.next()
+            solutions = [tok(r["solution"] + end, add_special_tokens=False)["input_ids"] for r in rows]
+            batch = scoring.build_score_batch(
+                [r["prompt_ids"] for r in rows], solutions, prompt_len=self.task.prompt_len,
+                completion_len=scoring.bucket(max(map(len, solutions)), 8, c.rollout.max_completion_length),
+                pad_id=self.policy.pad_id)
+            state, metrics = step_fn(state, {k: jnp.asarray(v)[None, :, None] for k, v in batch.items()})
+            if (i + 1) % max(1, c.train.sft_warmup_steps // 10) == 0:
+                self.say(f"  warm-up step {i + 1}/{c.train.sft_warmup_steps}: nll "
+                                       f"{float(metrics['sft/nll']):.3f}")
+        self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
+        self.sft_done = True
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """One completion per eval prompt, relaxed format (spec 10): mean reward and format failures."""
+        c = self.config
+        rows = self.task.eval[: c.eval.max_eval_samples or None]
+        texts, answers = [], []
+        for start in range(0, len(rows), c.eval.per_device_eval_batch_size):
+            chunk = rows[start:start + c.eval.per_device_eval_batch_size]
+            ids, _, _ = self.generate([r["prompt_ids"] for r in chunk], 1)
+            texts += self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            answers += [r["answer"] for r in chunk]
+        utilities, _ = self.eval_rewards(texts, answers, is_eval=True)
+        return {
+            "eval/mean_reward": float(np.mean(utilities)),
+            "eval/format/missing_answer_frac": float(np.mean([extract_answer(t) is None for t in texts])),
+            "eval/format/missing_format_frac": float(np.mean([not passes_format_gate(t) for t in texts])),
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {"train": self.state, "reference": self.reference_params, "controllers": self.controllers,
+                "rng": jax.random.key_data(self.key)}
+
+    def _extras(self) -> dict[str, Any]:
+        return {"step": self.step, "stream": self.stream.state(), "tokens_seen": self.tokens_seen,
+                "controller_state": to_json(self.controllers, self.controller_settings)}
+
+    def save(self) -> None:
+        self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
+
+    def restore(self, point: checkpoint_lib.ResumePoint) -> None:
+        self.reference_params = self.state.params
+        state, extras = self.checkpoints.restore(point.path, self._checkpoint_state())
+        self.state, self.reference_params = state["train"], state["reference"]
+        self.key = jax.random.wrap_key_data(state["rng"])
+        self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
+        self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
+        self.stream.restore(extras["stream"])
+        self.sft_done = True
+        self.say(f"resumed from {point.path} at step {self.step}")
+
+    # -- the whole run -------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        c = self.config
+        last: dict[str, float] = {}
+        with PreemptionGuard() as guard:
+            if self.resume_point is not None:
+                self.restore(self.resume_point)
+            elif not self.sft_done:
+                self.supervised_warmup()
+            if self.reference_params is None:
+                self.reference_params = jax.tree.map(jnp.copy, self.state.params)
+            while self.step < c.train.max_steps:
+                metrics = self.train_step()
+                self.telemetry.accumulate(metrics)
+                last = self.telemetry.step_end(self.step) or last
+                if c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0 and self.task.eval:
+                    self.telemetry.log_eval(self.step, self.evaluate())
+                write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
+                if self.checkpoints.due(self.step):
+                    self.save()
+                if guard.should_stop():
+                    self.save()
+                    self.checkpoints.wait()
+                    self.say(f"preempted: saved step {self.step}; rerun the same command to resume")
+                    return last
+            self.checkpoints.wait()
+            self.export_final()
+        return last
+
+    def export_final(self) -> None:
+        if not self.config.checkpoint.export_final or jax.process_index() != 0:
+            return
+        out = self.workdir / "final_hf"
+        model = nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)
+        export_hf_checkpoint(model, self.policy.model_cfg, out, tokenizer_dir=self.policy.tokenizer_dir)
+        write_controller_state(out / CONTROLLER_FILE, self.controllers, self.controller_settings)
+        self.say(f"exported the final policy to {out} (transformers can load it)")
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.telemetry.close()
+        self.rewards.close()
+        self.eval_rewards.close()
+
+
+def _eos_suffix(tokenizer: Any) -> str:
+    """The end-of-turn token a worked solution ends with, so the model learns to stop."""
+    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
+
+
+def _rule_overrides(rules: Sequence[str]) -> list[tuple[str, str | None]]:
+    """`("vocab=tensor", "embed=none")` -> [("vocab", "tensor"), ("embed", None)]."""
+    out = []
+    for rule in rules:
+        logical, sep, axis = rule.partition("=")
+        if not sep or not logical or not axis:
+            raise UserError(f"config field mesh.rules entry {rule!r} is invalid: use 'logical=mesh_axis' or 'logical=none'")
+        out.append((logical.strip(), None if axis.strip() == "none" else axis.strip()))
+    return out
