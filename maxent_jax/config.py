@@ -87,7 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.eval_dataset_split = "validation"
     c.data.eval_dataset_prompt_column = _placeholder(str)
     c.data.eval_dataset_solution_column = _placeholder(str)
-    c.data.synthetic = ml_collections.ConfigDict(dict(num_train=4096, num_eval=128, max_operand=9))
+    # The synthetic task: problems `a op b` with operands 0..max_operand and the given operators.
+    c.data.synthetic = ml_collections.ConfigDict(dict(num_train=4096, num_eval=128, max_operand=9, operators="+-*"))
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.backend = "sampler"  # in-process JAX sampler, or 'server' (HTTP rollout server)

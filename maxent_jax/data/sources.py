@@ -90,7 +90,7 @@ def load_rows(data_config: Any, seed: int) -> dict[str, list[dict[str, str]]]:
         if task != "arithmetic":
             raise UserError(f"config field data.dataset_name={d.dataset_name!r} is invalid: the synthetic task is 'synthetic:arithmetic'")
         s = d.synthetic
-        splits = arithmetic_splits(s.num_train, s.num_eval, s.max_operand, seed)
+        splits = arithmetic_splits(s.num_train, s.num_eval, s.max_operand, seed, s.operators)
         return {"train": splits["train"], "eval": splits["test"]}
     if d.dataset_mixture:
         train = _mixture_rows(d.dataset_mixture, seed, d.dataset_prompt_column, d.dataset_solution_column)
