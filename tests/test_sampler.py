@@ -173,3 +173,21 @@ def test_filter_logits_keeps_top_k_then_nucleus():
 def test_bucket_sizes():
     assert [bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert bucket(3, 16) == 16 and bucket(17, 16) == 32
+
+
+@pytest.mark.slow
+def test_runs_on_params_sharded_over_the_training_mesh(tiny):
+    """The trainer's (graphdef, params, rest) split, params born sharded over 8 devices: same samples."""
+    from maxent_jax.parallel.mesh import make_mesh
+    from maxent_jax.parallel.train_step import init_sharded_model
+
+    _, sampler, state = tiny
+    mesh = make_mesh((1, -1, 1))
+    graphdef, params, rest = init_sharded_model(lambda: Decoder(ModelConfig.tiny(), rngs=nnx.Rngs(0)), mesh)
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
+    sharded = Sampler(graphdef, eos_token_ids=sampler.eos_token_ids)
+    params_ = SamplingParams(n=2, max_tokens=8, temperature=0.7, top_p=0.9)
+    got = sharded.generate((params, rest), PROMPTS, params_, jax.random.key(0))
+    want = sampler.generate(state, PROMPTS, params_, jax.random.key(0))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)

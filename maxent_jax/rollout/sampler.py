@@ -116,7 +116,7 @@ def choose_tokens(
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new", "greedy", "filtered", "pad_id"))
 def _decode(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state: nnx.State | tuple[nnx.State, ...],
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     live: jax.Array,
@@ -138,7 +138,7 @@ def _decode(
     Jitted at module level with the graph definition static, so samplers of equal architecture
     (e.g. two servers in one process) share compiled programs.
     """
-    model: Decoder = nnx.merge(graphdef, state)
+    model: Decoder = nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
     num_prompts, prompt_len = prompt_ids.shape
     rows = num_prompts * num_samples
     mask = prompt_mask.astype(jnp.bool_)
@@ -223,8 +223,18 @@ class Sampler:
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         return cls(graphdef, eos_token_ids=eos, pad_token_id=pad), state
 
-    def generate(self, state: nnx.State, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array) -> SampleBatch:
-        """`params.n` completions for each prompt (token ids, no padding). Stop strings are the caller's job."""
+    def generate(
+        self,
+        state: nnx.State | tuple[nnx.State, ...],
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        key: jax.Array,
+    ) -> SampleBatch:
+        """`params.n` completions for each prompt (token ids, no padding). Stop strings are the caller's job.
+
+        `state` is what `nnx.split` gave with `self.graphdef`: one state, or a tuple such as the
+        trainer's `(params, rest)`; sharded arrays are used where they are.
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if params.n < 1 or params.max_tokens < 1:

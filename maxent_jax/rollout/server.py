@@ -111,8 +111,18 @@ class _Body:
         return b"".join(parts)
 
     def drain(self) -> None:
-        """Discard what is left so the connection can answer (and be reused)."""
-        self.read_all()
+        """Discard what is left, 1 MiB at a time, so the connection can answer (and be reused)."""
+        if self._chunked:
+            while not self._done:
+                if self._chunk_left == 0:
+                    self._next_chunk()
+                    continue
+                self.read_exact(min(self._chunk_left, 1 << 20))
+            return
+        while self._remaining:
+            take = min(self._remaining, 1 << 20)
+            self._remaining -= take
+            self._raw(take)
 
     def at_end(self) -> bool:
         """True when nothing but the chunked terminator is left."""
