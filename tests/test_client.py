@@ -217,3 +217,10 @@ def test_char_limit_and_url_forms():
     assert base_url("127.0.0.1:9000") == "http://127.0.0.1:9000"
     with pytest.raises(ValueError, match="expected http://host:port"):
         base_url("https://example.com")
+
+
+def test_flat_results_are_regrouped_in_blocks_of_n(scripted):
+    flat = {"weight_version": 0, "results": [{"client_tag": "me", "outputs": [_output("me", (i,))]} for i in range(4)]}
+    server = scripted((200, flat, 0))
+    batch = _client(server.url).generate(["a", "b"], PARAMS)
+    assert [[s.token_ids.tolist() for s in g] for g in batch.groups] == [[[0], [1]], [[2], [3]]]

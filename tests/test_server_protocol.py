@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -165,3 +167,31 @@ def test_truncated_stream_and_wrong_end_count_are_refused():
 
     with pytest.raises(WeightStreamError, match="end frame says 2 tensors but the stream carried 3"):
         read_stream(_reader(body + end_frame(2)), _expected(tensors))
+
+
+# -- what the server side imports, and the entry point's one-line errors -------------------
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_server_and_client_modules_do_not_import_jax():
+    # The vLLM environment has no jax; the server, protocol, framing and client must not need it.
+    code = (
+        "import sys; import maxent_jax.serve, maxent_jax.rollout.server, maxent_jax.rollout.client; "
+        "bad = sorted(m for m in ('jax', 'flax', 'vllm', 'torch') if m in sys.modules); print(bad); sys.exit(bool(bad))"
+    )
+    result = _python("-c", code)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serve_reports_bad_flags_in_one_line(tmp_path):
+    result = _python("-m", "maxent_jax.serve", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: --model {str(tmp_path / 'missing')!r}: not a directory; expected a Hugging Face model directory"
+    )
+    empty = tmp_path / "token"
+    empty.write_text("  \n")
+    result = _python("-m", "maxent_jax.serve", "--model", str(tmp_path), "--token-file", str(empty))
+    assert result.returncode == 2 and "the file is empty" in result.stderr and result.stderr.count("\n") == 1

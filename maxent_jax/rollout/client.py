@@ -289,14 +289,20 @@ class RolloutClient:
             raise RolloutError(f"{where} answered without an integer 'weight_version': {version!r}")
         groups: list[list[Sample]] = [[] for _ in range(num_prompts)]
         dropped = untagged = 0
-        for pos, result in enumerate(body["results"]):
+        results = body["results"]
+        # A server that answers with one single-output result per completion (P*n results, no
+        # prompt_index) is regrouped in consecutive blocks of n (REFERENCE_SPEC 3.4).
+        flat = params.n > 1 and len(results) == num_prompts * params.n and not any(
+            isinstance(r, dict) and "prompt_index" in r for r in results
+        )
+        for pos, result in enumerate(results):
             if not isinstance(result, dict) or not isinstance(result.get("outputs"), list):
                 raise RolloutError(f"{where}: result {pos} is not an object with an 'outputs' list")
             result_tag = self._tag_of(result)
             if result_tag is not None and result_tag != self.client_tag:
                 dropped += 1
                 continue
-            index = result.get("prompt_index", pos)
+            index = result.get("prompt_index", pos // params.n if flat else pos)
             if not isinstance(index, int) or not 0 <= index < num_prompts:
                 raise RolloutError(f"{where}: result {pos} has prompt_index {index!r} for {num_prompts} prompts")
             for output in result["outputs"]:
