@@ -191,3 +191,21 @@ def test_runs_on_params_sharded_over_the_training_mesh(tiny):
     want = sampler.generate(state, PROMPTS, params_, jax.random.key(0))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_stop_strings_are_cut_on_the_host_and_refused_without_a_decoder(tiny):
+    from maxent_jax.rollout.sampler import SampleBatch
+    from maxent_jax.rollout.stop_strings import apply_stop_strings
+
+    decode = lambda ids: "".join(chr(ord("a") + i) for i in ids)  # noqa: E731 - token i is the letter i
+    lp = -np.arange(1, 11, dtype=np.float32).reshape(2, 5)
+    batch = SampleBatch(tokens=np.array([[0, 1, 2, 3, 4], [3, 3, 3, 9, 9]], np.int32), logprobs=lp, sampling_logprobs=lp,
+                        lengths=np.array([5, 3], np.int32), stopped=np.array([False, False]))
+    cut, texts = apply_stop_strings(batch, ("cd", "zz"), decode, pad_id=9)
+    assert texts == ["ab", "ddd"]  # the text ends before "cd"; row 1 has no stop string
+    assert cut.lengths.tolist() == [4, 3] and cut.stopped.tolist() == [True, False]
+    assert cut.tokens[0].tolist() == [0, 1, 2, 3, 9] and cut.logprobs[0, 4] == 0 and cut.logprobs[0, 3] == -4
+    np.testing.assert_array_equal(cut.tokens[1], batch.tokens[1])
+    _, sampler, state = tiny
+    with pytest.raises(ValueError, match=r"stop strings \['x'\] need decode="):
+        sampler.generate(state, PROMPTS, SamplingParams(stop=("x",)), jax.random.key(0))

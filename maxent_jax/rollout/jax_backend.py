@@ -9,10 +9,11 @@ Stop strings are applied on the host after decoding (token-level stops run insid
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -23,28 +24,8 @@ from maxent_jax.model.mapping import tensor_maps
 from maxent_jax.rollout.backend import Completion, SamplingParams
 from maxent_jax.rollout.protocol import ProtocolError
 from maxent_jax.rollout.sampler import Sampler
+from maxent_jax.rollout.stop_strings import apply_stop_strings
 from maxent_jax.rollout.weights import dtype_name
-
-
-def stop_string_cut(token_ids: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> tuple[int, str] | None:
-    """(tokens to keep, text) when the decoded completion contains a stop string, else None.
-
-    As in vLLM: the text ends just before the first stop string; the tokens end with the one
-    that completed it. Binary search over prefixes (decoding grows with the prefix), so a long
-    completion costs O(log n) decodes, not n.
-    """
-    if not stops or not any(stop in decode(token_ids) for stop in stops):
-        return None
-    lo, hi = 1, len(token_ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if any(stop in decode(token_ids[:mid]) for stop in stops):
-            hi = mid
-        else:
-            lo = mid + 1
-    text = decode(token_ids[:lo])
-    cut = min(text.find(stop) for stop in stops if stop in text)
-    return lo, text[:cut]
 
 
 def _eos_ids(model_dir: Path, cfg_eos: int | None, tokenizer) -> list[int]:
@@ -131,7 +112,11 @@ class JaxBackend:
             key = jax.random.key(params.seed)
         else:
             key = jax.random.fold_in(self._base_key, next(self._requests))
-        batch = self.sampler.generate(self.state, prompt_token_ids, params, key)
+        batch = self.sampler.generate(self.state, prompt_token_ids, dataclasses.replace(params, stop=()), key)
+        if params.stop:
+            batch, texts = apply_stop_strings(batch, params.stop, self._decode, self.sampler.pad_token_id)
+        else:
+            texts = [self._decode(row[:length].tolist()) for row, length in zip(batch.tokens, batch.lengths)]
         groups: list[list[Completion]] = []
         for p in range(len(prompt_token_ids)):
             group = []
@@ -142,13 +127,7 @@ class JaxBackend:
                 lps = batch.logprobs[r, :length].tolist()
                 slps = batch.sampling_logprobs[r, :length].tolist()
                 reason = "stop" if batch.stopped[r] else "length"
-                cut = stop_string_cut(ids, params.stop, self._decode)
-                if cut is not None:
-                    keep, text = cut
-                    ids, lps, slps, reason = ids[:keep], lps[:keep], slps[:keep], "stop"
-                else:
-                    text = self._decode(ids)
-                group.append(Completion(token_ids=ids, logprobs=lps, text=text, finish_reason=reason, sampling_logprobs=slps))
+                group.append(Completion(token_ids=ids, logprobs=lps, text=texts[r], finish_reason=reason, sampling_logprobs=slps))
             groups.append(group)
         return groups
 

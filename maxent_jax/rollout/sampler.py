@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -229,12 +229,18 @@ class Sampler:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         key: jax.Array,
+        decode: Callable[[Sequence[int]], str] | None = None,
     ) -> SampleBatch:
-        """`params.n` completions for each prompt (token ids, no padding). Stop strings are the caller's job.
+        """`params.n` completions for each prompt (token ids, no padding).
 
         `state` is what `nnx.split` gave with `self.graphdef`: one state, or a tuple such as the
-        trainer's `(params, rest)`; sharded arrays are used where they are.
+        trainer's `(params, rest)`; sharded arrays are used where they are. Stop strings
+        (`params.stop`) need `decode` (token ids -> text, e.g. the tokenizer's decode with
+        skip_special_tokens) and are applied on the host after the loop; without it they
+        are refused rather than ignored.
         """
+        if params.stop and decode is None:
+            raise ValueError(f"stop strings {list(params.stop)!r} need decode= (token ids -> text) to be applied")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if params.n < 1 or params.max_tokens < 1:
@@ -285,13 +291,18 @@ class Sampler:
         )
         tokens, logprobs, sampling_lp, lengths, stopped = jax.device_get(outputs)
         rows, width = num_prompts * n, params.max_tokens
-        return SampleBatch(
+        batch = SampleBatch(
             tokens=tokens[:rows, :width],
             logprobs=logprobs[:rows, :width],
             sampling_logprobs=sampling_lp[:rows, :width],
             lengths=lengths[:rows],
             stopped=stopped[:rows],
         )
+        if params.stop:
+            from maxent_jax.rollout.stop_strings import apply_stop_strings
+
+            batch, _ = apply_stop_strings(batch, params.stop, decode, self.pad_token_id)
+        return batch
 
     @property
     def num_programs(self) -> int:
