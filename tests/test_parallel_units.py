@@ -18,8 +18,10 @@ from maxent_jax.parallel.flops import decoder_flops_per_token, decoder_matmul_pa
 from maxent_jax.parallel.mesh import MESH_AXES, make_mesh, resolve_mesh_shape
 from maxent_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
+    activation_sharding,
     batch_divisor,
     batch_spec,
+    constrain_activation,
     logical_to_spec,
     resolve_rules,
     tree_shardings,
@@ -127,6 +129,20 @@ def test_decoder_param_and_opt_state_shardings_follow_the_table():
     opt_sh = tree_shardings(opt_state, mesh)
     assert opt_sh[0].mu["lm_head"].get_value().spec == P("fsdp", "tensor")
     assert opt_sh[0].count == NamedSharding(mesh, P())
+
+
+def test_constrain_activation_pins_the_batch_only_inside_the_context():
+    mesh = make_mesh((2, 2, 2))
+    x = np.ones((8, 3, 4), np.float32)
+    assert constrain_activation(x, ("batch", "seq", "act_embed")) is x  # eager / single-device code
+
+    def double(x):
+        with activation_sharding(mesh):
+            return constrain_activation(x * 2, ("batch", "seq", "act_embed"))
+
+    y = jax.jit(double)(x)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+    assert constrain_activation(x, ("batch", "seq", "act_embed")) is x  # context left
 
 
 # --- batch ------------------------------------------------------------------------------

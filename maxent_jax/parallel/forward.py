@@ -27,8 +27,10 @@ from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
     Rules,
+    activation_sharding,
     batch_divisor,
     batch_spec,
+    constrain_activation,
     tree_shardings,
 )
 from maxent_jax.parallel.train_step import check_batch
@@ -45,6 +47,7 @@ def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk
     completion_len = batch["completion_ids"].shape[1]
     prompt_len = batch["input_ids"].shape[1] - completion_len
     predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
+    predicting = constrain_activation(predicting, ("batch", "seq", "act_embed"))
     return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size)
 
 
@@ -108,7 +111,8 @@ def make_logprob_fn(
     def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         model = nnx.merge(graphdef, params, rest)
         score = lambda b: completion_logprobs(model, b, chunk_size=chunk_size)  # noqa: E731
-        return _in_micro_batches(score, batch, micro_batches).astype(jnp.float32)
+        with activation_sharding(mesh, rules):
+            return _in_micro_batches(score, batch, micro_batches).astype(jnp.float32)
 
     jitted = jax.jit(forward, in_shardings=(params_sh, rest_sh, rows), out_shardings=rows)
     blocking = mesh.devices.flat[0].platform == "cpu"

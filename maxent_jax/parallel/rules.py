@@ -10,9 +10,11 @@ wrappers and their metadata), so the same function shards it too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Iterable, Sequence
+import threading
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -37,6 +39,7 @@ LOGICAL_AXIS_RULES: Rules = (
     ("head_dim", ()),
     ("layers", ()),  # stacked-layer dimension of scanned blocks
     ("seq", ()),
+    ("act_embed", ()),  # model width of activations: whole on each device (weights' 'embed' is split)
 )
 
 
@@ -176,3 +179,34 @@ def batch_spec(rules: Rules = LOGICAL_AXIS_RULES, micro_batched: bool = True) ->
 def batch_divisor(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> int:
     """How many devices the example dimension is split over (batch sizes must divide by it)."""
     return math.prod(mesh.shape[a] for a in dict(rules).get("batch", ()))
+
+
+_ACTIVE = threading.local()  # (mesh, rules) while a sharded program is being traced
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Within this context (entered inside a jitted function), `constrain_activation` applies."""
+    previous = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = (mesh, rules)
+    try:
+        yield
+    finally:
+        _ACTIVE.value = previous
+
+
+def constrain_activation(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical names, e.g. `(batch, seq, act_embed)`; else identity.
+
+    Why: without it XLA's propagation meets batch-sharded inputs and `embed`-sharded weights
+    on the same mesh axis (`fsdp`) and may resolve the conflict by gathering the whole batch's
+    activations on every device. Pinning the residual stream to `P(('data', 'fsdp'))` makes
+    FSDP gather weights instead. Outside `activation_sharding` (eager code, single-device
+    tests, the sampler) this returns `x` unchanged.
+    """
+    active = getattr(_ACTIVE, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical, x.shape, mesh, rules, where="activation")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

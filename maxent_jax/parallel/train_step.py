@@ -26,6 +26,7 @@ from maxent_jax.errors import UserError
 from maxent_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
     Rules,
+    activation_sharding,
     batch_divisor,
     batch_spec,
     tree_shardings,
@@ -259,9 +260,10 @@ def make_train_step(
     def step(
         state: TrainState, rest: nnx.State, batch: Batch, scalars: dict[str, jax.Array]
     ) -> tuple[TrainState, Metrics]:
-        loss, metrics, grads = _accumulate(
-            graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params
-        )
+        with activation_sharding(mesh, rules):
+            loss, metrics, grads = _accumulate(
+                graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params
+            )
         new_state, grad_norm, skipped = _guarded_update(optimizer, state, loss, grads)
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
 
