@@ -65,3 +65,32 @@ def test_serve_entry_point_killed_mid_run_client_retries_then_fails_clearly(roll
     assert "error" in outcome, "the request finished before the kill; make it longer"
     message = str(outcome["error"])
     assert f"{url}/generate failed after 3 attempt(s)" in message and "ConnectionRefusedError" in message
+
+
+@pytest.mark.slow
+def test_bfloat16_server_takes_a_bfloat16_push(rollout_model_dirs):
+    """`--dtype bfloat16`: /info says bfloat16, push_params casts on device, frames carry BF16."""
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.server import RolloutServer
+
+    dir_a, dir_b = rollout_model_dirs
+    cfg, model_b = load_hf_checkpoint(dir_b)
+
+    def serve(model_dir):
+        return RolloutServer(JaxBackend.from_pretrained(model_dir, dtype="bfloat16"), port=0, token=TOKEN).start()
+
+    server = serve(dir_a)
+    try:
+        client = RolloutClient(server.url, client_tag="bf16", token=TOKEN)
+        assert client.info()["dtype"] == "bfloat16"
+        report = client.push_params(nnx.state(model_b, nnx.Param), cfg)
+        assert report["weight_version"] == 1
+        pushed = client.generate(PROMPTS, GREEDY)
+    finally:
+        server.stop()
+    fresh_server = serve(dir_b)
+    try:
+        fresh = RolloutClient(fresh_server.url, client_tag="bf16").generate(PROMPTS, GREEDY)
+    finally:
+        fresh_server.stop()
+    assert _ids(pushed) == _ids(fresh)
