@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -224,3 +225,26 @@ def test_flat_results_are_regrouped_in_blocks_of_n(scripted):
     server = scripted((200, flat, 0))
     batch = _client(server.url).generate(["a", "b"], PARAMS)
     assert [[s.token_ids.tolist() for s in g] for g in batch.groups] == [[[0], [1]], [[2], [3]]]
+
+
+def test_short_groups_are_filled_in_further_rounds(scripted):
+    first = _body([[_output("me"), _output("other")], [_output("me"), _output("me")]])
+    second = _body([[_output("me", (9,))]])
+    server = scripted((200, first, 0), (200, second, 0))
+    batch = _client(server.url).generate_groups(["a", "b"], dataclasses.replace(PARAMS, seed=5), retry_sleep=0.0)
+    assert [len(g) for g in batch.groups] == [2, 2] and batch.groups[0][1].token_ids.tolist() == [9]
+    payload = server.requests[1][1]
+    assert payload["prompts"] == ["a"] and payload["n"] == 1 and payload["seed"] == 6  # only the need, a new seed
+    assert batch.metrics["rollout/rounds"] == 2.0 and batch.metrics["rollout/partial_prompts"] == 0.0
+
+
+def test_client_from_config(tmp_path):
+    from maxent_jax.config import get_base_config
+
+    config = get_base_config()
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    config.vllm.url, config.vllm.client_tag, config.vllm.token_file = "http://127.0.0.1:9001/generate", "tag-x", str(token)
+    client = RolloutClient.from_config(config)
+    assert (client.url, client.client_tag, client.token, client.max_retries) == ("http://127.0.0.1:9001", "tag-x", "s3cret", 3)
+    assert client.char_limit == max(2048, 4 * config.rollout.max_prompt_length)

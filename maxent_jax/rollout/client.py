@@ -142,6 +142,29 @@ class RolloutClient:
         self.char_limit = prompt_char_limit(max_prompt_length, env)
         self.dropped_foreign = 0  # results/outputs with another client's tag, over this client's life
 
+    @classmethod
+    def from_config(cls, config: Any) -> "RolloutClient":
+        """A client from the run config (`config.vllm.*`, `config.rollout.max_prompt_length`)."""
+        v = config.vllm
+        token = None
+        if v.token_file:
+            try:
+                with open(v.token_file, encoding="utf-8") as handle:
+                    token = handle.read().strip() or None
+            except OSError as err:
+                raise ValueError(f"vllm.token_file={v.token_file!r}: cannot read it ({err.strerror})") from None
+        return cls(
+            v.url,
+            client_tag=v.client_tag or None,
+            timeout=v.server_timeout,
+            max_retries=v.max_retries,
+            backoff=v.backoff,
+            backoff_multiplier=v.backoff_multiplier,
+            require_tag_echo=v.client_tag_fail_fast,
+            token=token,
+            max_prompt_length=config.rollout.max_prompt_length,
+        )
+
     # -- transport ------------------------------------------------------------------------
 
     def _once(self, method: str, path: str, body: Any, headers: dict, chunked: bool = False) -> _Reply:
@@ -243,6 +266,54 @@ class RolloutClient:
             "rollout/empty_prompts": float(sum(not g for g in groups)),
             "rollout/clipped_prompts": float(n_clipped),
         }
+        if current_step is not None:
+            metrics["rollout/weight_staleness_steps"] = float(current_step - version)
+        return RolloutBatch(groups=groups, weight_version=version, metrics=metrics)
+
+    def generate_groups(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        max_rounds: int = 0,
+        retry_sleep: float = 0.5,
+        current_step: int | None = None,
+    ) -> RolloutBatch:
+        """`generate`, then re-ask for the completions of groups left short (REFERENCE_SPEC 3.3).
+
+        Up to `max_rounds` requests in all (0 = n); prompts are bucketed by how many they still
+        need; a seeded request gets seed + round so a retry does not repeat the same samples.
+        Groups still short afterwards are returned short (`rollout/partial_prompts`).
+        """
+        rounds = max_rounds if max_rounds > 0 else params.n
+        batch = self.generate(prompts, params, current_step=current_step)
+        groups = [list(g) for g in batch.groups]
+        metrics = dict(batch.metrics)
+        used = 1
+        while used < rounds:
+            short: dict[int, list[int]] = {}
+            for i, group in enumerate(groups):
+                if len(group) < params.n:
+                    short.setdefault(params.n - len(group), []).append(i)
+            if not short:
+                break
+            time.sleep(retry_sleep)
+            for need, indices in short.items():
+                seed = None if params.seed is None else params.seed + used
+                extra = self.generate([prompts[i] for i in indices], dataclasses.replace(params, n=need, seed=seed))
+                for i, group in zip(indices, extra.groups):
+                    groups[i].extend(group)
+                metrics["rollout/latency_s"] += extra.metrics["rollout/latency_s"]
+                metrics["rollout/foreign_tag_dropped"] += extra.metrics["rollout/foreign_tag_dropped"]
+            used += 1
+        version = min(s.weight_version for g in groups for s in g)
+        metrics.update({
+            "rollout/rounds": float(used),
+            "rollout/weight_version": float(version),
+            "rollout/completions": float(sum(len(g) for g in groups)),
+            "rollout/partial_prompts": float(sum(0 < len(g) < params.n for g in groups)),
+            "rollout/empty_prompts": float(sum(not g for g in groups)),
+        })
         if current_step is not None:
             metrics["rollout/weight_staleness_steps"] = float(current_step - version)
         return RolloutBatch(groups=groups, weight_version=version, metrics=metrics)
