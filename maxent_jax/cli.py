@@ -48,6 +48,9 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
         named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         field = named[0][len("--config."):] if named else key
         raise UserError(f"unknown config field {field!r}; see docs/configuration.md for every field") from None
+    except ImportError as err:
+        raise UserError(f"the --config file could not import {err.name or err}: run from the repository root "
+                        "(recipes import the configs package)") from None
     except OSError as err:
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
         raise UserError(f"could not load --config={path}: {_one_line(err).rsplit(']', 1)[-1].strip()}") from None

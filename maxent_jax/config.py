@@ -213,7 +213,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.max_steps = 100  # optimizer steps
     c.train.num_train_epochs = 1
-    c.train.per_device_train_batch_size = 2  # prompts per micro-batch on each host process
+    c.train.per_device_train_batch_size = 2  # prompts per micro-batch per device of the ('data', 'fsdp') axes
     c.train.gradient_accumulation_steps = 1
     # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
     # needs it: a random model cannot discover the answer format by RL alone).
@@ -437,8 +437,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     s = config.info_seed
     if s.enabled and s.num_seeds < 1:
         raise _fail("info_seed.num_seeds", s.num_seeds, "an integer >= 1 when info_seed.enabled=True")
-    if s.enabled and s.loss_type == "ce" and s.num_seeds < 2:
-        raise _fail("info_seed.num_seeds", s.num_seeds, "an integer >= 2 with info_seed.loss_type='ce'")
+    if s.enabled and s.lambda_ > 0 and s.loss_type == "ce":
+        raise _fail("info_seed.loss_type", "ce", "'infonce' (the trainer has no seed classification head; the "
+                    "reference's 'ce' path fails at runtime, Q22)")
 
     r = config.rewards
     if r.reward_weights and len(r.reward_weights) != len(r.reward_funcs):

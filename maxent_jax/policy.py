@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.objectives.infoseed import pool_hidden
 
 Array = jax.Array
 ScoreOutput = tuple[Array, Array]
@@ -49,15 +50,22 @@ def sft_loss(chunk_size: int) -> Callable:
     return loss_fn
 
 
-def rl_loss(objective: Callable, settings, chunk_size: int) -> Callable:
+def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean") -> Callable:
     """The train step's loss: completion log-probs of the live policy, then the registered objective.
 
     `batch["beta"]` `[P]` carries the step's beta (the same value on every row), so a changing
-    beta never recompiles the step.
+    beta never recompiles the step. With InfoSeed's InfoNCE term on, the pooled last hidden
+    states of each scored row enter the batch undetached, so the auxiliary loss trains the
+    policy (the reference detaches them, Q21).
     """
+    seed_loss = settings.info_seed.lambda_ > 0
 
     def loss_fn(model, batch):
-        token_logp, _ = completion_logprobs(model, batch, chunk_size)
+        token_logp, hidden = completion_logprobs(model, batch, chunk_size)
+        if seed_loss:
+            p, g = batch["input_ids"].shape[:2]
+            pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
+            batch = {**batch, "seed_hidden": pooled.reshape(p, g, -1)}
         coefs = {"beta": batch["beta"][0]}
         return objective(token_logp, batch, coefs, settings)
 

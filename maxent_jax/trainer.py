@@ -37,6 +37,7 @@ from maxent_jax.controllers.update import update_controllers
 from maxent_jax.data.stream import BatchStream
 from maxent_jax.errors import UserError
 from maxent_jax.objectives.grpo import prepare_grpo_batch
+from maxent_jax.objectives.infoseed import render_seed_prompts
 from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.mesh import make_mesh
@@ -76,10 +77,16 @@ class Trainer:
         self.config = config
         self.workdir = workdir
         c = config
-        self.num_prompts = c.train.per_device_train_batch_size * c.train.gradient_accumulation_steps
-        self.group = c.rollout.num_generations
+        self.seeds = c.info_seed.num_seeds if c.info_seed.enabled else 0
+        self.group = c.rollout.num_generations + self.seeds  # K: completions per prompt group
+        self.seed_rng = np.random.default_rng([c.seed, 9])  # seeded seed ids (the reference's are not, Q20)
         self.mesh = make_mesh(tuple(c.mesh.shape))
         self.rules = resolve_rules(_rule_overrides(c.mesh.rules))
+        batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # Prompts this host samples per optimizer step: per_device x batch devices x accumulation,
+        # split over host processes (each feeds its slice of the global batch).
+        self.num_prompts = (c.train.per_device_train_batch_size * batch_devices
+                            * c.train.gradient_accumulation_steps) // jax.process_count()
         self.policy = load_policy(c, self.mesh, self.rules)
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
@@ -90,7 +97,8 @@ class Trainer:
         self.objective_settings = objective_settings(c)
         objective = get_objective("grpo" if c.objective.train_grpo_objective else "maxent")
         self.rl_step = make_train_step(self.policy.graphdef, self.policy.rest, self.state, self.optimizer,
-                                       rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size),
+                                       rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
+                                               c.info_seed.pooling),
                                        self.mesh, self.rules)
         self.param_shardings = tree_shardings(self.state.params, self.mesh, self.rules)
         self.score = jax.jit(self._score_fn, in_shardings=(self.param_shardings, None))
@@ -146,19 +154,35 @@ class Trainer:
         return self.policy.generate(self.state.params, prompt_ids, self._sampling_params(n), key)
 
     def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
+        """G completions per prompt, plus one per seed prompt when InfoSeed is on (spec 9.1).
+
+        Seed completions join their parent's group (group size G + num_seeds) and are scored
+        under the parent prompt: the seed tag is only in the generation context.
+        """
         start = time.monotonic()
-        c, g = self.config, self.group
+        c, n = self.config, self.config.rollout.num_generations
         prompt_ids = [r["prompt_ids"] for r in rows]
-        completions, behaviour, stopped = self.generate(prompt_ids, g)
-        texts = self.policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        answers = [r["answer"] for r in rows for _ in range(g)]
+        ids, logps, stopped = self.generate(prompt_ids, n)
+        seed_ids = np.full((len(rows), self.group), -1, np.int32)
+        if self.seeds:
+            seed_prompts, seed_ids[:, n:] = render_seed_prompts(
+                [r["prompt"] for r in rows], self.seeds, c.info_seed.prompt_template, self.seed_rng)
+            encoded = self.policy.tokenizer(seed_prompts, add_special_tokens=False)["input_ids"]
+            s_ids, s_logps, s_stopped = self.generate([x[-c.rollout.max_prompt_length:] for x in encoded], 1)
+            ids, logps, stopped = (_interleave(a, b, n, self.seeds) for a, b in
+                                   ((ids, s_ids), (logps, s_logps), (list(stopped), list(s_stopped))))
+        k = self.group
+        texts = self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        answers = [r["answer"] for r in rows for _ in range(k)]
         utilities, parts = self.rewards(texts, answers, is_eval=False)
-        completion_len = scoring.bucket(max(len(x) for x in completions), 8, c.rollout.max_completion_length)
+        completion_len = scoring.bucket(max(len(x) for x in ids), 8, c.rollout.max_completion_length)
         batch = scoring.build_score_batch(
-            [p for p in prompt_ids for _ in range(g)], completions, prompt_len=self.task.prompt_len,
-            completion_len=completion_len, pad_id=self.policy.pad_id, behaviour_logps=behaviour)
-        return Rollout(batch=batch, utilities=np.asarray(utilities, np.float32).reshape(-1, g), reward_parts=parts,
-                       texts=texts, lengths=np.array([len(x) for x in completions]), stopped=np.asarray(stopped),
+            [p for p in prompt_ids for _ in range(k)], ids, prompt_len=self.task.prompt_len,
+            completion_len=completion_len, pad_id=self.policy.pad_id, behaviour_logps=logps)
+        batch["seed_ids"] = seed_ids.reshape(-1)
+        batch["is_seed_aug"] = seed_ids.reshape(-1) >= 0
+        return Rollout(batch=batch, utilities=np.asarray(utilities, np.float32).reshape(-1, k), reward_parts=parts,
+                       texts=texts, lengths=np.array([len(x) for x in ids]), stopped=np.asarray(stopped),
                        seconds=time.monotonic() - start)
 
     # -- one RL step ---------------------------------------------------------------------
@@ -403,6 +427,14 @@ class Trainer:
 def _eos_suffix(tokenizer: Any) -> str:
     """The end-of-turn token a worked solution ends with, so the model learns to stop."""
     return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
+
+
+def _interleave(originals: list, seeds: list, n: int, s: int) -> list:
+    """Prompt-major rows: each prompt's n originals followed by its s seed completions."""
+    out = []
+    for p in range(len(originals) // n):
+        out += originals[p * n:(p + 1) * n] + seeds[p * s:(p + 1) * s]
+    return out
 
 
 def _rule_overrides(rules: Sequence[str]) -> list[tuple[str, str | None]]:

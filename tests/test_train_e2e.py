@@ -1,0 +1,117 @@
+"""End-to-end training runs of the tiny default: GRPO, MaxEnt and InfoSeed, one and eight devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs.tiny import get_config
+from maxent_jax.cli import REPO_ROOT
+from maxent_jax.trainer import Trainer
+
+SHORT = {
+    "train.sft_warmup_steps": 2,
+    "train.max_steps": 2,
+    "train.per_device_train_batch_size": 1,
+    "rollout.num_generations": 4,
+    "rollout.max_completion_length": 16,
+    "data.synthetic.num_train": 64,
+    "data.synthetic.num_eval": 8,
+    "eval.eval_steps": 2,
+    "eval.per_device_eval_batch_size": 8,
+    "checkpoint.save_steps": 2,
+    "logging.progress": False,
+}
+
+
+def tiny_config(**overrides):
+    config = get_config()
+    for path, value in {**SHORT, **overrides}.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def run(config, workdir):
+    trainer = Trainer(config, workdir)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _finite_train_metrics(records):
+    record = [r for r in records if "train/loss" in r][-1]
+    values = {k: v for k, v in record.items() if k.startswith("train/") and isinstance(v, float)}
+    assert values and all(np.isfinite(v) for v in values.values()), values
+    return values
+
+
+def test_maxent_run_on_the_8_device_mesh_writes_everything(tmp_path):
+    assert jax.device_count() == 8
+    records = run(tiny_config(), tmp_path)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    last = _finite_train_metrics(records)
+    for key in ("train/loss", "train/reward", "train/reward_std", "train/kl", "train/beta", "train/tau",
+                "train/weight_entropy", "train/grad_norm", "train/learning_rate", "train/num_tokens",
+                "train/completions/mean_length_sampled", "train/frac_reward_zero_std"):
+        assert key in last, key
+    assert records[0]["run/git_sha"] and any("eval/mean_reward" in r for r in records)
+    assert json.loads((tmp_path / "controller_state.json").read_text())["tau"] == pytest.approx(0.1)
+    assert (tmp_path / "final_hf" / "config.json").exists() and (tmp_path / "final_hf" / "controller_state.json").exists()
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_grpo_objective_runs(tmp_path):
+    records = run(tiny_config(**{"objective.train_grpo_objective": True, "eval.do_eval": False,
+                                 "checkpoint.export_final": False}), tmp_path)
+    last = _finite_train_metrics(records)
+    assert last["train/grpo_objective"] == 1.0
+
+
+@pytest.mark.slow
+def test_infoseed_runs_and_reports_seed_metrics(tmp_path):
+    records = run(tiny_config(**{"objective.train_grpo_objective": True, "info_seed.enabled": True,
+                                 "info_seed.num_seeds": 2, "info_seed.lambda_": 0.01,
+                                 "info_seed.alpha_entropy": 0.5, "eval.do_eval": False,
+                                 "checkpoint.export_final": False}), tmp_path)
+    last = _finite_train_metrics(records)
+    assert last["train/loss/seed"] > 0 and last["train/seed/seed_aug_frac"] == pytest.approx(2 / 6)
+
+
+@pytest.mark.slow
+def test_one_device_and_eight_devices_agree(tmp_path):
+    """The same config and seed on a 1-device and an 8-device layout give the same metrics."""
+    overrides = ["--config." + k + "=" + str(v) for k, v in SHORT.items()]
+    overrides += ["--config.train.per_device_train_batch_size=8", "--config.eval.do_eval=False",
+                  "--config.checkpoint.export_final=False", "--config.checkpoint.save_steps=0"]
+    records = {}
+    for devices, mesh in ((1, "(1,1,1)"), (8, "(1,8,1)")):
+        per_device = 8 // devices
+        args = [a for a in overrides if "per_device_train_batch_size" not in a]
+        args += [f"--config.train.per_device_train_batch_size={per_device}", f"--config.mesh.shape={mesh}"]
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        workdir = tmp_path / f"d{devices}"
+        proc = subprocess.run([sys.executable, "-m", "maxent_jax.train", f"--workdir={workdir}", *args],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        records[devices] = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for one, eight in zip(*(sorted((r for r in records[d] if "train/loss" in r), key=lambda r: r["step"]) for d in (1, 8))):
+        for key in ("train/reward", "train/loss", "train/kl", "train/weight_entropy", "train/grad_norm"):
+            assert one[key] == pytest.approx(eight[key], rel=1e-3, abs=1e-5), key
+
+
+def test_bad_dataset_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "maxent_jax.train", f"--workdir={tmp_path}",
+                           "--config.data.dataset_name=" + str(tmp_path / "missing.jsonl")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "missing.jsonl" in proc.stderr
