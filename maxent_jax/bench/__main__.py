@@ -1,0 +1,83 @@
+"""`python -m maxent_jax.bench TARGET [--preset tiny|small|qwen2_5_1_5b] [--repeats N] [--json PATH] [--vs PEER]`.
+
+Prints a table (machine, versions, setup, median / min / max / spread of every figure, the
+load average around it, ratios) and optionally writes the same as JSON. docs/benchmarks.md
+describes every target and lists the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from maxent_jax.errors import UserError, exit_on_user_error
+
+TARGETS = ("train-step", "update", "sampler", "weight-sync", "e2e")
+PEERS = {"train-step": ("trl",), "sampler": ("transformers", "vllm"), "weight-sync": ("vllm",)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from maxent_jax.bench.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m maxent_jax.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS, help="model and batch shape (default: tiny)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side after one warm-up (default: 5)")
+    parser.add_argument("--json", help="also write the report as JSON to this path")
+    parser.add_argument("--vs", choices=("trl", "transformers", "vllm"),
+                        help="peer measured in the same invocation, runs alternated with ours")
+    parser.add_argument("--size", type=float, help="weight-sync: model size in millions of parameters (random weights)")
+    parser.add_argument("--vllm-python", help="the vLLM environment's python (default: $VLLM_PYTHON or .venv-vllm)")
+    parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} is invalid; expected an integer >= 1")
+    if args.vs is not None and args.vs not in PEERS.get(args.target, ()):
+        valid = ", ".join(PEERS.get(args.target, ())) or "none"
+        raise UserError(f"--vs {args.vs} is not a peer of target {args.target}; valid: {valid}")
+    if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
+        raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
+    return args
+
+
+def run(args: argparse.Namespace):
+    """Dispatch to the target's module (each imports what it needs only when chosen)."""
+    from maxent_jax.bench.presets import get_preset
+
+    preset = get_preset(args.preset)
+    if args.target == "sampler":
+        from maxent_jax.bench.sampler import run_sampler
+
+        return run_sampler(preset, args.repeats, args.vs, args.vllm_python)
+    if args.target == "update":
+        from maxent_jax.bench.update import run_update
+
+        return run_update(preset, args.repeats)
+    if args.target == "weight-sync":
+        from maxent_jax.bench.weight_sync import run_weight_sync
+
+        return run_weight_sync(preset, args.repeats, args.size, args.vs, args.vllm_python)
+    if args.target == "train-step":
+        from maxent_jax.bench.train_step import run_train_step
+
+        return run_train_step(preset, args.repeats, args.vs)
+    from maxent_jax.bench.e2e import run_e2e
+
+    return run_e2e(args.max_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    report = run(args)
+    print(report.table(), flush=True)
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

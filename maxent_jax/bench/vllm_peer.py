@@ -1,0 +1,84 @@
+"""The vLLM peer of the `sampler` target; this module runs inside the vLLM environment (no jax).
+
+`python -m maxent_jax.bench.vllm_peer MODEL_DIR SPEC_JSON` starts a real engine through the
+vllm rollout backend, prints `{"ready": "<vllm version>"}`, then answers each `run` line on stdin with one JSON line
+`{"seconds": s, "tokens": n}` for one generate call of the spec's prompts (n samples each,
+temperature 1, EOS ignored), and exits on end of input. The parent (`VllmPeer`) alternates
+these runs with its own, so both sides see the same machine load.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from maxent_jax.bench.timing import Run
+
+
+def serve(model_dir: str, spec: dict) -> None:
+    from maxent_jax.rollout.backend import SamplingParams
+    from maxent_jax.rollout.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(model_dir, max_model_len=spec["max_model_len"])
+    params = SamplingParams(n=spec["n"], max_tokens=spec["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+                            ignore_eos=True, seed=0)
+    print(json.dumps({"ready": backend.info()["vllm_version"]}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            continue
+        start = time.perf_counter()
+        outputs = backend.generate(spec["prompts"], params)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(c.token_ids) for group in outputs for c in group)
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+
+
+class VllmPeer:
+    """A vLLM engine in a child process (the vLLM environment's python), driven line by line."""
+
+    def __init__(self, python: Path, model_dir: Path, prompts: Sequence[Sequence[int]], generations: int,
+                 new_tokens: int):
+        from maxent_jax.cli import REPO_ROOT
+
+        spec = {"prompts": [list(p) for p in prompts], "n": generations, "max_tokens": new_tokens,
+                "max_model_len": max(len(p) for p in prompts) + new_tokens}
+        env = {"PYTHONPATH": str(REPO_ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}
+        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM logs a lot: a pipe could fill and block it
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "maxent_jax.bench.vllm_peer", str(model_dir), json.dumps(spec)],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline().strip()
+        self.version = json.loads(line)["ready"] if line.startswith('{"ready"') else None
+        if self.version is None:
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
+            self.close()
+            raise RuntimeError(f"vLLM peer did not start (got {line!r}); its log ends with:\n{tail}")
+
+    def run(self, name: str) -> Run:
+        def one() -> dict[str, float]:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+            return {name: reply["tokens"] / reply["seconds"]}
+
+        return one
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], json.loads(sys.argv[2]))
