@@ -30,6 +30,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="peer measured in the same invocation, runs alternated with ours")
     parser.add_argument("--size", type=float, help="weight-sync: model size in millions of parameters (random weights)")
     parser.add_argument("--vllm-python", help="the vLLM environment's python (default: $VLLM_PYTHON or .venv-vllm)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch peers: intra-op threads (default: torch's own, the core count)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace):
     if args.target == "sampler":
         from maxent_jax.bench.sampler import run_sampler
 
-        return run_sampler(preset, args.repeats, args.vs, args.vllm_python)
+        return run_sampler(preset, args.repeats, args.vs, args.vllm_python, args.torch_threads)
     if args.target == "update":
         from maxent_jax.bench.update import run_update
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace):
     if args.target == "train-step":
         from maxent_jax.bench.train_step import run_train_step
 
-        return run_train_step(preset, args.repeats, args.vs)
+        return run_train_step(preset, args.repeats, args.vs, args.torch_threads)
     from maxent_jax.bench.e2e import run_e2e
 
     return run_e2e(args.max_steps)

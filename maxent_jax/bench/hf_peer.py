@@ -9,7 +9,7 @@ from maxent_jax.bench.timing import Run, timed
 
 
 def generate_run(model_dir: Path, prompts: Sequence[Sequence[int]], generations: int, new_tokens: int,
-                 pad_id: int, eos_id: int | None, name: str) -> Run:
+                 pad_id: int, eos_id: int | None, name: str, torch_threads: int | None = None) -> Run:
     """A run of transformers `generate`: G samples per prompt at temperature 1, full length (EOS suppressed).
 
     `min_new_tokens = max_new_tokens` keeps EOS out, `top_k=0` turns off transformers' default
@@ -18,8 +18,12 @@ def generate_run(model_dir: Path, prompts: Sequence[Sequence[int]], generations:
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     torch.manual_seed(0)
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     input_ids = torch.tensor([list(p) for p in prompts], dtype=torch.long)
     attention_mask = torch.ones_like(input_ids)

@@ -35,12 +35,15 @@ def vllm_python(explicit: str | None) -> Path:
     return path
 
 
-def export_for_peers(model, cfg, out_dir: Path, *, with_tokenizer: bool) -> Path:
-    """Our initial weights (and the offline tokenizer) as an HF directory that transformers/vLLM load."""
+def export_for_peers(model, cfg, out_dir: Path, *, tokenizer_dir: str | Path | None = None) -> Path:
+    """Our weights (and a tokenizer directory's files) as an HF directory that transformers/vLLM load.
+
+    Without `tokenizer_dir` the offline tokenizer (vocabulary 512) is built next to `out_dir`:
+    vLLM needs a tokenizer even when prompts are token ids.
+    """
     from maxent_jax.model.hf_io import export_hf_checkpoint
 
-    tokenizer_dir = None
-    if with_tokenizer:
+    if tokenizer_dir is None:
         from maxent_jax.data.tokenizer import build_offline_tokenizer
 
         tokenizer_dir = build_offline_tokenizer(out_dir.parent / "tokenizer")

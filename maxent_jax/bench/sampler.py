@@ -37,7 +37,8 @@ def our_run(preset: Preset, model) -> Run:
     return run
 
 
-def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str | None = None) -> Report:
+def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str | None = None,
+                torch_threads: int | None = None) -> Report:
     from flax import nnx
 
     from maxent_jax.bench import peers
@@ -57,14 +58,17 @@ def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str |
     closer = None
     with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
         if vs is not None:
-            model_dir = peers.export_for_peers(model, preset.model, Path(tmp) / "model", with_tokenizer=vs == "vllm")
+            model_dir = peers.export_for_peers(model, preset.model, Path(tmp) / "model")
         if vs == "transformers":
             from maxent_jax.bench.hf_peer import generate_run
 
             peer = "transformers: generate"
             runs[vs] = generate_run(model_dir, preset.prompt_ids(), preset.generations, preset.new_tokens,
-                                    preset.model.pad_token_id or 0, preset.model.eos_token_id, peer)
+                                    preset.model.pad_token_id or 0, preset.model.eos_token_id, peer, torch_threads)
             report.add_package_versions(["torch", "transformers"])
+            import torch
+
+            report.setup["torch_threads"] = torch.get_num_threads()
         elif vs == "vllm":
             from maxent_jax.bench.vllm_peer import VllmPeer
 

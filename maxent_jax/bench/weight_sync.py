@@ -1,0 +1,139 @@
+"""`weight-sync` target: live params -> HF-named host tensors -> `POST /weights` of a rollout server.
+
+A real server runs in a child process on loopback (`python -m maxent_jax.serve --backend jax`,
+and with `--vs vllm` a `--backend vllm` one in the vLLM environment), started on an export of
+the same weights. One run = one whole push through `RolloutClient.push_params`: layout change
+and cast on device, one tensor at a time to the host, streamed in the safetensors framing,
+validated and applied atomically by the server, answered. GB/s = tensor bytes / wall time.
+A second figure times the conversion alone (params -> HF host tensors, no network), which
+bounds what any transport can reach.
+
+`--size M` replaces the preset's model by a random Qwen2 of about M million parameters:
+blocks of width 1024 (16 heads of 64, 4 kv heads, MLP 2816, ~11.3M each), vocabulary 512.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from maxent_jax.bench.presets import Preset
+from maxent_jax.bench.report import Report
+from maxent_jax.bench.timing import Run, alternate, timed
+
+READY = "rollout server ready at "
+_BLOCK = dict(hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=64, intermediate_size=2816)
+
+
+def sized_model(size_m: float):
+    """A Qwen2 config of about `size_m` million parameters (at least one block)."""
+    from maxent_jax.model.config import ModelConfig
+
+    d, f = _BLOCK["hidden_size"], _BLOCK["intermediate_size"]
+    q, kv = _BLOCK["num_heads"] * _BLOCK["head_dim"], _BLOCK["num_kv_heads"] * _BLOCK["head_dim"]
+    per_block = d * (q + 2 * kv) + q * d + 3 * d * f
+    embed = 512 * d
+    layers = max(1, round((size_m * 1e6 - embed) / per_block))
+    return ModelConfig.tiny(num_layers=layers, **_BLOCK)
+
+
+class ServerProcess:
+    """`python -m maxent_jax.serve` in a child process on 127.0.0.1, a free port and a fresh token."""
+
+    def __init__(self, python: str, backend: str, model_dir: Path, workdir: Path):
+        from maxent_jax.cli import REPO_ROOT
+
+        self.token = secrets.token_hex(16)
+        token_file = workdir / f"token-{backend}"
+        token_file.write_text(self.token)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
+               "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            [python, "-m", "maxent_jax.serve", "--backend", backend, "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", "0", "--token-file", str(token_file), "--log-level", "WARNING"],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith(READY):
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
+            self.close()
+            raise RuntimeError(f"{backend} rollout server did not start (got {line!r}); its log ends with:\n{tail}")
+        self.url = line[len(READY):].strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
+    from maxent_jax.rollout.client import RolloutClient
+
+    client = RolloutClient(server.url, token=server.token, timeout=600.0, max_retries=1)
+    dtype = client.info()["dtype"]
+
+    def run() -> dict[str, float]:
+        stats = client.push_params(params, cfg, dtype=dtype)
+        return {f"{name}: push": stats["gb_per_s"], f"{name}: push time": stats["seconds"]}
+
+    return run
+
+
+def convert_run(params, cfg) -> Run:
+    from maxent_jax.model.hf_io import iter_hf_tensors
+
+    def run() -> dict[str, float]:
+        seconds, nbytes = timed(lambda: sum(t.nbytes for _, t in iter_hf_tensors(params, cfg, cfg.param_dtype)))
+        return {"convert only: params -> HF host tensors": nbytes / 1e9 / seconds}
+
+    return run
+
+
+def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str | None,
+                    vllm_python: str | None = None) -> Report:
+    from flax import nnx
+
+    from maxent_jax.bench import peers
+    from maxent_jax.model.decoder import Decoder
+    from maxent_jax.parallel.flops import decoder_matmul_params
+
+    cfg = sized_model(size_m) if size_m else preset.model
+    python = str(peers.vllm_python(vllm_python)) if vs == "vllm" else None
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    nbytes = sum(x.nbytes for x in __import__("jax").tree.leaves(params))
+    report = Report("weight-sync", f"{preset.name}" if not size_m else f"--size {size_m:g}", repeats, {
+        "model": f"{cfg.family} L{cfg.num_layers} D{cfg.hidden_size} V{cfg.vocab_size} {cfg.param_dtype}",
+        "params_M": round(nbytes / 4 / 1e6, 2) if cfg.param_dtype == "float32" else None,
+        "matmul_params_M": round(decoder_matmul_params(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim) / 1e6, 2),
+        "bytes_per_push": nbytes, "transport": "HTTP chunked on 127.0.0.1"})
+    servers: list[ServerProcess] = []
+    with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
+        model_dir = peers.export_for_peers(model, cfg, Path(tmp) / "model")
+        try:
+            servers.append(ServerProcess(sys.executable, "jax", model_dir, Path(tmp)))
+            runs = {"convert": convert_run(params, cfg), "jax": push_run(servers[0], params, cfg, "jax server")}
+            if vs == "vllm":
+                servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp)))
+                runs["vllm"] = push_run(servers[1], params, cfg, "vllm server")
+            units = {"convert only: params -> HF host tensors": "GB/s", "jax server: push": "GB/s",
+                     "jax server: push time": "s", "vllm server: push": "GB/s", "vllm server: push time": "s"}
+            for figure in alternate(runs, repeats, units):
+                report.add(figure)
+        finally:
+            for server in servers:
+                server.close()
+    report.notes.append("goal: >= 2 GB/s on loopback")
+    return report
