@@ -181,13 +181,25 @@ class RolloutClient:
         finally:
             conn.close()
 
-    def _call(self, method: str, path: str, body: Any = None, headers: dict | None = None, retry: bool = True) -> tuple[_Reply, int]:
-        """One request with retries on transport errors and 5xx; returns (reply, attempts used)."""
-        attempts = self.max_retries if retry else 1
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Callable[[], Any] | None = None,
+        headers: dict | None = None,
+        *,
+        attempts: int | None = None,
+        chunked: bool = False,
+    ) -> tuple[_Reply, int]:
+        """One request with retries on transport errors and 5xx; returns (reply, attempts used).
+
+        `body` makes the request body afresh for every attempt (a streamed body is consumed).
+        """
+        attempts = attempts or self.max_retries
         last = "no attempt"
         for attempt in range(1, attempts + 1):
             try:
-                reply = self._once(method, path, body, dict(headers or {}))
+                reply = self._once(method, path, body() if body else None, dict(headers or {}), chunked)
             except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout
                 last = f"{type(err).__name__}: {err}"
             else:
@@ -231,7 +243,7 @@ class RolloutClient:
         return self._json(reply, "/info")
 
     def reset_prefix_cache(self) -> None:
-        reply, _ = self._call("POST", "/reset_prefix_cache", b"{}", {"Content-Type": "application/json"})
+        reply, _ = self._call("POST", "/reset_prefix_cache", lambda: b"{}", {"Content-Type": "application/json"})
         self._json(reply, "/reset_prefix_cache")
 
     # -- generate -------------------------------------------------------------------------
@@ -252,7 +264,8 @@ class RolloutClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         start = time.perf_counter()
-        reply, attempts = self._call("POST", "/generate", json.dumps(payload).encode("utf-8"), headers)
+        raw = json.dumps(payload).encode("utf-8")
+        reply, attempts = self._call("POST", "/generate", lambda: raw, headers)
         latency = time.perf_counter() - start
         body = self._json(reply, "/generate")
         groups, version, dropped = self._parse(body, len(prompts), params)
@@ -463,20 +476,7 @@ class RolloutClient:
         if version is not None:
             headers[WEIGHT_VERSION_HEADER] = str(int(version))
         start = time.perf_counter()
-        attempts = self.max_retries if replayable else 1
-        last = "no attempt"
-        for attempt in range(1, attempts + 1):
-            try:
-                reply = self._once("POST", "/weights", body(), headers, chunked=True)
-            except (OSError, http.client.HTTPException) as err:
-                last = f"{type(err).__name__}: {err}"
-            else:
-                if reply.status < 500:
-                    break
-                last = f"HTTP {reply.status}: {reply.body[:300].decode('utf-8', 'replace')}"
-            if attempt == attempts:
-                raise RolloutError(f"rollout server {self.url}/weights failed after {attempts} attempt(s); last: {last}")
-            time.sleep(self.backoff * self.backoff_multiplier ** (attempt - 1))
+        reply, _ = self._call("POST", "/weights", body, headers, attempts=None if replayable else 1, chunked=True)
         result = self._json(reply, "/weights")
         seconds = time.perf_counter() - start
         return {

@@ -183,15 +183,12 @@ class RolloutServer:
 
     def generate(self, payload: Any, header_tag: str | None) -> dict:
         request = protocol.parse_generate(payload, header_tag)
-        if request.texts is not None:
-            encode = getattr(self.backend, "encode", None)
-            if encode is None:
-                raise ProtocolError(f"the {self._info.get('backend')} backend takes prompt_token_ids only, not text prompts")
-            prompt_ids = [list(ids) for ids in encode(request.texts)]
-        else:
-            prompt_ids = request.token_ids
-        self._check_lengths(prompt_ids, request.params.max_tokens)
-        with self.engine_lock:
+        encode = getattr(self.backend, "encode", None)
+        if request.texts is not None and encode is None:
+            raise ProtocolError(f"the {self._info.get('backend')} backend takes prompt_token_ids only, not text prompts")
+        with self.engine_lock:  # also serialises the tokenizer, which is not safe to share across threads
+            prompt_ids = request.token_ids if request.texts is None else [list(ids) for ids in encode(request.texts)]
+            self._check_lengths(prompt_ids, request.params.max_tokens)
             version = self.weight_version
             completions = self.backend.generate(prompt_ids, request.params)
         return protocol.generate_response(request, prompt_ids, completions, version, str(self._info.get("model")))
