@@ -44,6 +44,28 @@ def test_push_params_streams_one_tensor_at_a_time_and_equals_a_fresh_server(roll
             np.testing.assert_array_equal(s1.logprobs, s2.logprobs)
 
 
+def test_remote_rollout_pushes_on_cadence_and_equals_the_in_process_sampler(rollout_model_dirs):
+    from maxent_jax.rollout.remote import RemoteRollout
+    from maxent_jax.rollout.sampler import Sampler
+
+    dir_a, dir_b = rollout_model_dirs
+    cfg, model_b = load_hf_checkpoint(dir_b)
+    params = nnx.state(model_b, nnx.Param)
+    with start_rollout_server("jax", dir_a) as (url, server):
+        remote = RemoteRollout(RolloutClient(url, client_tag="trainer", token=TOKEN), cfg, sync_interval_steps=2)
+        pushes = [remote.maybe_push(params, step) for step in (0, 0, 1, 2, 3)]
+        assert pushes == [True, False, False, True, False] and server.weight_version == 2
+        assert remote.metrics["rollout/push_bytes"] > 0 and remote.metrics["rollout/push_gb_per_s"] > 0
+        ids, logps, stopped = remote.generate(params, PROMPTS, GREEDY, jax.random.key(0))
+        assert remote.metrics["rollout/weight_staleness_steps"] == 1.0  # trained step 3, weights of step 2
+    sampler, state = Sampler.for_model(model_b, eos_token_ids=[cfg.eos_token_id])
+    local = sampler.generate(state, PROMPTS, GREEDY, jax.random.key(0))
+    assert ids == [row[:n].tolist() for row, n in zip(local.tokens, local.lengths)]
+    for got, row, n in zip(logps, local.logprobs, local.lengths):
+        np.testing.assert_allclose(got, row[:n], atol=1e-6)
+    np.testing.assert_array_equal(stopped, local.stopped)
+
+
 @pytest.mark.slow
 def test_serve_entry_point_killed_mid_run_client_retries_then_fails_clearly(rollout_model_dirs, tmp_path):
     with start_rollout_server("jax", rollout_model_dirs[0], subprocess_mode=True, tmp_dir=tmp_path) as (url, proc):
