@@ -274,6 +274,7 @@ def restore_checkpoint(path: str | os.PathLike, target: Any, *, partial: bool = 
     problem = checkpoint_problem(path)
     if problem:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
+    uncommitted = [isinstance(leaf, jax.Array) and not leaf.committed for leaf in jax.tree.leaves(target)]
     target = abstract_state(target)
     if partial:
         state_args = ocp.args.PyTreeRestore(
@@ -287,7 +288,24 @@ def restore_checkpoint(path: str | os.PathLike, target: Any, *, partial: bool = 
         except (ValueError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"checkpoint {path} does not match the current model/optimizer state: {first}") from None
-    return restored[_STATE], dict(restored[_EXTRAS])
+    return _uncommit(restored[_STATE], uncommitted), dict(restored[_EXTRAS])
+
+
+def _uncommit(tree: Any, flags: list[bool]) -> Any:
+    """Leaves whose target was an uncommitted array (placed by default, e.g. a fresh RNG key) come
+    back uncommitted too: Orbax returns every array committed to its target's devices, and a key
+    committed to device 0 cannot meet parameters spread over a mesh in one jitted call."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not any(flags) or len(leaves) != len(flags):
+        return tree
+
+    def uncommit(leaf: jax.Array) -> jax.Array:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=jax.random.key_impl(leaf))
+        return jax.numpy.asarray(np.asarray(leaf))
+
+    return jax.tree.unflatten(treedef, [uncommit(x) if flag else x for x, flag in zip(leaves, flags)])
 
 
 class CheckpointManager:

@@ -69,6 +69,10 @@ def test_round_trip_is_exact(tmp_path):
     assert extras == EXTRAS
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+        assert got.committed == want.committed  # fresh keys stay uncommitted: usable with mesh arrays
+    assert not restored["key"].committed and restored["params"]["w"].committed
+    w = restored["params"]["w"]
+    jax.jit(lambda k, x: jax.random.normal(jax.random.wrap_key_data(k), ()) + x)(restored["key_data"], w)
     assert (tmp_path / "checkpoints" / "5" / ckpt.MANIFEST).exists()
 
 
