@@ -123,7 +123,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rewards.reward_weights = ()
     c.rewards.eval_reward_funcs = ()
     c.rewards.eval_reward_weights = ()
-    c.rewards.num_workers = 0  # 0 = decide from batch size
+    # 0 = score in the trainer process (the built-in rewards take microseconds); N > 0 = N worker
+    # processes for slow rewards such as math_verify on long completions.
+    c.rewards.num_workers = 0
     c.rewards.timeout_s = 10.0
 
     c.objective = ml_collections.ConfigDict()

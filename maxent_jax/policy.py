@@ -13,8 +13,8 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.objectives.infoseed import pool_hidden
+from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
 
 Array = jax.Array
 ScoreOutput = tuple[Array, Array]
@@ -25,17 +25,11 @@ def _rows(x: Array) -> Array:
 
 
 def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int) -> ScoreOutput:
-    """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`).
-
-    The completion occupies the last Tc columns of every row (maxent_jax.scoring), so token j is
-    scored from the hidden state one column earlier.
-    """
-    p, g, length = batch["input_ids"].shape
-    tc = batch["completion_ids"].shape[-1]
-    hidden, _ = model(_rows(batch["input_ids"]), _rows(batch["positions"]), _rows(batch["attention_mask"]))
-    logp = token_logprobs(model, hidden[:, length - tc - 1:length - 1], _rows(batch["completion_ids"]),
-                         chunk_size=chunk_size or tc)
-    return logp.reshape(p, g, tc), hidden
+    """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`)."""
+    p, g = batch["input_ids"].shape[:2]
+    rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
+    logp, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size)
+    return logp.reshape(p, g, -1), hidden
 
 
 def sft_loss(chunk_size: int) -> Callable:
@@ -53,8 +47,8 @@ def sft_loss(chunk_size: int) -> Callable:
 def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean") -> Callable:
     """The train step's loss: completion log-probs of the live policy, then the registered objective.
 
-    `batch["beta"]` `[P]` carries the step's beta (the same value on every row), so a changing
-    beta never recompiles the step. With InfoSeed's InfoNCE term on, the pooled last hidden
+    `batch["beta"]` is the step's beta, passed as a traced scalar (`scalars` of the train step),
+    so a changing beta never recompiles the step. With InfoSeed's InfoNCE term on, the pooled last hidden
     states of each scored row enter the batch undetached, so the auxiliary loss trains the
     policy (the reference detaches them, Q21).
     """
@@ -66,7 +60,7 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
             p, g = batch["input_ids"].shape[:2]
             pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
             batch = {**batch, "seed_hidden": pooled.reshape(p, g, -1)}
-        coefs = {"beta": batch["beta"][0]}
+        coefs = {"beta": batch["beta"]}
         return objective(token_logp, batch, coefs, settings)
 
     return loss_fn

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     workdir = run_workdir(fv.workdir)
     import jax  # after validation: a bad config fails before any backend starts
 
+    from maxent_jax.parallel.distributed import initialize_distributed
+
+    initialize_distributed()  # a no-op for one process; Slurm / MASTER_ADDR variables otherwise
     cli.validated(config, device_count=jax.device_count())
     from maxent_jax.trainer import Trainer
 

@@ -41,9 +41,11 @@ from maxent_jax.objectives.infoseed import render_seed_prompts
 from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.mesh import make_mesh
-from maxent_jax.parallel.rules import resolve_rules, tree_shardings
+from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
+from maxent_jax.parallel.distributed import global_batch
+from maxent_jax.parallel.rules import batch_spec, resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
-from maxent_jax.policy import completion_logprobs, rl_loss, sft_loss
+from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
 from maxent_jax.rewards.math_accuracy import extract_answer, passes_format_gate
@@ -100,8 +102,8 @@ class Trainer:
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
                                                c.info_seed.pooling),
                                        self.mesh, self.rules)
-        self.param_shardings = tree_shardings(self.state.params, self.mesh, self.rules)
-        self.score = jax.jit(self._score_fn, in_shardings=(self.param_shardings, None))
+        self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
+                                     self.rules, chunk_size=c.model.logprob_chunk_size)
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)
@@ -119,11 +121,11 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
         r = c.rewards
-        self.rewards = RewardScorer(r.reward_funcs, r.reward_weights, num_workers=r.num_workers,
-                                    item_timeout_s=r.timeout_s)
+        workers = r.num_workers or None  # config 0 = in-process
+        self.rewards = RewardScorer(r.reward_funcs, r.reward_weights, num_workers=workers, item_timeout_s=r.timeout_s)
         self.eval_rewards = RewardScorer(r.eval_reward_funcs or r.reward_funcs,
                                          r.eval_reward_weights if r.eval_reward_funcs else r.reward_weights,
-                                         num_workers=r.num_workers, item_timeout_s=r.timeout_s)
+                                         num_workers=workers, item_timeout_s=r.timeout_s)
 
     def say(self, text: str) -> None:
         """A whole line on the console (main process), without garbling the progress line."""
@@ -133,13 +135,6 @@ class Trainer:
             self.telemetry.progress.message(text)
         else:
             print(text, flush=True)
-
-    # -- pure pieces jitted once ----------------------------------------------------------
-
-    def _score_fn(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-        model = nnx.merge(self.policy.graphdef, params, self.policy.rest)
-        logp, _ = completion_logprobs(model, batch, self.config.model.logprob_chunk_size)
-        return logp
 
     # -- rollout -----------------------------------------------------------------------
 
@@ -192,9 +187,10 @@ class Trainer:
         return {k: v.reshape(-1, g, *v.shape[1:]) for k, v in batch.items()}
 
     def _micro_batched(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """[P, ...] -> [num_micro, P / num_micro, ...]: micro-batches of whole groups."""
+        """[P, ...] -> [num_micro, P / num_micro, ...]: micro-batches of whole groups, assembled into
+        the global batch from every host's slice."""
         m = self.config.train.gradient_accumulation_steps
-        return {k: jnp.asarray(v.reshape(m, -1, *v.shape[1:])) for k, v in arrays.items()}
+        return global_batch({k: v.reshape(m, -1, *v.shape[1:]) for k, v in arrays.items()}, self.mesh, self.rules)
 
     def prepare(self, ro: Rollout) -> tuple[dict[str, np.ndarray], dict[str, float], ControllerInputs]:
         """Reference statistics and the objective's pre-step arrays (weights or advantages)."""
@@ -220,11 +216,10 @@ class Trainer:
             "token_mask": mask,
             "valid": valid,
             "ref_logp": ref_logp,
-            "beta": np.full(valid.shape[:1], beta, np.float32),
             **extra,
         }
         inputs = ControllerInputs(
-            weight_entropy=jnp.asarray(stats.get("weight_entropy", 0.0), jnp.float32),
+            weight_entropy=jnp.asarray(_mean_over_hosts(stats.get("weight_entropy", 0.0)), jnp.float32),
             kl=jnp.zeros((), jnp.float32),
             q=listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature, c.maxent.q_epsilon),
             ref_logp_sum=jnp.asarray(ref_sum),
@@ -237,15 +232,16 @@ class Trainer:
         if source == "rollout":
             return batch["behaviour_logp"]
         params = self.state.params if source == "policy" else self.reference_params
-        grouped = {k: jnp.asarray(v)[:, None] for k, v in batch.items() if k != "behaviour_logp"}
-        return np.asarray(self.score(params, grouped)).reshape(batch["completion_mask"].shape)
+        rows = global_batch({k: batch[k] for k in SCORE_KEYS}, self.mesh, self.rules, micro_batched=False)
+        return _host_rows(self.score(params, rows), self.mesh, self.rules)
 
     def train_step(self) -> dict[str, float]:
         c = self.config
         rows = self.stream.next()
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
-        self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays))
+        self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
+                                           scalars={"beta": np.float32(self.controllers.beta)})
         metrics = {k: float(v) for k, v in metrics.items()}
         skipped = bool(metrics.pop("skipped"))
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
@@ -427,6 +423,24 @@ class Trainer:
 def _eos_suffix(tokenizer: Any) -> str:
     """The end-of-turn token a worked solution ends with, so the model learns to stop."""
     return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
+
+
+def _host_rows(array: jax.Array, mesh, rules) -> np.ndarray:
+    """This host's rows of a batch-sharded global array."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, batch_spec(rules, False)))
+
+
+def _mean_over_hosts(value) -> float:
+    """The mean of a per-host statistic over all hosts (every host computes the same number)."""
+    if jax.process_count() == 1:
+        return float(value)
+    from jax.experimental import multihost_utils
+
+    return float(np.mean(multihost_utils.process_allgather(np.asarray(value, np.float32))))
 
 
 def _interleave(originals: list, seeds: list, n: int, s: int) -> list:

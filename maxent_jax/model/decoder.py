@@ -26,6 +26,7 @@ from flax import nnx
 from maxent_jax.model.cache import KVCache
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from maxent_jax.parallel.rules import constrain_activation
 
 # Logical axis names of every parameter, by module path suffix (documented in docs/models.md).
 LOGICAL_AXES: dict[str, tuple[str, ...]] = {
@@ -49,6 +50,9 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 }
 
 _INIT_STD = 0.02
+
+# The residual stream stays batch-sharded under FSDP (weights are gathered, activations are not).
+RESIDUAL_AXES = ("batch", "seq", "act_embed")
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -203,7 +207,8 @@ class Decoder(nnx.Module):
         compute = _dtype(cfg.compute_dtype)
         seq = input_ids.shape[1]
         # Clip, not NaN-fill: a stray pad id outside the vocabulary must not poison real rows (0 * NaN).
-        x = jnp.take(self.embedding[...], input_ids, axis=0, mode="clip").astype(compute)
+        x = constrain_activation(jnp.take(self.embedding[...], input_ids, axis=0, mode="clip").astype(compute),
+                                 RESIDUAL_AXES)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_valid = attention_mask.astype(jnp.bool_)
         if cache is None:
@@ -219,7 +224,7 @@ class Decoder(nnx.Module):
         if cache is None:
             forward: Callable[..., jax.Array] = nnx.remat(_block_forward) if cfg.remat else _block_forward
             for block in self.layers:
-                x = forward(block, x, cos, sin, mask)
+                x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
             return self.final_norm(x), None
 
         k_all, v_all = cache.k, cache.v

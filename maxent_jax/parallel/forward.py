@@ -38,17 +38,25 @@ from maxent_jax.parallel.train_step import check_batch
 SCORE_KEYS = ("input_ids", "positions", "attention_mask", "completion_ids")
 
 
-def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
-    """log p(completion_ids[i, j] | tokens before it) as `[N, Tc]` float32 (pure; differentiable).
+def completion_logprobs_and_hidden(
+    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(log p(completion_ids[i, j] | tokens before it) `[N, Tc]` float32, last hidden states `[N, Tp + Tc, D]`).
 
-    Also the building block of losses: call it inside a `loss_fn` for the policy log-probs.
+    Pure and differentiable: the building block of losses (the hidden states feed InfoSeed's
+    pooled representations).
     """
     hidden, _ = model(batch["input_ids"], batch["positions"], batch["attention_mask"])
     completion_len = batch["completion_ids"].shape[1]
     prompt_len = batch["input_ids"].shape[1] - completion_len
     predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
     predicting = constrain_activation(predicting, ("batch", "seq", "act_embed"))
-    return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size)
+    return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size), hidden
+
+
+def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
+    """log p(completion_ids[i, j] | tokens before it) as `[N, Tc]` float32 (pure; differentiable)."""
+    return completion_logprobs_and_hidden(model, batch, chunk_size=chunk_size)[0]
 
 
 def _in_micro_batches(fn: Any, batch: dict[str, jax.Array], micro_batches: int) -> jax.Array:
