@@ -6,6 +6,7 @@ Kept apart from the loop so `train`, `evaluate` and `bench` construct runs the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -26,6 +27,8 @@ from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.hf_io import load_hf_checkpoint
 from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.remote import RemoteRollout
 from maxent_jax.rollout.sampler import Sampler
 
 Generation = tuple[list[list[int]], list[list[float]], np.ndarray]
@@ -46,6 +49,7 @@ class Policy:
     tokenizer: Any
     tokenizer_dir: str
     generate: GenerateFn
+    remote: RemoteRollout | None = None  # set when rollouts come from a rollout server
 
     @property
     def pad_id(self) -> int:
@@ -74,10 +78,16 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, sha
         model = Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
     tokenizer = _load_tokenizer(tokenizer_dir)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sampler, _ = Sampler.for_model(model, eos_token_ids=_eos_ids(model_cfg, tokenizer))
+    if config.rollout.backend == "server":
+        remote = RemoteRollout(RolloutClient.from_config(config), model_cfg,
+                               sync_interval_steps=config.rollout.sync_interval_steps,
+                               max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
+        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote)
+    sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0)
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
 
     def generate(state: nnx.State, prompts: Sequence[Sequence[int]], sp: SamplingParams, key: jax.Array) -> Generation:
-        out = sampler.generate(state, prompts, sp, key)
+        out = sampler.generate((state, rest), prompts, sp, key, decode=decode)
         ids = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
         logps = [row[:n].tolist() for row, n in zip(out.logprobs, out.lengths)]
         return ids, logps, out.stopped

@@ -238,6 +238,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         c = self.config
         rows = self.stream.next()
+        remote = self.policy.remote
+        if remote is not None:
+            remote.maybe_push(self.state.params, self.step)
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
         self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
@@ -268,6 +271,7 @@ class Trainer:
             "train/learning_rate": float(self.schedule(self.step - 1)),
             "train/grpo_objective": float(c.objective.train_grpo_objective),
             "train/global_step": float(self.step),
+            **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),
         }
 
     def _rollout_metrics(self, ro: Rollout) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import urllib.request
 import subprocess
 import sys
 
@@ -115,3 +116,21 @@ def test_bad_dataset_is_one_line_exit_2(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "missing.jsonl" in proc.stderr
+
+
+def test_training_through_the_rollout_server(tmp_path):
+    """rollout.backend='server': rollouts over HTTP from the jax backend, weights pushed every step,
+    and the server's outputs follow the trainer (its weight version is the step)."""
+    from rollout_fixtures import TOKEN, start_rollout_server, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", seed=0)
+    (tmp_path / "token").write_text(TOKEN)
+    with start_rollout_server("jax", model_dir) as (url, server):
+        config = tiny_config(**{"model.name_or_path": str(model_dir), "rollout.backend": "server",
+                                "vllm.url": url + "/generate", "vllm.token_file": str(tmp_path / "token"),
+                                "eval.do_eval": False, "checkpoint.export_final": False,
+                                "checkpoint.save_steps": 0})
+        records = run(config, tmp_path / "run")
+        info = json.loads(urllib.request.urlopen(url + "/info", timeout=30).read())
+    last = _finite_train_metrics(records)
+    assert last["train/rollout/push_gb_per_s"] > 0 and info["weight_version"] == 1

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from maxent_jax.errors import UserError
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.protocol import CLIENT_TAG_HEADER, WEIGHT_VERSION_HEADER
 from maxent_jax.rollout.weights import iter_stream
@@ -152,7 +153,7 @@ class RolloutClient:
                 with open(v.token_file, encoding="utf-8") as handle:
                     token = handle.read().strip() or None
             except OSError as err:
-                raise ValueError(f"vllm.token_file={v.token_file!r}: cannot read it ({err.strerror})") from None
+                raise UserError(f"config field vllm.token_file={v.token_file!r}: cannot read it ({err.strerror})") from None
         return cls(
             v.url,
             client_tag=v.client_tag or None,
