@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -176,3 +177,143 @@ def evaluate_problems(
         if progress is not None:
             progress(done, len(keyed))
     return [results.records[key] for key, _ in keyed]
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point: python -m maxent_jax.evaluate --checkpoint=... [--config=...]
+
+SUMMARY = """Accuracy and unbiased pass@k of a checkpoint on the config's eval set (data.eval_dataset_*,
+MATH-500 style problem/answer columns; the synthetic task's test split by default).
+Sampling follows the config's rollout section (e.g. --config.rollout.temperature=0.6).
+Per-problem results go to --output as JSONL; rerunning with the same settings resumes."""
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def resolve_checkpoint_arg(path_arg: str) -> tuple[str, pathlib.Path]:
+    """('hf', dir) for an HF model directory (or a run directory with final_hf/), ('orbax', step dir)
+    for an Orbax step directory or a run directory without final_hf (its newest whole checkpoint)."""
+    from maxent_jax import checkpoint as checkpoint_lib
+
+    path = pathlib.Path(path_arg).expanduser()
+    if not path.exists():
+        raise UserError(f"--checkpoint={path_arg}: no such file or directory")
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHTS):
+        return "hf", path
+    if (path / checkpoint_lib.FINAL_EXPORT_DIR / "config.json").is_file():
+        return "hf", path / checkpoint_lib.FINAL_EXPORT_DIR
+    steps_dir = path / checkpoint_lib.CHECKPOINTS_DIR if (path / checkpoint_lib.CHECKPOINTS_DIR).is_dir() else path
+    if not (path / "state").is_dir() and not checkpoint_lib.list_steps(steps_dir):
+        raise UserError(f"--checkpoint={path_arg}: neither an HF model directory nor an Orbax checkpoint")
+    point = checkpoint_lib.resolve_resume(str(path), path)
+    return "orbax", point.path
+
+
+def _flags() -> Any:
+    from absl import flags
+
+    from maxent_jax import cli
+
+    fv = flags.FlagValues()
+    cli.define_config_flag(fv)
+    flags.DEFINE_string("checkpoint", None, "HF model directory (e.g. WORKDIR/final_hf), Orbax step directory "
+                        "(WORKDIR/checkpoints/N, evaluated with the --config it was trained with) or run directory.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_samples", 1, "Completions per problem (n).", flag_values=fv)
+    flags.DEFINE_list("k", ["1"], "pass@k values, comma-separated, each <= --num_samples.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Per-problem results JSONL, resumable (default: var/eval/<checkpoint>.jsonl).",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", 0, "Problems per generate call (0 = eval.per_device_eval_batch_size).",
+                         flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    import sys
+
+    import jax
+
+    from maxent_jax import checkpoint as checkpoint_lib
+    from maxent_jax import cli, run_setup
+    from maxent_jax.eval_metrics import format_table, summarize
+    from maxent_jax.parallel.mesh import make_mesh
+    from maxent_jax.rewards import RewardScorer
+    from maxent_jax.rollout.backend import SamplingParams
+
+    argv = list(sys.argv if argv is None else argv)
+    if cli.help_requested(argv):
+        cli.print_help(_flags(), "maxent_jax.evaluate", SUMMARY)
+        return {}
+    fv, rest = cli.parse(_flags, argv)
+    if len(rest) > 1:
+        raise UserError(f"unexpected positional arguments: {' '.join(rest[1:])}")
+    if not fv.checkpoint:
+        raise UserError("--checkpoint is required: an HF model directory, an Orbax step directory or a run directory")
+    try:
+        ks = sorted({int(k) for k in fv.k})
+    except ValueError:
+        raise UserError(f"--k={','.join(fv.k)} is invalid: comma-separated integers >= 1") from None
+    if fv.num_samples < 1 or not ks or ks[0] < 1 or ks[-1] > fv.num_samples:
+        raise UserError(f"--k={','.join(map(str, ks))} with --num_samples={fv.num_samples} is invalid: "
+                        "every k must lie in 1..num_samples")
+    config = cli.validated(fv.config)
+    kind, ckpt_path = resolve_checkpoint_arg(fv.checkpoint)
+    with config.unlocked():
+        if kind == "hf":
+            config.model.name_or_path = str(ckpt_path)
+            if any((ckpt_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                config.model.tokenizer_name_or_path = str(ckpt_path)
+    mesh = make_mesh(tuple(config.mesh.shape))
+    policy = run_setup.load_policy(config, mesh)
+    params = policy.params
+    if kind == "orbax":
+        restored, _ = checkpoint_lib.restore_checkpoint(ckpt_path, {"train": {"params": params}}, partial=True)
+        params = restored["train"]["params"]
+    task = run_setup.load_task(config, policy.tokenizer)
+    rows = task.eval[: config.eval.max_eval_samples or None]
+    if not rows:
+        raise UserError("the config has no eval rows: set data.eval_dataset_name (problem/answer columns)")
+
+    r = config.rollout
+    sampling = SamplingParams(n=fv.num_samples, max_tokens=r.max_completion_length, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop_sequences), ignore_eos=r.ignore_eos)
+    base_key = jax.random.key(config.seed)
+
+    def sample(batch: Sequence[Mapping[str, Any]], n: int) -> list[list[str]]:
+        # keyed by the batch's first problem, so a resumed evaluation draws the same samples for it
+        key = jax.random.fold_in(base_key, zlib.crc32(batch[0]["problem"].encode("utf-8")) & 0x7FFFFFFF)
+        ids, _, _ = policy.generate(params, [row["prompt_ids"] for row in batch], sampling, key)
+        texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [texts[i * n:(i + 1) * n] for i in range(len(batch))]
+
+    rw = config.rewards
+    names = rw.eval_reward_funcs or rw.reward_funcs
+    weights = rw.eval_reward_weights if rw.eval_reward_funcs else rw.reward_weights
+    dataset = config.data.eval_dataset_name or config.data.dataset_name
+    settings = {"checkpoint": str(ckpt_path.resolve()), "dataset": dataset, "split": config.data.eval_dataset_split,
+                "rows": len(rows), "num_samples": fv.num_samples, "temperature": r.temperature, "top_p": r.top_p,
+                "top_k": r.top_k, "max_tokens": r.max_completion_length, "seed": config.seed, "rewards": list(names)}
+    output = pathlib.Path(fv.output or f"var/eval/{ckpt_path.resolve().parent.name}-{ckpt_path.name}.jsonl")
+    results = ResultsFile(output, settings)
+    if results.records:
+        print(f"resuming {output}: {len(results.records)} of {len(rows)} problems already done", flush=True)
+    with RewardScorer(names, weights, num_workers=rw.num_workers, item_timeout_s=rw.timeout_s) as scorer:
+        def reward(completions: Sequence[str], answers: Sequence[str]) -> Sequence[float]:
+            return scorer(list(completions), list(answers), is_eval=True)[0]
+
+        records = evaluate_problems(
+            rows, sample, reward, num_samples=fv.num_samples,
+            batch_size=fv.batch_size or config.eval.per_device_eval_batch_size, results=results,
+            progress=lambda done, total: print(f"  {done}/{total} problems", flush=True))
+    summary = summarize(records, ks)
+    summary_path = output.with_suffix(".summary.json")
+    summary_path.write_text(json.dumps({"settings": settings, "summary": summary}, indent=2) + "\n")
+    print(format_table(summary, f"{ckpt_path} on {dataset} (n={fv.num_samples}, temperature={r.temperature})"))
+    print(f"per-problem results: {output}\nsummary: {summary_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    from maxent_jax.errors import exit_on_user_error
+
+    exit_on_user_error(main)
