@@ -228,22 +228,10 @@ def _flags() -> Any:
     return fv
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    import sys
+def _parse(argv: list[str]) -> tuple[Any, Any, list[int]]:
+    """(flag values, validated config, sorted k values); every mistake is a UserError."""
+    from maxent_jax import cli
 
-    import jax
-
-    from maxent_jax import checkpoint as checkpoint_lib
-    from maxent_jax import cli, run_setup
-    from maxent_jax.eval_metrics import format_table, summarize
-    from maxent_jax.parallel.mesh import make_mesh
-    from maxent_jax.rewards import RewardScorer
-    from maxent_jax.rollout.backend import SamplingParams
-
-    argv = list(sys.argv if argv is None else argv)
-    if cli.help_requested(argv):
-        cli.print_help(_flags(), "maxent_jax.evaluate", SUMMARY)
-        return {}
     fv, rest = cli.parse(_flags, argv)
     if len(rest) > 1:
         raise UserError(f"unexpected positional arguments: {' '.join(rest[1:])}")
@@ -256,26 +244,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if fv.num_samples < 1 or not ks or ks[0] < 1 or ks[-1] > fv.num_samples:
         raise UserError(f"--k={','.join(map(str, ks))} with --num_samples={fv.num_samples} is invalid: "
                         "every k must lie in 1..num_samples")
-    config = cli.validated(fv.config)
-    kind, ckpt_path = resolve_checkpoint_arg(fv.checkpoint)
+    return fv, cli.validated(fv.config), ks
+
+
+def _settings(config: Any, ckpt_path: pathlib.Path, num_samples: int) -> dict[str, Any]:
+    """What makes two evaluations comparable: a results file only resumes under the same settings."""
+    r, rw = config.rollout, config.rewards
+    return {"checkpoint": str(ckpt_path.resolve()), "dataset": config.data.eval_dataset_name or config.data.dataset_name,
+            "split": config.data.eval_dataset_split, "num_samples": num_samples, "temperature": r.temperature,
+            "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_completion_length, "seed": config.seed,
+            "rewards": list(rw.eval_reward_funcs or rw.reward_funcs)}
+
+
+def _load(config: Any, kind: str, ckpt_path: pathlib.Path) -> tuple[Any, Any]:
+    """(policy, params): the model the config describes, with the checkpoint's weights."""
+    from maxent_jax import checkpoint as checkpoint_lib
+    from maxent_jax import run_setup
+    from maxent_jax.parallel.mesh import make_mesh
+
     with config.unlocked():
         if kind == "hf":
             config.model.name_or_path = str(ckpt_path)
             if any((ckpt_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
                 config.model.tokenizer_name_or_path = str(ckpt_path)
-    mesh = make_mesh(tuple(config.mesh.shape))
-    policy = run_setup.load_policy(config, mesh)
-    params = policy.params
-    if kind == "orbax":
-        restored, _ = checkpoint_lib.restore_checkpoint(ckpt_path, {"train": {"params": params}}, partial=True)
-        params = restored["train"]["params"]
-    task = run_setup.load_task(config, policy.tokenizer)
-    rows = task.eval[: config.eval.max_eval_samples or None]
-    if not rows:
-        raise UserError("the config has no eval rows: set data.eval_dataset_name (problem/answer columns)")
+    policy = run_setup.load_policy(config, make_mesh(tuple(config.mesh.shape)))
+    if kind == "hf":
+        return policy, policy.params
+    restored, _ = checkpoint_lib.restore_checkpoint(ckpt_path, {"train": {"params": policy.params}}, partial=True)
+    return policy, restored["train"]["params"]
+
+
+def _sample_fn(policy: Any, params: Any, config: Any, num_samples: int) -> SampleFn:
+    import jax
+
+    from maxent_jax.rollout.backend import SamplingParams
 
     r = config.rollout
-    sampling = SamplingParams(n=fv.num_samples, max_tokens=r.max_completion_length, temperature=r.temperature,
+    sampling = SamplingParams(n=num_samples, max_tokens=r.max_completion_length, temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop_sequences), ignore_eos=r.ignore_eos)
     base_key = jax.random.key(config.seed)
 
@@ -286,29 +291,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [texts[i * n:(i + 1) * n] for i in range(len(batch))]
 
-    rw = config.rewards
-    names = rw.eval_reward_funcs or rw.reward_funcs
-    weights = rw.eval_reward_weights if rw.eval_reward_funcs else rw.reward_weights
-    dataset = config.data.eval_dataset_name or config.data.dataset_name
-    settings = {"checkpoint": str(ckpt_path.resolve()), "dataset": dataset, "split": config.data.eval_dataset_split,
-                "rows": len(rows), "num_samples": fv.num_samples, "temperature": r.temperature, "top_p": r.top_p,
-                "top_k": r.top_k, "max_tokens": r.max_completion_length, "seed": config.seed, "rewards": list(names)}
-    output = pathlib.Path(fv.output or f"var/eval/{ckpt_path.resolve().parent.name}-{ckpt_path.name}.jsonl")
-    results = ResultsFile(output, settings)
-    if results.records:
-        print(f"resuming {output}: {len(results.records)} of {len(rows)} problems already done", flush=True)
-    with RewardScorer(names, weights, num_workers=rw.num_workers, item_timeout_s=rw.timeout_s) as scorer:
-        def reward(completions: Sequence[str], answers: Sequence[str]) -> Sequence[float]:
-            return scorer(list(completions), list(answers), is_eval=True)[0]
+    return sample
 
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    import sys
+
+    from maxent_jax import cli, run_setup
+    from maxent_jax.eval_metrics import format_table, summarize
+    from maxent_jax.rewards import RewardScorer
+
+    argv = list(sys.argv if argv is None else argv)
+    if cli.help_requested(argv):
+        cli.print_help(_flags(), "maxent_jax.evaluate", SUMMARY)
+        return {}
+    fv, config, ks = _parse(argv)
+    kind, ckpt_path = resolve_checkpoint_arg(fv.checkpoint)
+    settings = _settings(config, ckpt_path, fv.num_samples)
+    output = pathlib.Path(fv.output or f"var/eval/{ckpt_path.resolve().parent.name}-{ckpt_path.name}.jsonl")
+    results = ResultsFile(output, settings)  # before loading the model: a settings clash fails fast
+    policy, params = _load(config, kind, ckpt_path)
+    rows = run_setup.load_task(config, policy.tokenizer).eval[: config.eval.max_eval_samples or None]
+    if not rows:
+        raise UserError("the config has no eval rows: set data.eval_dataset_name (problem/answer columns)")
+    if results.records:
+        print(f"resuming {output}: {len(results.records)} problems already done", flush=True)
+    rw = config.rewards
+    weights = rw.eval_reward_weights if rw.eval_reward_funcs else rw.reward_weights
+    with RewardScorer(settings["rewards"], weights, num_workers=rw.num_workers, item_timeout_s=rw.timeout_s) as scorer:
         records = evaluate_problems(
-            rows, sample, reward, num_samples=fv.num_samples,
-            batch_size=fv.batch_size or config.eval.per_device_eval_batch_size, results=results,
-            progress=lambda done, total: print(f"  {done}/{total} problems", flush=True))
+            rows, _sample_fn(policy, params, config, fv.num_samples),
+            lambda texts, answers: scorer(list(texts), list(answers), is_eval=True)[0],
+            num_samples=fv.num_samples, batch_size=fv.batch_size or config.eval.per_device_eval_batch_size,
+            results=results, progress=lambda done, total: print(f"  {done}/{total} problems", flush=True))
     summary = summarize(records, ks)
     summary_path = output.with_suffix(".summary.json")
     summary_path.write_text(json.dumps({"settings": settings, "summary": summary}, indent=2) + "\n")
-    print(format_table(summary, f"{ckpt_path} on {dataset} (n={fv.num_samples}, temperature={r.temperature})"))
+    title = f"{ckpt_path} on {settings['dataset']} (n={fv.num_samples}, temperature={settings['temperature']})"
+    print(format_table(summary, title))
     print(f"per-problem results: {output}\nsummary: {summary_path}")
     return summary
 

@@ -56,6 +56,8 @@ def test_hf_directory_then_resume(tiny_run, tmp_path, capsys, monkeypatch):
     again = _main(monkeypatch, argv)
     assert again == summary
     assert "resuming" in capsys.readouterr().out and len(out.read_text().splitlines()) == 5
+    with pytest.raises(UserError, match=r"holds results for other settings \(differs in num_samples\)"):
+        _main(monkeypatch, [*argv[:2], "--num_samples=3", *argv[3:]])
 
 
 @pytest.mark.slow
