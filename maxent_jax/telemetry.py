@@ -208,11 +208,16 @@ class ProgressLine:
             self.stream.flush()
             self._drawn = True
 
-    def message(self, text: str) -> None:
-        """Print a whole line (eval results, notices) without garbling the live line."""
+    def finish(self) -> None:
+        """End a live terminal line so what follows starts on its own line."""
         if self._drawn:
             self.stream.write("\n")
+            self.stream.flush()
             self._drawn = False
+
+    def message(self, text: str) -> None:
+        """Print a whole line (eval results, notices) without garbling the live line."""
+        self.finish()
         self.stream.write(text + "\n")
         self.stream.flush()
 
@@ -357,8 +362,8 @@ class Telemetry:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
-        if self.progress is not None and self.progress._drawn:
-            self.progress.message("")
+        if self.progress is not None:
+            self.progress.finish()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
