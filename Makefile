@@ -42,5 +42,10 @@ test: $(STAMP) $(VLLM_STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
+# The user documentation (mkdocs.yml): a strict build, so any warning (a broken link or
+# anchor, a page missing from the nav) fails it. Output in site/.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) var .pytest_cache
