@@ -48,4 +48,4 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) var .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) var .pytest_cache site
