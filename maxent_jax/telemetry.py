@@ -332,6 +332,7 @@ class Telemetry:
         self._write(step, record)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
+        self._step_started = time.monotonic()  # the eval's time is not the next step's time
         if self.progress is not None:
             shown = ", ".join(f"{k} {v:.4g}" if _as_number(v) is not None else f"{k} {v}" for k, v in record.items())
             self.progress.message(f"eval at step {step}: {shown}")

@@ -185,3 +185,14 @@ def test_wandb_offline_writes_a_local_run(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     run_id = (tmp_path / tm.WANDB_RUN_ID_FILE).read_text()
     assert runs[0].name.endswith(run_id)
+
+
+def test_step_time_leaves_out_the_eval(tmp_path, monkeypatch):
+    clock = iter([0.0, 2.0, 10.0, 13.0])  # init, step 1 ends, eval ends, step 2 ends
+    monkeypatch.setattr(tm.time, "monotonic", lambda: next(clock))
+    with tm.Telemetry(tmp_path, _config()) as tel:
+        tel.step_end(1)
+        tel.log_eval(1, {"eval/mean_reward": 0.5})
+        tel.step_end(2)
+    times = [r["time/step_s"] for r in _records(tmp_path) if "time/step_s" in r]
+    assert times == [2.0, 3.0]
