@@ -65,8 +65,8 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def _draw(ax: plt.Axes, title: str, ylabel: str, key: str, steps: list[int], values: list[float]) -> None:
     """Raw curve; with many noisy points it is drawn faint under a trailing mean."""
-    if len(steps) > 50:
-        window = len(steps) // 25
+    if len(steps) > 50 and max(values) > min(values):
+        window = max(5, len(steps) // 25)
         ax.plot(steps, values, linewidth=1.0, alpha=0.3, color="C0", label="raw")
         ax.plot(steps, smooth(values, window), linewidth=1.8, color="C0", label=f"mean of {window}")
         ax.legend(fontsize=8)
