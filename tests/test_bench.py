@@ -154,3 +154,5 @@ def test_train_step_target_runs_the_trainer():
     report = run_train_step(_toy(prompts=8, generations=2, config_overrides=overrides), repeats=1, vs=None)
     assert report.figure(OURS).median > 0
     assert 0 < report.ratios["ours: fraction of measured fp32 matmul rate"] < 10
+    phases = [f for f in report.figures if f.name.startswith("ours phase: ")]
+    assert len(phases) == 5 and sum(f.median for f in phases) <= report.figure("ours: RL step time").median * 1.05

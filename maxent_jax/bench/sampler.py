@@ -73,10 +73,12 @@ def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str |
             from maxent_jax.bench.vllm_peer import VllmPeer
 
             peer = "vllm: engine.generate"
-            engine = VllmPeer(python, model_dir, preset.prompt_ids(), preset.generations, preset.new_tokens)
+            engine = VllmPeer(python, model_dir, preset.prompt_ids(), preset.generations, preset.new_tokens,
+                              torch_threads)
             closer = engine.close
             runs[vs] = engine.run(peer)
             report.machine["versions"]["vllm"] = engine.version
+            report.setup["vllm_torch_threads"] = torch_threads or "engine default"
         if vs is not None:
             units[peer] = "tokens/s"
         try:

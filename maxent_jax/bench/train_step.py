@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from maxent_jax.bench.presets import Preset, default_config
 from maxent_jax.bench.probe import matmul_probe
@@ -57,6 +58,40 @@ def step_flops(preset: Preset, prompt_len: int) -> float:
     return rollout + reference + update
 
 
+# Trainer attributes timed as the step's phases (each is called once per RL step).
+PHASES = {"generate": "rollout: sampler", "rewards": "rewards", "reference_logprobs": "reference log-probs",
+          "rl_step": "update (jitted step)", "update_controllers": "controllers"}
+
+
+def time_phases(trainer) -> tuple[dict[str, list[float]], Callable[[], None]]:
+    """Wrap the trainer's phase callables (on the instance only) to record their wall seconds.
+
+    Returns the per-phase seconds and a function that puts the original attributes back.
+    """
+    import jax
+
+    seconds: dict[str, list[float]] = {label: [] for label in PHASES.values()}
+    originals = {attr: getattr(trainer, attr) for attr in PHASES}
+
+    def wrap(attr: str, label: str):
+        inner = getattr(trainer, attr)
+
+        def timed_call(*args, **kwargs):
+            elapsed, out = timed(lambda: jax.block_until_ready(inner(*args, **kwargs)))
+            seconds[label].append(elapsed)
+            return out
+
+        setattr(trainer, attr, timed_call)
+
+    def restore() -> None:
+        for attr, value in originals.items():
+            setattr(trainer, attr, value)
+
+    for attr, label in PHASES.items():
+        wrap(attr, label)
+    return seconds, restore
+
+
 def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: int | None = None) -> Report:
     import jax
     import jax.numpy as jnp
@@ -74,6 +109,7 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
     with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
         trainer = Trainer(config, Path(tmp) / "run")
         trainer.reference_params = jax.tree.map(jnp.copy, trainer.state.params)
+        phases, restore = time_phases(trainer)
         prompt_len = statistics.mean(len(r["prompt_ids"]) for r in trainer.task.train)
         report = Report("train-step", preset.name, repeats, {
             **preset.describe(), "prompt_len": f"{prompt_len:.1f} (mean, synthetic task)",
@@ -112,7 +148,12 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
         finally:
             if peer is not None:
                 peer.close()
+            restore()
             trainer.close()
+    for label, values in phases.items():
+        counted = values[-repeats:]  # the warm-up call (compilation) is not counted
+        if counted:
+            report.add(Figure(f"ours phase: {label}", "s", counted, report.figure(OURS).load))
     if vs == "trl":
         report.ratio("ours / trl (tokens/s)", OURS, TRL)
     flops = step_flops(preset, prompt_len)

@@ -25,6 +25,10 @@ def serve(model_dir: str, spec: dict) -> None:
     from maxent_jax.rollout.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(model_dir, max_model_len=spec["max_model_len"])
+    if spec.get("torch_threads"):  # after the engine's own CPU thread set-up, which it would override
+        import torch
+
+        torch.set_num_threads(spec["torch_threads"])
     params = SamplingParams(n=spec["n"], max_tokens=spec["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
                             ignore_eos=True, seed=0)
     print(json.dumps({"ready": backend.info()["vllm_version"]}), flush=True)
@@ -42,29 +46,40 @@ class VllmPeer:
     """A vLLM engine in a child process (the vLLM environment's python), driven line by line."""
 
     def __init__(self, python: Path, model_dir: Path, prompts: Sequence[Sequence[int]], generations: int,
-                 new_tokens: int):
+                 new_tokens: int, torch_threads: int | None = None):
         from maxent_jax.cli import REPO_ROOT
 
         spec = {"prompts": [list(p) for p in prompts], "n": generations, "max_tokens": new_tokens,
-                "max_model_len": max(len(p) for p in prompts) + new_tokens}
+                "max_model_len": max(len(p) for p in prompts) + new_tokens, "torch_threads": torch_threads}
         env = {"PYTHONPATH": str(REPO_ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}
+        if torch_threads:
+            env["OMP_NUM_THREADS"] = str(torch_threads)
         self.log = tempfile.TemporaryFile(mode="w+")  # vLLM logs a lot: a pipe could fill and block it
         self.proc = subprocess.Popen(
             [str(python), "-m", "maxent_jax.bench.vllm_peer", str(model_dir), json.dumps(spec)],
             cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline().strip()
-        self.version = json.loads(line)["ready"] if line.startswith('{"ready"') else None
+        line = self._reply('{"ready"')
+        self.version = json.loads(line)["ready"] if line else None
         if self.version is None:
             self.log.seek(0)
             tail = self.log.read()[-3000:]
             self.close()
-            raise RuntimeError(f"vLLM peer did not start (got {line!r}); its log ends with:\n{tail}")
+            raise RuntimeError(f"vLLM peer did not start; its log ends with:\n{tail}")
+
+    def _reply(self, prefix: str) -> str:
+        """The next stdout line starting with `prefix` (vLLM also logs to stdout); '' at end of output."""
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line.strip()
+        return ""
 
     def run(self, name: str) -> Run:
         def one() -> dict[str, float]:
             self.proc.stdin.write("run\n")
             self.proc.stdin.flush()
-            reply = json.loads(self.proc.stdout.readline())
+            reply = json.loads(self._reply('{"seconds"') or "null")
+            if reply is None:
+                raise RuntimeError("the vLLM peer exited during a run")
             return {name: reply["tokens"] / reply["seconds"]}
 
         return one

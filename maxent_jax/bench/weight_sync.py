@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from maxent_jax.bench.presets import Preset
@@ -56,13 +57,15 @@ class ServerProcess:
             [python, "-m", "maxent_jax.serve", "--backend", backend, "--model", str(model_dir), "--host", "127.0.0.1",
              "--port", "0", "--token-file", str(token_file), "--log-level", "WARNING"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith(READY):
+        line = next((text for text in self.proc.stdout if text.startswith(READY)), "")  # vLLM logs to stdout too
+        if not line:
             self.log.seek(0)
             tail = self.log.read()[-3000:]
             self.close()
-            raise RuntimeError(f"{backend} rollout server did not start (got {line!r}); its log ends with:\n{tail}")
+            raise RuntimeError(f"{backend} rollout server did not start; its log ends with:\n{tail}")
         self.url = line[len(READY):].strip()
+        # Keep reading stdout: an undrained pipe would block a server that logs there.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def close(self) -> None:
         if self.proc.poll() is None:
