@@ -120,6 +120,13 @@ def test_missing_vllm_env_names_make_target(tmp_path, monkeypatch):
         peers.vllm_python(str(tmp_path / "nope" / "python"))
 
 
+def test_gpu_preset_is_refused_on_cpu_with_one_line():
+    from maxent_jax.bench.update import run_update
+
+    with pytest.raises(UserError, match="qwen2_5_1_5b needs GPUs"):
+        run_update(get_preset("qwen2_5_1_5b"), repeats=1)
+
+
 def test_sampler_target_runs_ours():
     from maxent_jax.bench.sampler import OURS, run_sampler
 

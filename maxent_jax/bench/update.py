@@ -58,6 +58,11 @@ def run_update(preset: Preset, repeats: int) -> Report:
     from maxent_jax.parallel.next_token_loss import next_token_loss
     from maxent_jax.parallel.train_step import init_sharded_model, init_train_state, make_train_step
 
+    if preset.name == "qwen2_5_1_5b" and jax.devices()[0].platform == "cpu":
+        from maxent_jax.errors import UserError
+
+        raise UserError("--preset qwen2_5_1_5b needs GPUs (1.5B parameters plus AdamW state in bf16/fp32); "
+                        "on a CPU use --preset tiny or small")
     mesh = make_mesh((1, -1, 1))
     seq = preset.prompt_len + preset.new_tokens
     report = Report("update", preset.name, repeats,
