@@ -93,7 +93,7 @@ def task_config(model_name_or_path: str) -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     # Reference: stop on "</answer>", "</answer>\n", "</assistant>". Its server never honoured
-    # stop strings (Q44, Q32), so its completions ran to EOS and kept the closing </answer>
+    # stop strings (spec 15 item 44, Q32), so its completions ran to EOS and kept the closing </answer>
     # that the strict format reward requires. Our server honours stop strings and ends the
     # text before them, which would cut that tag off: generate to EOS, as the reference did.
     c.rollout.stop_sequences = ()
@@ -173,11 +173,9 @@ def maxent(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.maxent.tau = 1e-4
     c.maxent.q_temperature = 0.7
     c.maxent.q_epsilon = 1e-6
-    c.maxent.logprob_chunk_size = 64
-    # Reference: maxent_score_tail_tokens 512, which scores only the last 512 completion
-    # tokens and drops the prompt context from the scored window (Q7, Q9). We score the whole
-    # completion, like the paired GRPO recipe; chunked float32 log-probs keep memory bounded.
-    c.maxent.score_tail_tokens = None
+    # Reference: maxent_logprob_chunk_size 64 and maxent_score_tail_tokens 512, which scores
+    # only the last 512 completion tokens and drops the prompt context (Q7, Q9). We score the
+    # whole completion, like the paired GRPO recipe; model.logprob_chunk_size bounds memory.
     c.maxent.target_weight_entropy = 2.2
     c.maxent.target_weight_entropy_start = 1.2
     c.maxent.target_weight_entropy_final = 2.2
@@ -203,15 +201,12 @@ def maxent_meta(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.maxent.tau = 0.3
     c.maxent.q_temperature = 1.0
     c.maxent.q_epsilon = 1e-6
-    c.maxent.logprob_chunk_size = 2
-    c.maxent.score_tail_tokens = None
     c.maxent.target_weight_entropy = 0.6
     c.maxent.tau_lr = 0.01
     c.maxent.tau_min = 0.05
     c.maxent.tau_max = 1.0
     c.maxent.tau_warmup_steps = 0
     c.maxent.clip_adv_baseline = 0.0625  # 1 / num_generations
-    c.maxent.allow_empty_weight_fallback = True
     c.controllers.overwrite_from_config = True
     c.controller_meta.enabled = True
     c.controller_meta.method = "analytic"

@@ -4,6 +4,7 @@ that every user mistake (unknown field, wrong type, bad value) becomes one line 
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -44,10 +45,14 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
     except flags.Error as err:
         raise UserError(_one_line(err)) from None
     except (KeyError, AttributeError) as err:
-        key = str(err.args[0] if err.args else err).strip("\"'")
+        text = str(err.args[0] if err.args else err)
+        found = re.search(r"'([A-Za-z0-9_]+)", text)
+        key = found.group(1) if found else text
+        hint = re.search(r'Did you mean "([^"]+)"', text)
         named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         field = named[0][len("--config."):] if named else key
-        raise UserError(f"unknown config field {field!r}; see docs/configuration.md for every field") from None
+        suggestion = f" (did you mean {hint.group(1)!r}?)" if hint else ""
+        raise UserError(f"unknown config field {field!r}{suggestion}; see docs/configuration.md for every field") from None
     except ImportError as err:
         raise UserError(f"the --config file could not import {err.name or err}: run from the repository root "
                         "(recipes import the configs package)") from None

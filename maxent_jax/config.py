@@ -150,10 +150,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.maxent.q_temperature = 1.0
     c.maxent.q_epsilon = 1e-6
     c.maxent.length_normalize_ref = True
-    c.maxent.logprob_chunk_size = 0
     c.maxent.reference_logprobs_source = "auto"
-    c.maxent.score_tail_tokens = _placeholder(int)
-    c.maxent.allow_empty_weight_fallback = False
     c.maxent.share_reference_model = False
     c.maxent.reference_model_name_or_path = ""
     c.maxent.target_weight_entropy = _placeholder(float)
@@ -344,9 +341,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("maxent.tau", *_NONNEG),
     ("maxent.q_temperature", *_POS),
     ("maxent.q_epsilon", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
-    ("maxent.logprob_chunk_size", *_NONNEG_INT),
     ("maxent.reference_logprobs_source", *_one_of(REFERENCE_SOURCES)),
-    ("maxent.score_tail_tokens", lambda v: v is None or (isinstance(v, int) and v > 0), "unset or an integer > 0"),
     ("maxent.target_weight_entropy", *_OPT_NONNEG),
     ("maxent.target_weight_entropy_start", *_OPT_NONNEG),
     ("maxent.target_weight_entropy_final", *_OPT_NONNEG),

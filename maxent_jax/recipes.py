@@ -118,10 +118,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "maxent_q_temperature": ("maxent.q_temperature", None),
     "maxent_q_epsilon": ("maxent.q_epsilon", None),
     "maxent_length_normalize_ref": ("maxent.length_normalize_ref", None),
-    "maxent_logprob_chunk_size": ("maxent.logprob_chunk_size", None),
     "maxent_reference_logprobs_source": ("maxent.reference_logprobs_source", None),
-    "maxent_score_tail_tokens": ("maxent.score_tail_tokens", None),
-    "maxent_allow_empty_weight_fallback": ("maxent.allow_empty_weight_fallback", None),
     "maxent_share_reference_model": ("maxent.share_reference_model", None),
     "reference_model_name_or_path": ("maxent.reference_model_name_or_path", None),
     "maxent_target_weight_entropy": ("maxent.target_weight_entropy", None),
@@ -200,6 +197,10 @@ RULE_KEYS = frozenset({
 
 # Known keys that mean nothing in maxent-jax, with the reason (reported as a warning).
 IGNORED: dict[str, str] = {
+    "maxent_logprob_chunk_size": "scoring memory is bounded by model.logprob_chunk_size (positions per vocabulary block)",
+    "maxent_score_tail_tokens": "completions are always scored whole, with their prompt as context (the tail window "
+                                "dropped the context, Q7)",
+    "maxent_allow_empty_weight_fallback": "masked group math never yields an empty weight vector",
     "force_custom_loop": "maxent-jax has one training loop for every objective",
     "attn_implementation": "attention runs through jax.nn.dot_product_attention (cuDNN flash where shapes allow)",
     "trust_remote_code": "models are built from maxent-jax's own Flax code",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -24,8 +25,9 @@ from maxent_jax.data.tokenizer import build_offline_tokenizer
 from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
-from maxent_jax.model.hf_io import load_hf_checkpoint
+from maxent_jax.model.hf_io import load_hf_checkpoint, resolve_checkpoint
 from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
+from maxent_jax.parallel.rules import tree_shardings
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient
 from maxent_jax.rollout.remote import RemoteRollout
@@ -65,13 +67,36 @@ def _load_tokenizer(path: str) -> Any:
         raise UserError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
 
 
-def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, shardings: Any = None) -> Policy:
+def checkpoint_shardings(path: pathlib.Path, config: ml_collections.ConfigDict, mesh: Mesh | None, rules: Any) -> Any:
+    """Where each parameter of the checkpoint at `path` goes on `mesh`: the rules applied to an
+    abstract model, so every host reads only its shards (None without a mesh)."""
+    if mesh is None:
+        return None
+    m = config.model
+    cfg = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()), param_dtype=m.param_dtype,
+                                     compute_dtype=m.compute_dtype, remat=m.remat)
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    return tree_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh, rules)
+
+
+def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any) -> nnx.State:
+    """The frozen reference policy from `maxent.reference_model_name_or_path` (same architecture)."""
+    m = config.model
+    path = resolve_checkpoint(config.maxent.reference_model_name_or_path, m.revision)
+    _, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
+                                  dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    return nnx.split(model, nnx.Param, ...)[1]
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None) -> Policy:
     """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
     m = config.model
     dtypes = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
     if m.name_or_path:
-        model_cfg, model = load_hf_checkpoint(m.name_or_path, mesh=mesh, **dtypes)
-        tokenizer_dir = m.tokenizer_name_or_path or m.name_or_path
+        path = resolve_checkpoint(m.name_or_path, m.revision)
+        model_cfg, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
+                                              dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        tokenizer_dir = m.tokenizer_name_or_path or str(path)
     else:
         tokenizer_dir = m.tokenizer_name_or_path or str(build_offline_tokenizer(cache_dir() / "tokenizer"))
         model_cfg = ModelConfig.tiny(**dict(m.tiny), **dtypes)

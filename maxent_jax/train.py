@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     from maxent_jax.parallel.distributed import initialize_distributed
 
     initialize_distributed()  # a no-op for one process; Slurm / MASTER_ADDR variables otherwise
+    enable_compilation_cache()
     cli.validated(config, device_count=jax.device_count())
     from maxent_jax.trainer import Trainer
 
@@ -69,6 +70,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 SUMMARY_KEYS = ("train/reward", "train/kl", "train/tau", "train/beta", "eval/mean_reward")
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs under the cache dir, so a rerun (or a resumed run) skips compilation."""
+    import jax
+
+    from maxent_jax.run_setup import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def run_workdir(flag: str | None) -> pathlib.Path:

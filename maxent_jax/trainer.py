@@ -36,6 +36,7 @@ from maxent_jax.controllers.state import ControllerInputs, ControllerState
 from maxent_jax.controllers.update import update_controllers
 from maxent_jax.data.stream import BatchStream
 from maxent_jax.errors import UserError
+from maxent_jax.evaluate import evaluate_policy
 from maxent_jax.objectives.grpo import prepare_grpo_batch
 from maxent_jax.objectives.infoseed import render_seed_prompts
 from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
@@ -48,11 +49,9 @@ from maxent_jax.parallel.train_step import TrainState, init_train_state, make_tr
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
-from maxent_jax.rewards.math_accuracy import extract_answer, passes_format_gate
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.run_setup import Task, load_policy, load_task, objective_settings
+from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
 from maxent_jax.telemetry import Telemetry
-from maxent_jax.model.hf_io import export_hf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,11 @@ class Trainer:
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-        self.optimizer, self.schedule = optimizer_lib.make_optimizer(c.optim, c.train.max_steps)
-        self.warmup = optimizer_lib.warmup_steps(c.train.max_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
+        # Optimizer steps of the run: max_steps, or fewer when num_train_epochs passes over the data first.
+        steps_per_epoch = max(1, len(self.task.train) // (self.num_prompts * jax.process_count()))
+        self.total_steps = min(c.train.max_steps, steps_per_epoch * c.train.num_train_epochs)
+        self.optimizer, self.schedule = optimizer_lib.make_optimizer(c.optim, self.total_steps)
+        self.warmup = optimizer_lib.warmup_steps(self.total_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
         self.state: TrainState = init_train_state(self.policy.params, self.optimizer, self.mesh, self.rules)
         self.objective_settings = objective_settings(c)
         objective = get_objective("grpo" if c.objective.train_grpo_objective else "maxent")
@@ -115,9 +117,13 @@ class Trainer:
             workdir, save_steps=c.checkpoint.save_steps, keep=c.checkpoint.save_total_limit,
             async_save=c.checkpoint.async_save)
         self.resume_point = checkpoint_lib.resolve_resume(c.checkpoint.resume, workdir)
-        self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=c.train.max_steps,
+        self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=self.total_steps,
                                    config_path=config_path,
                                    resume_step=self.resume_point.step if self.resume_point else None)
+        checkpoint_lib.preflight(
+            workdir, checkpoint_bytes=checkpoint_lib.state_nbytes(self._checkpoint_state()) * 2,
+            keep=c.checkpoint.save_total_limit,
+            extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
         r = c.rewards
@@ -211,6 +217,8 @@ class Trainer:
                 q_temperature=c.maxent.q_temperature, q_epsilon=c.maxent.q_epsilon,
                 length_normalize_ref=c.maxent.length_normalize_ref)
             extra = {"weights": np.asarray(weights)}
+        if not c.vllm.return_logprobs:  # ratio against the policy's own (stop-gradient) log-probs
+            grouped.pop("behaviour_logp", None)
         arrays = {
             **grouped,
             "token_mask": mask,
@@ -228,7 +236,8 @@ class Trainer:
 
     def reference_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """`[P * G, Tc]` reference log-probs from the configured source (spec 5.3)."""
-        source = self.config.maxent.reference_logprobs_source
+        m = self.config.maxent
+        source = "policy" if m.share_reference_model else m.reference_logprobs_source
         if source == "rollout":
             return batch["behaviour_logp"]
         params = self.state.params if source == "policy" else self.reference_params
@@ -243,6 +252,8 @@ class Trainer:
             remote.maybe_push(self.state.params, self.step)
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
+        if c.logging.log_completions:
+            self._log_completions(rows, ro, arrays)
         self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
                                            scalars={"beta": np.float32(self.controllers.beta)})
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -273,6 +284,14 @@ class Trainer:
             "train/global_step": float(self.step),
             **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),
         }
+
+    def _log_completions(self, rows: list[dict[str, Any]], ro: Rollout, arrays: dict[str, np.ndarray]) -> None:
+        """The first completions of the step with their advantage (GRPO) or weight (MaxEnt) and rewards."""
+        signal = arrays["advantages" if "advantages" in arrays else "weights"].reshape(-1)
+        self.telemetry.log_completions(self.step + 1, [
+            {"prompt": rows[i // self.group]["prompt"], "completion": ro.texts[i], "advantage": float(signal[i]),
+             **{f"reward/{name}": float(values[i]) for name, values in ro.reward_parts.items()}}
+            for i in range(min(4, len(ro.texts)))])
 
     def _rollout_metrics(self, ro: Rollout) -> dict[str, float]:
         u = ro.utilities
@@ -340,19 +359,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """One completion per eval prompt, relaxed format (spec 10): mean reward and format failures."""
         c = self.config
-        rows = self.task.eval[: c.eval.max_eval_samples or None]
-        texts, answers = [], []
-        for start in range(0, len(rows), c.eval.per_device_eval_batch_size):
-            chunk = rows[start:start + c.eval.per_device_eval_batch_size]
-            ids, _, _ = self.generate([r["prompt_ids"] for r in chunk], 1)
-            texts += self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            answers += [r["answer"] for r in chunk]
-        utilities, _ = self.eval_rewards(texts, answers, is_eval=True)
-        return {
-            "eval/mean_reward": float(np.mean(utilities)),
-            "eval/format/missing_answer_frac": float(np.mean([extract_answer(t) is None for t in texts])),
-            "eval/format/missing_format_frac": float(np.mean([not passes_format_gate(t) for t in texts])),
-        }
+
+        def generate(rows: Sequence[dict[str, Any]]) -> list[str]:
+            ids, _, _ = self.generate([r["prompt_ids"] for r in rows], 1)
+            return self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+        return evaluate_policy(generate, self.task.eval[: c.eval.max_eval_samples or None],
+                               lambda texts, answers: self.eval_rewards(texts, answers, is_eval=True)[0],
+                               c.eval.per_device_eval_batch_size, process_index=jax.process_index(),
+                               process_count=jax.process_count())
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -389,8 +404,10 @@ class Trainer:
             elif not self.sft_done:
                 self.supervised_warmup()
             if self.reference_params is None:
-                self.reference_params = jax.tree.map(jnp.copy, self.state.params)
-            while self.step < c.train.max_steps:
+                self.reference_params = (
+                    load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
+                    else jax.tree.map(jnp.copy, self.state.params))
+            while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.telemetry.accumulate(metrics)
                 last = self.telemetry.step_end(self.step) or last
@@ -409,12 +426,11 @@ class Trainer:
         return last
 
     def export_final(self) -> None:
-        if not self.config.checkpoint.export_final or jax.process_index() != 0:
+        if not self.config.checkpoint.export_final:
             return
-        out = self.workdir / "final_hf"
-        model = nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)
-        export_hf_checkpoint(model, self.policy.model_cfg, out, tokenizer_dir=self.policy.tokenizer_dir)
-        write_controller_state(out / CONTROLLER_FILE, self.controllers, self.controller_settings)
+        out = checkpoint_lib.export_final(self.state.params, self.policy.model_cfg, self.workdir,
+                                          tokenizer_dir=self.policy.tokenizer_dir,
+                                          controller_state=to_json(self.controllers, self.controller_settings))
         self.say(f"exported the final policy to {out} (transformers can load it)")
 
     def close(self) -> None:

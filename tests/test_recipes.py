@@ -149,7 +149,7 @@ def test_per_model_reference_values():
     assert (m.maxent.tau_min, m.maxent.tau_max, m.maxent.tau_warmup_steps, m.maxent.clip_adv_baseline) == (
         0.05, 1.0, 0, 0.0625)
     assert (m.controller_meta.enabled, m.controller_meta.lr, m.controllers.overwrite_from_config) == (True, 0.05, True)
-    assert m.maxent.allow_empty_weight_fallback and m.maxent.target_weight_entropy_start is None
+    assert m.maxent.target_weight_entropy_start is None
     assert _recipe("qwen2_5_7b", "infoseed").controller_meta.lr == 0.05
 
 

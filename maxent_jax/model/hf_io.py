@@ -43,8 +43,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 Shardings = Any | Callable[[tuple[str, ...]], jax.sharding.Sharding]
 
 
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (config, weights, tokenizer)."""
+def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str = "main") -> Path:
+    """A local directory as is; otherwise a hub id at `revision` fetched with huggingface_hub (config,
+    weights, tokenizer)."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -57,7 +58,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        return Path(snapshot_download(repo_id=name, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
     except Exception as err:  # network, auth, or missing repo: one line for the user
         raise UserError(f"checkpoint {name!r} is not a local directory and could not be downloaded from the hub "
                         f"({type(err).__name__}); expected a local directory or a reachable hub id") from None
