@@ -322,6 +322,14 @@ class Trainer:
 
     # -- supervised warm-up --------------------------------------------------------------
 
+    def measure_initial_reward(self) -> None:
+        """The untrained policy's mean reward on one batch of the training prompts (reported in the
+        first metrics record as train/initial_reward), so the run shows where it started."""
+        rows = BatchStream(self.task.train, self.num_prompts, self.config.seed + 2).next()
+        reward = float(self.rollout(rows).utilities.mean())
+        self.telemetry.accumulate({"train/initial_reward": reward})
+        self.say(f"mean reward before training: {reward:.3f}")
+
     def supervised_warmup(self) -> None:
         """Teach the answer format on the dataset's worked solutions before RL (the tiny default)."""
         c = self.config
@@ -401,8 +409,10 @@ class Trainer:
         with PreemptionGuard() as guard:
             if self.resume_point is not None:
                 self.restore(self.resume_point)
-            elif not self.sft_done:
-                self.supervised_warmup()
+            else:
+                self.measure_initial_reward()
+                if not self.sft_done:
+                    self.supervised_warmup()
             if self.reference_params is None:
                 self.reference_params = (
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path

@@ -134,3 +134,18 @@ def test_training_through_the_rollout_server(tmp_path):
         info = json.loads(urllib.request.urlopen(url + "/info", timeout=30).read())
     last = _finite_train_metrics(records)
     assert last["train/rollout/push_gb_per_s"] > 0 and info["weight_version"] == 1
+
+
+@pytest.mark.slow
+def test_default_config_learns(tmp_path):
+    """`python -m maxent_jax.train` as shipped: from chance to >= 0.85 mean reward, and RL adds to the warm-up."""
+    proc = subprocess.run([sys.executable, "-m", "maxent_jax.train", f"--workdir={tmp_path}"], cwd=REPO_ROOT,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    initial = [r["train/initial_reward"] for r in records if "train/initial_reward" in r]
+    rewards = [r["train/reward"] for r in sorted(records, key=lambda r: r["step"]) if "train/reward" in r]
+    first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
+    assert initial == [pytest.approx(0.0, abs=0.05)]
+    assert last >= 0.85 and last >= first + 0.05, (first, last)
