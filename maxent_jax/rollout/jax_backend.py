@@ -140,8 +140,10 @@ class JaxBackend:
         flat = dict(nnx.to_flat_state(self.state))
         for m in self._maps:
             var = flat[m.path]
-            host = np.ascontiguousarray(m.from_hf(tensors[m.hf_name])).astype(var.dtype)
-            flat[m.path] = var.replace(jax.device_put(host, var.get_value().sharding))
+            # Move the received bytes as they are, then relayout (transpose/reshape) and cast on the
+            # device: host-side transposes were most of a push's time.
+            raw = jax.device_put(tensors[m.hf_name])
+            flat[m.path] = var.replace(jax.device_put(m.from_hf(raw).astype(var.dtype), var.get_value().sharding))
         new_state = nnx.from_flat_state(list(flat.items()))
         jax.block_until_ready(new_state)
         self.state = new_state
