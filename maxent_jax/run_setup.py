@@ -27,7 +27,7 @@ from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.hf_io import load_hf_checkpoint, resolve_checkpoint
 from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
-from maxent_jax.parallel.rules import tree_shardings
+from maxent_jax.parallel.rules import LOGICAL_AXIS_RULES, tree_shardings
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient
 from maxent_jax.rollout.remote import RemoteRollout
@@ -76,7 +76,7 @@ def checkpoint_shardings(path: pathlib.Path, config: ml_collections.ConfigDict, 
     cfg = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()), param_dtype=m.param_dtype,
                                      compute_dtype=m.compute_dtype, remat=m.remat)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    return tree_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh, rules)
+    return tree_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh, rules or LOGICAL_AXIS_RULES)
 
 
 def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any) -> nnx.State:
