@@ -66,7 +66,7 @@ def test_maxent_run_on_the_8_device_mesh_writes_everything(tmp_path):
                 "train/completions/mean_length_sampled", "train/frac_reward_zero_std"):
         assert key in last, key
     assert records[0]["run/git_sha"] and any("eval/mean_reward" in r for r in records)
-    assert json.loads((tmp_path / "controller_state.json").read_text())["tau"] == pytest.approx(0.1)
+    assert json.loads((tmp_path / "controller_state.json").read_text())["tau"] == pytest.approx(get_config().maxent.tau)
     assert (tmp_path / "final_hf" / "config.json").exists() and (tmp_path / "final_hf" / "controller_state.json").exists()
     assert (tmp_path / "checkpoints" / "2").is_dir()
 
