@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from maxent_jax import checkpoint as checkpoint_lib
 from maxent_jax import optimizer as optimizer_lib

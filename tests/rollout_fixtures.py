@@ -114,9 +114,22 @@ def start_rollout_server(
         token_file = (tmp_dir or Path(model_dir).parent) / "token.txt"
         token_file.write_text(token + "\n")
         args += ["--token-file", str(token_file)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with serve_subprocess(args) as (url, proc):
+        RolloutClient(url, client_tag="probe").wait_healthy(60)
+        yield url, proc
+
+
+@contextlib.contextmanager
+def serve_subprocess(args: list[str], *, env: dict | None = None, cwd: Path | None = None,
+                     start_timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run a `maxent_jax.serve` command line; yield (its URL, the process) once it says it is ready.
+
+    Its log keeps being read in the background so a full pipe never blocks the server; on exit
+    the process gets SIGTERM, then SIGKILL if it does not stop within 30 s.
+    """
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     try:
-        url, lines, deadline = None, [], time.monotonic() + 300
+        url, lines, deadline = None, [], time.monotonic() + start_timeout
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -125,12 +138,14 @@ def start_rollout_server(
             match = re.search(r"rollout server ready at (http://\S+)", line)
             url = match.group(1) if match else None
         if url is None:
-            raise RuntimeError("server did not start:\n" + "".join(lines[-30:]))
-        # Keep reading its log so a full pipe never blocks the server.
+            raise RuntimeError("server did not start:\n" + "".join(lines[-40:]))
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-        RolloutClient(url, client_tag="probe").wait_healthy(60)
         yield url, proc
     finally:
         if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)

@@ -7,7 +7,7 @@ import pytest
 from maxent_jax.config import get_base_config
 from maxent_jax.data.prompts import render_prompt
 from maxent_jax.data.sources import load_rows
-from maxent_jax.data.stream import BatchStream, StreamPosition
+from maxent_jax.data.stream import BatchStream
 from maxent_jax.data.synthetic import arithmetic_splits
 from maxent_jax.errors import UserError
 

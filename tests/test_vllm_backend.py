@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +23,7 @@ import pytest
 
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient, RolloutError
-from tests.rollout_fixtures import TOKEN, model_tensors, write_tiny_model
+from tests.rollout_fixtures import TOKEN, model_tensors, serve_subprocess, write_tiny_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engine starts: ~2 min on a busy 2-core host
 
@@ -56,28 +53,8 @@ def serve_vllm(model_dir: Path, token_file: Path) -> Iterator[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [str(vllm_python()), "-m", "maxent_jax.serve", "--backend", "vllm", "--model", str(model_dir),
            "--port", "0", "--token-file", str(token_file), "--max-model-len", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    try:
-        url, lines, deadline = None, [], time.monotonic() + 600
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            match = re.search(r"rollout server ready at (http://\S+)", line)
-            url = match.group(1) if match else None
-        if url is None:
-            raise RuntimeError("vllm server did not start:\n" + "".join(lines[-40:]))
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # never block on a full pipe
+    with serve_subprocess(cmd, env=env, cwd=REPO, start_timeout=600) as (url, _):
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

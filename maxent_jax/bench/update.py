@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 from maxent_jax.bench.presets import Preset
-from maxent_jax.bench.probe import PROBE_NAME, matmul_probe, peak_flops
+from maxent_jax.bench.probe import matmul_probe, peak_flops
 from maxent_jax.bench.report import Figure, Report
 from maxent_jax.bench.timing import alternate, timed
 

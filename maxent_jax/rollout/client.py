@@ -21,7 +21,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import urllib.parse
