@@ -66,7 +66,6 @@ class Rollout:
     reward_parts: dict[str, np.ndarray]  # reward name -> [P * G]
     texts: list[str]
     lengths: np.ndarray  # [P * G] completion tokens
-    stopped: np.ndarray  # [P * G] ended on EOS/stop (vs. max length)
     seconds: float
 
 
@@ -108,6 +107,9 @@ class Trainer:
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)
+        # first_order / truncated_backprop differentiate the closed-form weights, so they need q.
+        self.meta_needs_batch = (self.controller_settings.meta_enabled
+                                 and self.controller_settings.meta_method != "analytic")
         self.reference_params = None  # set when RL starts: the policy after the supervised warm-up
         self.key = jax.random.key(c.seed)
         self.step = 0
@@ -162,15 +164,14 @@ class Trainer:
         start = time.monotonic()
         c, n = self.config, self.config.rollout.num_generations
         prompt_ids = [r["prompt_ids"] for r in rows]
-        ids, logps, stopped = self.generate(prompt_ids, n)
+        ids, logps, _ = self.generate(prompt_ids, n)
         seed_ids = np.full((len(rows), self.group), -1, np.int32)
         if self.seeds:
             seed_prompts, seed_ids[:, n:] = render_seed_prompts(
                 [r["prompt"] for r in rows], self.seeds, c.info_seed.prompt_template, self.seed_rng)
             encoded = self.policy.tokenizer(seed_prompts, add_special_tokens=False)["input_ids"]
-            s_ids, s_logps, s_stopped = self.generate([x[-c.rollout.max_prompt_length:] for x in encoded], 1)
-            ids, logps, stopped = (_interleave(a, b, n, self.seeds) for a, b in
-                                   ((ids, s_ids), (logps, s_logps), (list(stopped), list(s_stopped))))
+            s_ids, s_logps, _ = self.generate([x[-c.rollout.max_prompt_length:] for x in encoded], 1)
+            ids, logps = _interleave(ids, s_ids, n, self.seeds), _interleave(logps, s_logps, n, self.seeds)
         k = self.group
         texts = self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
         answers = [r["answer"] for r in rows for _ in range(k)]
@@ -182,7 +183,7 @@ class Trainer:
         batch["seed_ids"] = seed_ids.reshape(-1)
         batch["is_seed_aug"] = seed_ids.reshape(-1) >= 0
         return Rollout(batch=batch, utilities=np.asarray(utilities, np.float32).reshape(-1, k), reward_parts=parts,
-                       texts=texts, lengths=np.array([len(x) for x in ids]), stopped=np.asarray(stopped),
+                       texts=texts, lengths=np.array([len(x) for x in ids]),
                        seconds=time.monotonic() - start)
 
     # -- one RL step ---------------------------------------------------------------------
@@ -228,7 +229,8 @@ class Trainer:
         inputs = ControllerInputs(
             weight_entropy=jnp.asarray(_mean_over_hosts(stats.get("weight_entropy", 0.0)), jnp.float32),
             kl=jnp.zeros((), jnp.float32),
-            q=listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature, c.maxent.q_epsilon),
+            q=(listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature,
+                               c.maxent.q_epsilon) if self.meta_needs_batch else None),
             ref_logp_sum=jnp.asarray(ref_sum),
             valid=jnp.asarray(valid), lengths=jnp.asarray(lengths))
         return arrays, {k: float(v) for k, v in stats.items()}, inputs
@@ -251,6 +253,7 @@ class Trainer:
             remote.maybe_push(self.state.params, self.step)
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
+        self.tokens_seen += int(ro.batch["attention_mask"].sum())
         if c.logging.log_completions:
             self._log_completions(rows, ro, arrays)
         self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
@@ -298,7 +301,6 @@ class Trainer:
         lengths = ro.lengths.astype(np.float32)
         clipped = lengths >= self.config.rollout.max_completion_length
         terminated = lengths[~clipped] if (~clipped).any() else np.zeros(1, np.float32)
-        self.tokens_seen += int(ro.batch["attention_mask"].sum())
         out = {
             "train/reward": float(u.mean()),
             "train/reward_std": float(u.std()),
