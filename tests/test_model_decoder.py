@@ -151,7 +151,8 @@ def test_chunked_logprob_gradients_and_remat_match_the_plain_forward():
     value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(STATE, remat_graphdef, True)
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # absolute slack scaled to the tensor: float32 sums in another order differ by ~1e-7 of its largest entry
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
 
 
 def test_bfloat16_params_and_compute_stay_close_to_float32():

@@ -5,6 +5,9 @@ slots `[0, max_len)` are filled left to right; `index` is the next slot to write
 the decoder with a cache writes its T new keys/values at `[index, index + T)` and marks those
 slots valid where the call's attention mask is true, so padding (left-padded prompts, finished
 rows) never becomes visible to later queries.
+
+One array per layer (not one stacked array), in the layouts `model.attention` reads in place:
+no slicing of a stacked array, no relayout of the cache on a decode step.
 """
 
 from __future__ import annotations
@@ -18,27 +21,31 @@ from flax import struct
 class KVCache:
     """Keys/values of every layer.
 
-    k, v:  `[layers, batch, max_len, kv_heads, head_dim]` (rotary embedding already applied to k)
+    k:     per layer, `[batch, kv_heads, head_dim, max_len]` (rotary embedding already applied)
+    v:     per layer, `[batch, kv_heads, max_len, head_dim]`
     valid: `[batch, max_len]` bool, true for slots holding a real (non-pad) token
     index: `[]` int32, the next slot to write
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
     @classmethod
     def zeros(cls, *, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
               dtype: jnp.dtype) -> "KVCache":
-        shape = (layers, batch, max_len, kv_heads, head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros((batch, kv_heads, head_dim, max_len), dtype) for _ in range(layers)),
+            v=tuple(jnp.zeros((batch, kv_heads, max_len, head_dim), dtype) for _ in range(layers)),
             valid=jnp.zeros((batch, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
+
+    def map_rows(self, fn) -> "KVCache":
+        """The cache with `fn` applied along the batch axis of every array (e.g. repeat each row n times)."""
+        return self.replace(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v), valid=fn(self.valid))

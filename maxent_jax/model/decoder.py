@@ -3,7 +3,7 @@
     hidden = final_norm(blocks(embed[input_ids]))
     block(x) = x' + mlp(norm2(x')),  x' = x + attention(norm1(x))
     attention: grouped-query, RoPE on q/k (optionally after a per-head RMSNorm, Qwen3), optional
-               q/k/v bias (Qwen2), softmax in float32 via `jax.nn.dot_product_attention`.
+               q/k/v bias (Qwen2), softmax in float32 (`model.attention`).
     mlp:       down(silu(gate(x)) * up(x))   (SwiGLU)
 
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names (see
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxent_jax.model.attention import grouped_attention, key_layout, value_layout
 from maxent_jax.model.cache import KVCache
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -118,25 +119,26 @@ class Attention(nnx.Module):
         self.scale = h ** -0.5
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, int, jax.Array] | None
+                 kv: tuple[jax.Array, jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x `[batch, seq, embed]`, mask `[batch, 1, seq, keys]` -> `[batch, seq, embed]`.
+        """x `[batch, seq, embed]`, mask `[batch, seq, keys]` -> `[batch, seq, embed]`.
 
-        `kv` = (k_all, v_all, layer, index) of the stacked cache; the updated (k_all, v_all) is returned.
+        `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
+        token; the updated (k, v) is returned.
         """
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = key_layout(k), value_layout(v)
         new_kv = None
         if kv is not None:
-            k_all, v_all, layer, index = kv
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            k, v = k_all[layer].astype(x.dtype), v_all[layer].astype(x.dtype)
-            new_kv = (k_all, v_all)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
+            new_kv = (k, v)
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
+        out = grouped_attention(q, k, v, mask, self.scale)
         return self.o_proj(out), new_kv
 
 
@@ -167,7 +169,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, int, jax.Array] | None
+                 kv: tuple[jax.Array, jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
         x = x + attn_out
@@ -219,7 +221,6 @@ class Decoder(nnx.Module):
         key_slot = jnp.arange(key_valid.shape[1])
         causal = key_slot[None, :] <= query_slot[:, None]
         mask = (key_valid[:, None, :] & causal[None]) | (key_slot[None, :] == query_slot[:, None])[None]
-        mask = mask[:, None]  # [batch, 1, seq, keys], broadcast over heads
 
         if cache is None:
             forward: Callable[..., jax.Array] = nnx.remat(_block_forward) if cfg.remat else _block_forward
@@ -227,10 +228,12 @@ class Decoder(nnx.Module):
                 x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
             return self.final_norm(x), None
 
-        k_all, v_all = cache.k, cache.v
-        for layer, block in enumerate(self.layers):
-            x, (k_all, v_all) = block(x, cos, sin, mask, (k_all, v_all, layer, cache.index))
-        new_cache = KVCache(k=k_all, v=v_all, valid=key_valid, index=cache.index + seq)
+        keys, values = [], []
+        for block, k, v in zip(self.layers, cache.k, cache.v):
+            x, (k, v) = block(x, cos, sin, mask, (k, v, cache.index))
+            keys.append(k)
+            values.append(v)
+        new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=key_valid, index=cache.index + seq)
         return self.final_norm(x), new_cache
 
     def lm_head_kernel(self) -> jax.Array:

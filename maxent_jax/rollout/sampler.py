@@ -150,7 +150,7 @@ def _decode(
     def repeat(x: jax.Array, axis: int) -> jax.Array:
         return jnp.repeat(x, num_samples, axis=axis, total_repeat_length=x.shape[axis] * num_samples)
 
-    cache = cache.replace(k=repeat(cache.k, 1), v=repeat(cache.v, 1), valid=repeat(cache.valid, 0))
+    cache = cache.map_rows(lambda x: repeat(x, 0))
     next_pos = repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), 0)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
 
