@@ -44,6 +44,43 @@ def test_push_params_streams_one_tensor_at_a_time_and_equals_a_fresh_server(roll
             np.testing.assert_array_equal(s1.logprobs, s2.logprobs)
 
 
+def test_jax_backend_adopts_received_buffers_and_relayouts_the_rest_bit_exactly():
+    """The server's apply path without HTTP: framed stream -> read_stream(prepare) -> load_weights."""
+    import io
+
+    from maxent_jax.model import Decoder, ModelConfig
+    from maxent_jax.model.mapping import tensor_maps
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.weights import read_stream
+
+    cfg = ModelConfig.tiny()
+    backend = JaxBackend(Decoder(cfg, rngs=nnx.Rngs(0)))
+    target = nnx.state(Decoder(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+    stream = io.BytesIO(b"".join(bytes(c) for c in iter_stream(iter_hf_tensors(target, cfg, cfg.param_dtype))))
+    received = {}
+
+    def keep(name, array):
+        received[name] = array
+        return backend.prepare_weight(name, array)
+
+    prepared = read_stream(stream.readinto, backend.expected_weights(), keep)
+    old_state = backend.state
+    backend.load_weights(prepared.items())
+    assert backend.state is not old_state
+    old_flat, new_flat = dict(nnx.to_flat_state(old_state)), dict(nnx.to_flat_state(backend.state))
+    want_flat = dict(nnx.to_flat_state(target))
+    adopted = 0
+    for m in tensor_maps(cfg):
+        got, want = new_flat[m.path].get_value(), want_flat[m.path].get_value()
+        assert got.dtype == want.dtype and got.sharding == old_flat[m.path].get_value().sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        if m.from_hf(received[m.hf_name]).flags.c_contiguous and jax.default_backend() == "cpu":
+            # A layout that is a view of the received bytes reaches the device without a copy.
+            assert got.unsafe_buffer_pointer() == received[m.hf_name].ctypes.data
+            adopted += 1
+    assert adopted >= 2  # at least the embedding and the final norm
+
+
 def test_remote_rollout_pushes_on_cadence_and_equals_the_in_process_sampler(rollout_model_dirs):
     from maxent_jax.rollout.remote import RemoteRollout
     from maxent_jax.rollout.sampler import Sampler

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import socket
 import threading
 import urllib.parse
 
@@ -164,6 +165,31 @@ def test_weight_push_gives_exactly_a_fresh_server_on_the_new_weights(rollout_bac
         for s_new, s_fresh in zip(g_new, g_fresh):
             np.testing.assert_allclose(s_new.logprobs, s_fresh.logprobs, atol=1e-6)
     assert new.weight_version == 7 and new.metrics["rollout/weight_staleness_steps"] == 2.0
+
+
+def test_content_length_push_is_applied_and_a_truncated_one_is_refused(rollout_backend, rollout_model_dirs):
+    from maxent_jax.rollout.weights import iter_stream
+
+    stream = b"".join(bytes(chunk) for chunk in iter_stream(model_tensors(rollout_model_dirs[1])))
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"}
+    with start_rollout_server(rollout_backend, rollout_model_dirs[0]) as (url, _):
+        status, reply = _raw(url, "POST", "/weights", stream, {**auth, "X-Weight-Version": "5"})
+        assert status == 200 and reply["weight_version"] == 5 and reply["bytes"] > 0
+        assert 0 <= reply["apply_seconds"] <= reply["seconds"] and 0 <= reply["receive_seconds"] <= reply["seconds"]
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:  # declare the whole stream, send all but its last 40 bytes, then hang up
+            conn.putrequest("POST", "/weights")
+            for key, value in {**auth, "Content-Length": str(len(stream))}.items():
+                conn.putheader(key, value)
+            conn.endheaders(stream[:-40])
+            conn.sock.shutdown(socket.SHUT_WR)
+            response = conn.getresponse()
+            status, reply = response.status, json.loads(response.read())
+        finally:
+            conn.close()
+        assert status == 400 and "ended early" in reply["error"] and "nothing applied" in reply["error"]
+        assert _raw(url, "GET", "/info")[1]["weight_version"] == 5
 
 
 def test_two_clients_with_different_tags_each_get_their_own(server_a):

@@ -14,6 +14,8 @@ from safetensors.numpy import load as safetensors_load
 
 from maxent_jax.rollout.backend import Completion
 from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate
+from maxent_jax.rollout.client import send_chunked
+from maxent_jax.rollout.server import _Body
 from maxent_jax.rollout.weights import WeightStreamError, encode_frame, iter_stream, read_stream
 
 
@@ -112,13 +114,11 @@ def _expected(tensors):
 def _reader(stream: bytes):
     buf = io.BytesIO(stream)
 
-    def read_exact(n: int) -> bytes:
-        data = buf.read(n)
-        if len(data) != n:
+    def readinto(view: memoryview) -> None:
+        if buf.readinto(view) != len(view):
             raise WeightStreamError("stream ended early")
-        return data
 
-    return read_exact
+    return readinto
 
 
 def _stream(tensors) -> bytes:
@@ -167,6 +167,91 @@ def test_truncated_stream_and_wrong_end_count_are_refused():
 
     with pytest.raises(WeightStreamError, match="end frame says 2 tensors but the stream carried 3"):
         read_stream(_reader(body + end_frame(2)), _expected(tensors))
+
+
+def test_received_tensors_are_fresh_64_byte_aligned_arrays_and_prepare_sees_each_one():
+    # Alignment is what lets XLA:CPU adopt a received buffer without copying it.
+    tensors = _tensors()
+    seen = []
+
+    def prepare(name, array):
+        seen.append(name)
+        return ("prepared", array)
+
+    got = read_stream(_reader(_stream(tensors)), _expected(tensors), prepare)
+    assert seen == [name for name, _ in tensors]
+    for name, array in tensors:
+        tag, received = got[name]
+        assert tag == "prepared" and received.ctypes.data % 64 == 0 and received.flags.writeable
+        np.testing.assert_array_equal(received.view(np.uint8), array.view(np.uint8))
+
+
+def _chunked(stream: bytes, sizes) -> bytes:
+    """`stream` as an HTTP chunked body whose chunk sizes cycle through `sizes`."""
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        piece = stream[pos : pos + sizes[i % len(sizes)]]
+        out.append(b"%X\r\n" % len(piece) + piece + b"\r\n")
+        pos, i = pos + len(piece), i + 1
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+def _body(raw: bytes, limit: int = 1 << 20, **headers) -> _Body:
+    return _Body(io.BufferedReader(io.BytesIO(raw)), headers, limit)
+
+
+@pytest.mark.parametrize("sizes", [(7,), (1, 300, 5000), (1 << 20,)])
+def test_chunk_boundaries_anywhere_in_a_frame_parse_the_same(sizes):
+    tensors = _tensors()
+    body = _body(_chunked(_stream(tensors), sizes), **{"Transfer-Encoding": "chunked"})
+    got = read_stream(body.readinto, _expected(tensors))
+    assert body.at_end()
+    for name, array in tensors:
+        np.testing.assert_array_equal(got[name].view(np.uint8), array.view(np.uint8))
+
+
+def test_content_length_body_and_its_truncation():
+    tensors = _tensors()
+    stream = _stream(tensors)
+    body = _body(stream, **{"Content-Length": str(len(stream))})
+    assert set(read_stream(body.readinto, _expected(tensors))) == {name for name, _ in tensors} and body.at_end()
+    short = _body(stream[:-40], **{"Content-Length": str(len(stream))})  # the sender hung up early
+    with pytest.raises(WeightStreamError, match="ended early"):
+        read_stream(short.readinto, _expected(tensors))
+
+
+def test_chunked_body_ending_mid_frame_or_over_the_limit_is_refused():
+    tensors = _tensors()
+    stream = _stream(tensors)
+    with pytest.raises(WeightStreamError, match="ended early"):
+        read_stream(_body(_chunked(stream[:-40], (64,)), **{"Transfer-Encoding": "chunked"}).readinto, _expected(tensors))
+    with pytest.raises(ProtocolError, match=f"exceeds the limit of {len(stream) - 1} bytes") as err:
+        read_stream(_body(_chunked(stream, (64,)), len(stream) - 1, **{"Transfer-Encoding": "chunked"}).readinto,
+                    _expected(tensors))
+    assert err.value.status == 413
+
+
+class _RecordingSocket:
+    def __init__(self):
+        self.writes = []
+
+    def sendall(self, data):
+        self.writes.append(data)
+
+
+def test_send_chunked_passes_tensor_buffers_through_and_gathers_small_pieces():
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: sent as its own buffer
+    pieces = list(iter_stream([("a", np.ones(3, np.float32)), ("big", big), ("c", np.zeros((2, 2), np.float16))]))
+    sock = _RecordingSocket()
+    send_chunked(sock, pieces + [b""])  # an empty piece must not end the body early
+    big_view = next(p for p in pieces if isinstance(p, memoryview) and p.nbytes == big.nbytes)
+    assert len(sock.writes) == 3 and sock.writes[1] is big_view  # gathered | the tensor itself | gathered
+    raw = b"".join(bytes(w) for w in sock.writes)
+    body = _body(raw, **{"Transfer-Encoding": "chunked"})
+    expected = {"a": ((3,), "float32"), "big": (big.shape, "float32"), "c": ((2, 2), "float16")}
+    got = read_stream(body.readinto, expected)
+    assert body.at_end()
+    np.testing.assert_array_equal(got["big"], big)
 
 
 # -- what the server side imports, and the entry point's one-line errors -------------------

@@ -5,8 +5,9 @@ and with `--vs vllm` a `--backend vllm` one in the vLLM environment), started on
 the same weights. One run = one whole push through `RolloutClient.push_params`: layout change
 and cast on device, one tensor at a time to the host, streamed in the safetensors framing,
 validated and applied atomically by the server, answered. GB/s = tensor bytes / wall time.
-A second figure times the conversion alone (params -> HF host tensors, no network), which
-bounds what any transport can reach.
+Each push is also split into its phases (`push_run`). Two more figures bound it from either
+side: the conversion alone (params -> HF host tensors, no network), and the push of host
+tensors converted beforehand (transport + server alone).
 
 `--size M` replaces the preset's model by a random Qwen2 of about M million parameters:
 blocks of width 1024 (16 heads of 64, 4 kv heads, MLP 2816, ~11.3M each), vocabulary 512.
@@ -78,7 +79,17 @@ class ServerProcess:
         self.log.close()
 
 
+PHASES = ("convert", "send", "server apply")
+
+
 def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
+    """One whole `push_params`: GB/s, seconds, and the seconds of each phase of that push.
+
+    convert: producing the HF host tensors (the client's iterator); send: framing and writing
+    the stream, which includes the server receiving, validating and preparing each tensor as
+    it arrives (the socket blocks until the server has read); server apply: the server's swap
+    under its lock, which the client sees as the wait for the reply.
+    """
     from maxent_jax.rollout.client import RolloutClient
 
     client = RolloutClient(server.url, token=server.token, timeout=600.0, max_retries=1)
@@ -86,7 +97,27 @@ def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
 
     def run() -> dict[str, float]:
         stats = client.push_params(params, cfg, dtype=dtype)
-        return {f"{name}: push": stats["gb_per_s"], f"{name}: push time": stats["seconds"]}
+        return {f"{name}: push": stats["gb_per_s"], f"{name}: push time": stats["seconds"],
+                **{f"{name}: phase {phase}": stats[f"{phase.replace(' ', '_')}_seconds"] for phase in PHASES}}
+
+    return run
+
+
+def transport_run(server: ServerProcess, params, cfg, name: str) -> Run:
+    """The same push from HF host tensors converted beforehand: transport + server alone.
+
+    What a push reaches once conversion costs nothing (the whole model is held on the host
+    here, which a trainer's push never does).
+    """
+    from maxent_jax.model.hf_io import iter_hf_tensors
+    from maxent_jax.rollout.client import RolloutClient
+
+    client = RolloutClient(server.url, token=server.token, timeout=600.0, max_retries=1)
+    dtype = client.info()["dtype"]
+    tensors = [(hf_name, tensor.copy()) for hf_name, tensor in iter_hf_tensors(params, cfg, dtype)]
+
+    def run() -> dict[str, float]:
+        return {f"{name}: push from host tensors": client.push_weights(tensors)["gb_per_s"]}
 
     return run
 
@@ -99,6 +130,15 @@ def convert_run(params, cfg) -> Run:
         return {"convert only: params -> HF host tensors": nbytes / 1e9 / seconds}
 
     return run
+
+
+def _units(servers: tuple[str, ...]) -> dict[str, str]:
+    units = {"convert only: params -> HF host tensors": "GB/s"}
+    for name in servers:
+        units.update({f"{name}: push": "GB/s", f"{name}: push time": "s",
+                      f"{name}: push from host tensors": "GB/s",
+                      **{f"{name}: phase {phase}": "s" for phase in PHASES}})
+    return units
 
 
 def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str | None,
@@ -127,13 +167,13 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
         model_dir = peers.export_for_peers(model, cfg, Path(tmp) / "model")
         try:
             servers.append(ServerProcess(sys.executable, "jax", model_dir, Path(tmp)))
-            runs = {"convert": convert_run(params, cfg), "jax": push_run(servers[0], params, cfg, "jax server")}
+            runs = {"convert": convert_run(params, cfg), "jax": push_run(servers[0], params, cfg, "jax server"),
+                    "jax host": transport_run(servers[0], params, cfg, "jax server")}
             if vs == "vllm":
                 servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp)))
                 runs["vllm"] = push_run(servers[1], params, cfg, "vllm server")
-            units = {"convert only: params -> HF host tensors": "GB/s", "jax server: push": "GB/s",
-                     "jax server: push time": "s", "vllm server: push": "GB/s", "vllm server: push time": "s"}
-            for figure in alternate(runs, repeats, units):
+                runs["vllm host"] = transport_run(servers[1], params, cfg, "vllm server")
+            for figure in alternate(runs, repeats, _units(("jax server", "vllm server"))):
                 report.add(figure)
         finally:
             for server in servers:

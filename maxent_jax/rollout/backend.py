@@ -62,7 +62,12 @@ class RolloutBackend(Protocol):
         """
 
     def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray]]) -> None:
-        """Replace all weights at once; called with validated tensors, never interleaved with generate."""
+        """Replace all weights at once; called with validated tensors, never interleaved with generate.
+
+        A backend may also define `prepare_weight(name, array) -> object`: the server then calls
+        it as each tensor of a push arrives (before the push is complete and validated, so it
+        must not change what generate uses) and passes its results here instead of the arrays.
+        """
 
     def reset_prefix_cache(self) -> None:
         """Forget cached attention computed with earlier weights."""

@@ -1,9 +1,10 @@
 """The `jax` rollout backend: the in-process sampler behind the server protocol (CPUs, tests, one-box runs).
 
 Weights are the decoder's NNX parameter state. A push arrives as HF-named numpy tensors; each
-is converted to our layout (`model.mapping`), cast to the parameter dtype and placed with the
-sharding of the parameter it replaces, into a *new* state; the server then swaps the state
-reference under its engine lock, so a generate call sees all old or all new weights.
+is converted to our layout (`model.mapping`) and placed with the sharding of the parameter it
+replaces as soon as it has arrived (`prepare_weight`), into a *new* state; once the push is
+complete and valid the server swaps the state reference under its engine lock, so a generate
+call sees all old or all new weights.
 Stop strings are applied on the host after decoding (token-level stops run inside the loop).
 """
 
@@ -65,10 +66,14 @@ class JaxBackend:
         self._requests = itertools.count()
         flat = dict(nnx.to_flat_state(self.state))
         self._expected = {}
+        self._by_name = {m.hf_name: m for m in self._maps}
+        # Shape, dtype and sharding each pushed tensor must end up with (the state's are fixed).
+        self._targets: dict[str, jax.ShapeDtypeStruct] = {}
         for m in self._maps:
-            var = flat[m.path]
-            hf = jax.eval_shape(m.to_hf, jax.ShapeDtypeStruct(var.shape, var.dtype))
-            self._expected[m.hf_name] = (tuple(hf.shape), dtype_name(var.dtype))
+            value = flat[m.path].get_value()
+            hf = jax.eval_shape(m.to_hf, jax.ShapeDtypeStruct(value.shape, value.dtype))
+            self._expected[m.hf_name] = (tuple(hf.shape), dtype_name(value.dtype))
+            self._targets[m.hf_name] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0) -> "JaxBackend":
@@ -134,16 +139,35 @@ class JaxBackend:
     def expected_weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return dict(self._expected)
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray]]) -> None:
-        """Build a complete new state from the tensors, then swap it in (one reference assignment)."""
-        tensors = dict(named_tensors)
+    def prepare_weight(self, name: str, array: np.ndarray) -> jax.Array:
+        """One received HF tensor in our layout, dtype and sharding, as a new device array.
+
+        Called by the server as each tensor arrives (before the push is complete), so it must
+        not touch `self.state`. When our layout is a view of the HF bytes (a reshape, or the
+        identity) the host array goes to the device as it is, which on CPU adopts the received
+        64-byte-aligned buffer without a copy. Otherwise the bytes are moved as they are and
+        the relayout (a transpose) runs on the device, dispatched asynchronously so it overlaps
+        the rest of the upload: a strided host transpose was most of a push's time.
+        """
+        m, var = self._by_name[name], self._targets[name]
+        view = m.from_hf(array)
+        if view.flags.c_contiguous and view.dtype == var.dtype:
+            return jax.device_put(view, var.sharding)
+        relaid = m.from_hf(jax.device_put(array))
+        return jax.device_put(relaid.astype(var.dtype), var.sharding)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray | jax.Array]]) -> None:
+        """Build a complete new state from the tensors, then swap it in (one reference assignment).
+
+        Values are what `prepare_weight` returned (the server's path) or HF numpy arrays,
+        which are prepared here.
+        """
         flat = dict(nnx.to_flat_state(self.state))
-        for m in self._maps:
-            var = flat[m.path]
-            # Move the received bytes as they are, then relayout (transpose/reshape) and cast on the
-            # device: host-side transposes were most of a push's time.
-            raw = jax.device_put(tensors[m.hf_name])
-            flat[m.path] = var.replace(jax.device_put(m.from_hf(raw).astype(var.dtype), var.get_value().sharding))
+        for name, value in named_tensors:
+            if isinstance(value, np.ndarray):
+                value = self.prepare_weight(name, value)
+            path = self._by_name[name].path
+            flat[path] = flat[path].replace(value)
         new_state = nnx.from_flat_state(list(flat.items()))
         jax.block_until_ready(new_state)
         self.state = new_state

@@ -28,7 +28,7 @@ _FRAME_OVERHEAD_BYTES = 4096  # generous per-frame allowance for the safetensors
 
 
 class _Body:
-    """Reads a request body (Content-Length or chunked) with a byte limit; `read_exact` for the weight parser."""
+    """Reads a request body (Content-Length or chunked) with a byte limit; `readinto` for the weight parser."""
 
     def __init__(self, rfile, headers, limit: int):
         self._rfile = rfile
@@ -55,11 +55,14 @@ class _Body:
         if self._consumed > self._limit:
             raise ProtocolError(f"request body exceeds the limit of {self._limit} bytes", 413)
 
-    def _raw(self, n: int) -> bytes:
-        data = self._rfile.read(n)
-        if len(data) != n:
-            raise WeightStreamError(f"request body ended early: wanted {n} more bytes, got {len(data)}")
-        return data
+    def _fill(self, view: memoryview) -> None:
+        """Fill `view` from the socket (straight into the caller's buffer for large reads)."""
+        got = 0
+        while got < len(view):
+            n = self._rfile.readinto(view[got:])
+            if not n:
+                raise WeightStreamError(f"request body ended early: wanted {len(view) - got} more bytes, got none")
+            got += n
 
     def _next_chunk(self) -> None:
         line = self._rfile.readline(1024).strip()
@@ -73,55 +76,58 @@ class _Body:
             self._done = True
         self._chunk_left = size
 
-    def read_exact(self, n: int) -> bytes:
-        """Exactly n body bytes; a body that ends first raises WeightStreamError (a truncated upload)."""
+    def readinto(self, view: memoryview) -> None:
+        """Fill `view` with the next body bytes; a body that ends first raises WeightStreamError (a truncated upload)."""
+        n = len(view)
         if not self._chunked:
             if n > self._remaining:
                 raise WeightStreamError(f"request body ended early: wanted {n} bytes, {self._remaining} left")
             self._remaining -= n
-            return self._raw(n)
-        parts = []
-        while n:
+            self._fill(view)
+            return
+        pos = 0
+        while pos < n:
             if self._chunk_left == 0:
                 if self._done:
                     raise WeightStreamError("request body ended early (last chunk received)")
                 self._next_chunk()
                 continue
-            take = min(n, self._chunk_left)
+            take = min(n - pos, self._chunk_left)
             self._count(take)
-            parts.append(self._raw(take))
+            self._fill(view[pos : pos + take])
             self._chunk_left -= take
-            n -= take
+            pos += take
             if self._chunk_left == 0:
-                self._raw(2)  # CRLF after chunk data
-        return b"".join(parts)
+                self._fill(memoryview(bytearray(2)))  # CRLF after chunk data
 
     def read_all(self) -> bytes:
         """The whole body (JSON endpoints)."""
         if not self._chunked:
-            n, self._remaining = self._remaining, 0
-            return self._raw(n)
+            data = bytearray(self._remaining)
+            self.readinto(memoryview(data))
+            return bytes(data)
         parts = []
         while not self._done:
             if self._chunk_left == 0:
                 self._next_chunk()
                 continue
-            parts.append(self.read_exact(self._chunk_left))
+            part = bytearray(self._chunk_left)
+            self.readinto(memoryview(part))
+            parts.append(part)
         return b"".join(parts)
 
     def drain(self) -> None:
         """Discard what is left, 1 MiB at a time, so the connection can answer (and be reused)."""
+        scratch = memoryview(bytearray(1 << 20))
         if self._chunked:
             while not self._done:
                 if self._chunk_left == 0:
                     self._next_chunk()
                     continue
-                self.read_exact(min(self._chunk_left, 1 << 20))
+                self.readinto(scratch[: min(self._chunk_left, len(scratch))])
             return
         while self._remaining:
-            take = min(self._remaining, 1 << 20)
-            self._remaining -= take
-            self._raw(take)
+            self.readinto(scratch[: min(self._remaining, len(scratch))])
 
     def at_end(self) -> bool:
         """True when nothing but the chunked terminator is left."""
@@ -211,25 +217,37 @@ class RolloutServer:
         return expected_nbytes(expected) + _FRAME_OVERHEAD_BYTES * (len(expected) + 1)
 
     def push_weights(self, body: _Body, version: int | None) -> dict:
+        """Receive, validate and apply one push; the reply splits the server's time into its phases.
+
+        `receive_seconds` runs from the first body byte to the end frame (it includes waiting
+        for the sender), `apply_seconds` is the backend's `load_weights` under the engine lock.
+        A backend with `prepare_weight` gets each tensor as soon as it has arrived, so its
+        layout/device work overlaps the rest of the upload; nothing reaches generation before
+        the whole push is validated and `load_weights` swaps it in.
+        """
         start = time.perf_counter()
         expected = self.backend.expected_weights()
-        tensors = read_stream(body.read_exact, expected)
+        tensors = read_stream(body.readinto, expected, getattr(self.backend, "prepare_weight", None))
         if not body.at_end():
             raise WeightStreamError("bytes after the end frame")
-        nbytes = sum(t.nbytes for t in tensors.values())
+        received = time.perf_counter()
+        nbytes = expected_nbytes({name: expected[name] for name in tensors})
         with self.engine_lock:
             if version is not None and version < self.weight_version:
                 raise ProtocolError(
                     f"header {protocol.WEIGHT_VERSION_HEADER}: {version} is older than the current weight version {self.weight_version}",
                     409,
                 )
+            locked = time.perf_counter()
             self.backend.load_weights(tensors.items())
             self.backend.reset_prefix_cache()
             self.weight_version = self.weight_version + 1 if version is None else version
             new_version = self.weight_version
-        seconds = time.perf_counter() - start
+            applied = time.perf_counter()
+        seconds = applied - start
         log.info("weights v%d applied: %d tensors, %.1f MB in %.2fs", new_version, len(tensors), nbytes / 1e6, seconds)
-        return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds}
+        return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
+                "receive_seconds": received - start, "apply_seconds": applied - locked}
 
     def reset_prefix_cache(self) -> dict:
         with self.engine_lock:
@@ -246,6 +264,9 @@ def _handler_class(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Answers are written as headers, then body: with Nagle on, the body would wait for the
+    # client's delayed ACK of the headers (tens of ms per request on loopback).
+    disable_nagle_algorithm = True
     server_version = "maxent-jax-rollout/1"
     rollout: RolloutServer
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -44,6 +44,7 @@ _DTYPE_CODES = {
 }
 _CODE_DTYPES = {code: name for name, code in _DTYPE_CODES.items()}
 _MAX_HEADER_BYTES = 1 << 20
+_ALIGN = 64
 END_KEY = "end_of_weights"
 
 
@@ -108,20 +109,38 @@ def iter_stream(named_tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[byt
     yield end_frame(count)
 
 
-def read_stream(
-    read_exact: Callable[[int], bytes],
-    expected: Mapping[str, tuple[tuple[int, ...], str]],
-) -> dict[str, np.ndarray]:
-    """Parse and validate a whole push; returns name -> array only if it is complete and exact.
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 64-byte boundary.
 
-    `read_exact(n)` returns exactly n bytes or raises (EOF mid-frame is a truncated push).
-    Every frame is checked against `expected` (name -> (shape, dtype name)) from its header,
-    before its data is read. Raises WeightStreamError naming the first problem.
+    Why: XLA:CPU adopts a host buffer without copying only when it is 64-byte aligned, so a
+    tensor received into such an array reaches the device for free (`jax.device_put` aliases it).
+    numpy's own large allocations start 16 bytes past a page boundary.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def read_stream(
+    readinto: Callable[[memoryview], None],
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    prepare: Callable[[str, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """Parse and validate a whole push; returns name -> tensor only if it is complete and exact.
+
+    `readinto(view)` fills the whole view with the next body bytes or raises (EOF mid-frame
+    is a truncated push). Every frame is checked against `expected` (name -> (shape, dtype
+    name)) from its header, before its data is read, and its data is then read straight into
+    a fresh 64-byte-aligned array of that shape (no intermediate bytes objects). `prepare`,
+    when given, is called with each tensor as soon as it is complete (a backend starts its
+    layout/device work while the rest still arrives) and its result is what is returned for
+    that name. Raises WeightStreamError naming the first problem.
     """
     want = {name: (tuple(shape), dtype_name(dtype)) for name, (shape, dtype) in expected.items()}
-    received: dict[str, np.ndarray] = {}
+    received: dict[str, Any] = {}
     while True:
-        header = _read_header(read_exact)
+        header = _read_header(readinto)
         if "__metadata__" in header and len(header) == 1:
             meta = header["__metadata__"]
             if not isinstance(meta, dict) or END_KEY not in meta:
@@ -131,8 +150,8 @@ def read_stream(
                     f"end frame says {meta[END_KEY]} tensors but the stream carried {len(received)}"
                 )
             break
-        name, array = _read_tensor(read_exact, header, want, received)
-        received[name] = array
+        name, array = _read_tensor(readinto, header, want, received)
+        received[name] = array if prepare is None else prepare(name, array)
     missing = sorted(set(want) - set(received))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -140,12 +159,19 @@ def read_stream(
     return received
 
 
-def _read_header(read_exact: Callable[[int], bytes]) -> dict:
-    (size,) = struct.unpack("<Q", read_exact(8))
+def _read_bytes(readinto: Callable[[memoryview], None], n: int) -> bytearray:
+    data = bytearray(n)
+    if n:
+        readinto(memoryview(data))
+    return data
+
+
+def _read_header(readinto: Callable[[memoryview], None]) -> dict:
+    (size,) = struct.unpack("<Q", _read_bytes(readinto, 8))
     if size > _MAX_HEADER_BYTES:
         raise WeightStreamError(f"frame header of {size} bytes exceeds the {_MAX_HEADER_BYTES}-byte limit")
     try:
-        header = json.loads(read_exact(size).decode("utf-8"))
+        header = json.loads(_read_bytes(readinto, size).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightStreamError(f"frame header is not JSON: {err}") from None
     if not isinstance(header, dict):
@@ -154,10 +180,10 @@ def _read_header(read_exact: Callable[[int], bytes]) -> dict:
 
 
 def _read_tensor(
-    read_exact: Callable[[int], bytes],
+    readinto: Callable[[memoryview], None],
     header: dict,
     want: Mapping[str, tuple[tuple[int, ...], str]],
-    received: Mapping[str, np.ndarray],
+    received: Mapping[str, Any],
 ) -> tuple[str, np.ndarray]:
     names = [key for key in header if key != "__metadata__"]
     if len(names) != 1:
@@ -183,5 +209,8 @@ def _read_tensor(
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if (start, stop) != (0, nbytes):
         raise WeightStreamError(f"tensor {name!r}: data_offsets [{start}, {stop}], expected [0, {nbytes}]")
-    data = read_exact(nbytes) if nbytes else b""
-    return name, np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    # Little-endian on the wire; on a little-endian host both astype calls below are no-ops.
+    array = aligned_empty(shape, dtype.newbyteorder("<"))
+    if nbytes:
+        readinto(memoryview(array.reshape(-1).view(np.uint8)))
+    return name, array.astype(dtype, copy=False)
