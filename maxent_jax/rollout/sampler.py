@@ -12,7 +12,8 @@ Token choice at step t for row r (`z` = float32 logits, `T` = temperature):
     greedy (T == 0):  y = argmax z
     sampled:          s = z / T; s -> -inf outside the top-k (k > 0), then outside the smallest
                       set of most likely tokens whose mass under softmax(s) reaches top_p;
-                      y = argmax(s + g), g ~ Gumbel(key(seed, r, t))  (= a draw from softmax(s))
+                      y = argmax(s + g), g ~ Gumbel, a function of (key, r, t) (`rollout.gumbel`):
+                      a draw from softmax(s)
 Returned per token:
     logprobs          log softmax(z)[y]: the model's log-prob at temperature 1 over the full
                       vocabulary - the "old policy" of the trainer's ratio, what vLLM reports
@@ -41,6 +42,7 @@ from flax import nnx
 
 from maxent_jax.model.decoder import Decoder
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.gumbel import gumbel_noise, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +87,41 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """Index of the first maximum along the last axis, int32 (`jnp.argmax` for finite inputs).
+
+    Two plain reductions (max, then the smallest index holding it) instead of `jnp.argmax`'s
+    variadic (value, index) reduce, which XLA:CPU runs element by element and with the Gumbel
+    noise fused into it: 5x slower per decode step at vocabulary 512. A row without a maximum
+    (NaN logits) gets the last index rather than an out-of-range one.
+    """
+    size = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == top, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
+    return jnp.minimum(first, size - 1)
+
+
 def choose_tokens(
     logits: jax.Array,
-    keys: jax.Array,
+    noise: jax.Array | None,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
     *,
-    greedy: bool,
     filtered: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(tokens `[rows]` int32, model log-probs `[rows]`, sampling log-probs `[rows]`) from logits `[rows, vocab]`.
 
-    `keys` `[rows]` holds one PRNG key per row (ignored when greedy).
+    `noise` is standard Gumbel noise `[rows, vocab]`, or None for greedy decoding.
     """
     logits = logits.astype(jnp.float32)
     model_logp = jax.nn.log_softmax(logits, axis=-1)
-    if greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if noise is None:
+        tokens = first_argmax(logits)
         sampling_lp = jnp.zeros(tokens.shape, jnp.float32)
     else:
         scaled = filter_logits(logits, temperature, top_k, top_p) if filtered else logits / temperature
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
-        tokens = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        tokens = first_argmax(scaled + noise)
         sampling_lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     model_lp = jnp.take_along_axis(model_logp, tokens[:, None], axis=-1)[:, 0]
     return tokens, model_lp, sampling_lp
@@ -152,11 +166,11 @@ def _decode(
 
     cache = cache.map_rows(lambda x: repeat(x, 0))
     next_pos = repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), 0)
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+    keys = row_keys(key, rows)
 
     def pick(logits: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        return choose_tokens(logits, keys, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
+        noise = None if greedy else gumbel_noise(keys, step, logits.shape[-1])
+        return choose_tokens(logits, noise, temperature, top_k, top_p, filtered=filtered)
 
     def is_stop(tokens: jax.Array) -> jax.Array:
         return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
