@@ -17,6 +17,7 @@ so padding rows never see an empty softmax).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -78,19 +79,35 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
-class Projection(nnx.Module):
-    """A dense map stored with its natural multi-axis kernel (e.g. [embed, heads, head_dim])."""
+def dense(x: jax.Array, kernel: jax.Array, in_dims: int, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x `[..., *in]` times kernel `[*in, *out]` -> `[..., *out]`, as one 2-D matmul `[rows, in] @ [in, out]`.
 
-    def __init__(self, kernel_shape: tuple[int, ...], names: tuple[str, ...], equation: str, *,
+    Why not `einsum`: the weight gradient of a multi-axis einsum contracts the batch and sequence
+    axes together, and XLA:CPU lowers that by materialising transposed copies of the activations
+    (and, inside the sampler's decode loop, of the kernel at every step). Flattened rows make every
+    forward and backward product a plain matmul. `out_dtype` sets the accumulation/result dtype.
+    """
+    in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
+    if x.shape[x.ndim - in_dims:] != in_shape:
+        raise ValueError(f"dense: input trailing shape {x.shape[x.ndim - in_dims:]} does not match kernel {kernel.shape}")
+    size = math.prod(in_shape)
+    y = jnp.dot(x.reshape(-1, size), kernel.reshape(size, -1), preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:x.ndim - in_dims], *out_shape)
+
+
+class Projection(nnx.Module):
+    """A dense map stored with its natural multi-axis kernel `[*in, *out]` (e.g. [embed, heads, head_dim])."""
+
+    def __init__(self, kernel_shape: tuple[int, ...], names: tuple[str, ...], in_dims: int, *,
                  bias_shape: tuple[int, ...] | None, bias_names: tuple[str, ...] | None,
                  param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.equation = equation
+        self.in_dims = in_dims  # leading kernel axes contracted with the input's trailing axes
         init = jax.random.normal(rngs.params(), kernel_shape, jnp.float32) * _INIT_STD
         self.kernel = _param(init.astype(param_dtype), names)
         self.bias = None if bias_shape is None else _param(jnp.zeros(bias_shape, param_dtype), bias_names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+        y = dense(x, self.kernel[...].astype(x.dtype), self.in_dims)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -103,16 +120,16 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = _dtype(cfg.param_dtype)
         bias = cfg.attention_bias
-        self.q_proj = Projection((d, n, h), ("embed", "heads", "head_dim"), "btd,dnh->btnh",
+        self.q_proj = Projection((d, n, h), ("embed", "heads", "head_dim"), 1,
                                  bias_shape=(n, h) if bias else None, bias_names=("heads", "head_dim"),
                                  param_dtype=pdt, rngs=rngs)
-        self.k_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), "btd,dnh->btnh",
+        self.k_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1,
                                  bias_shape=(k, h) if bias else None, bias_names=("kv_heads", "head_dim"),
                                  param_dtype=pdt, rngs=rngs)
-        self.v_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), "btd,dnh->btnh",
+        self.v_proj = Projection((d, k, h), ("embed", "kv_heads", "head_dim"), 1,
                                  bias_shape=(k, h) if bias else None, bias_names=("kv_heads", "head_dim"),
                                  param_dtype=pdt, rngs=rngs)
-        self.o_proj = Projection((n, h, d), ("heads", "head_dim", "embed"), "btnh,nhd->btd",
+        self.o_proj = Projection((n, h, d), ("heads", "head_dim", "embed"), 2,
                                  bias_shape=None, bias_names=None, param_dtype=pdt, rngs=rngs)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
@@ -147,11 +164,11 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, i, pdt = cfg.hidden_size, cfg.intermediate_size, _dtype(cfg.param_dtype)
-        self.gate_proj = Projection((d, i), ("embed", "mlp"), "btd,di->bti", bias_shape=None, bias_names=None,
+        self.gate_proj = Projection((d, i), ("embed", "mlp"), 1, bias_shape=None, bias_names=None,
                                     param_dtype=pdt, rngs=rngs)
-        self.up_proj = Projection((d, i), ("embed", "mlp"), "btd,di->bti", bias_shape=None, bias_names=None,
+        self.up_proj = Projection((d, i), ("embed", "mlp"), 1, bias_shape=None, bias_names=None,
                                   param_dtype=pdt, rngs=rngs)
-        self.down_proj = Projection((i, d), ("mlp", "embed"), "bti,id->btd", bias_shape=None, bias_names=None,
+        self.down_proj = Projection((i, d), ("mlp", "embed"), 1, bias_shape=None, bias_names=None,
                                     param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -244,8 +261,7 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full logits `[batch, seq, vocab]` float32; for small vocabularies (use `token_logprobs` otherwise)."""
-        kernel = self.lm_head_kernel().astype(hidden.dtype)
-        return jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return dense(hidden, self.lm_head_kernel().astype(hidden.dtype), 1, jnp.float32)
 
     def init_cache(self, batch: int, max_len: int, dtype: str | jnp.dtype | None = None) -> KVCache:
         """An empty cache for `batch` rows and `max_len` slots (dtype defaults to the compute dtype)."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from maxent_jax.errors import UserError
-from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.decoder import Decoder, dense
 
 
 def token_logprobs(model: Decoder, hidden: jax.Array, targets: jax.Array, *, chunk_size: int,
@@ -55,7 +55,7 @@ def chunked_logprobs(kernel: jax.Array, hidden: jax.Array, targets: jax.Array, *
     @jax.checkpoint
     def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h, y = args
-        logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+        logits = dense(h, kernel, 1, jnp.float32)
         logp_all = jax.nn.log_softmax(logits, axis=-1)
         logp = jnp.take_along_axis(logp_all, y[..., None], axis=-1)[..., 0]
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1) if return_entropy else jnp.zeros_like(logp)
