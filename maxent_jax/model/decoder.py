@@ -172,7 +172,12 @@ class MLP(nnx.Module):
                                     param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up as one matmul over kernels stacked on a new axis: local under any sharding of
+        # `mlp`, hoisted out of the sampler's decode loop by XLA, and at decode batch sizes on XLA:CPU
+        # one [embed, 2*mlp] GEMM costs about 60% of two [embed, mlp] ones.
+        kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1).astype(x.dtype)
+        both = jnp.einsum("btd,dcm->btcm", x, kernel)
+        return self.down_proj(jax.nn.silu(both[..., 0, :]) * both[..., 1, :])
 
 
 class Block(nnx.Module):
