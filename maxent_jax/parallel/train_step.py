@@ -157,17 +157,20 @@ def _guarded_update(
     loss: jax.Array,
     grads: nnx.State,
 ) -> tuple[TrainState, jax.Array, jax.Array]:
-    """Apply the optimizer unless loss or gradient norm is non-finite; return (state, norm, skipped)."""
+    """Apply the optimizer unless loss or gradient norm is non-finite; return (state, norm, skipped).
+
+    A `lax.cond`, not an elementwise `where(finite, new, old)`: the select keeps the old Adam
+    moments alive next to the new ones, so XLA copied every donated moment buffer before updating
+    it (a full copy of the optimizer state per step); the conditional updates them in place.
+    """
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 - elementwise select
-    new_state = TrainState(
-        params=jax.tree.map(keep, params, state.params),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-        step=state.step + finite.astype(jnp.int32),
-    )
+
+    def apply(state: TrainState) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+    new_state = jax.lax.cond(finite, apply, lambda unchanged: unchanged, state)
     return new_state, grad_norm, ~finite
 
 
