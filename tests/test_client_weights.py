@@ -51,7 +51,7 @@ def test_jax_backend_adopts_received_buffers_and_relayouts_the_rest_bit_exactly(
     from maxent_jax.model import Decoder, ModelConfig
     from maxent_jax.model.mapping import tensor_maps
     from maxent_jax.rollout.jax_backend import JaxBackend
-    from maxent_jax.rollout.weights import read_stream
+    from maxent_jax.rollout.weights import ReceiveBuffers, read_stream
 
     cfg = ModelConfig.tiny()
     backend = JaxBackend(Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -63,7 +63,7 @@ def test_jax_backend_adopts_received_buffers_and_relayouts_the_rest_bit_exactly(
         received[name] = array
         return backend.prepare_weight(name, array)
 
-    prepared = read_stream(stream.readinto, backend.expected_weights(), keep)
+    prepared = read_stream(stream.readinto, backend.expected_weights(), keep, ReceiveBuffers())
     old_state = backend.state
     backend.load_weights(prepared.items())
     assert backend.state is not old_state
@@ -79,6 +79,39 @@ def test_jax_backend_adopts_received_buffers_and_relayouts_the_rest_bit_exactly(
             assert got.unsafe_buffer_pointer() == received[m.hf_name].ctypes.data
             adopted += 1
     assert adopted >= 2  # at least the embedding and the final norm
+
+
+def test_reused_receive_memory_never_changes_a_state_still_in_use():
+    """Pushes alternate between receive arenas; one still referenced by a live state is left alone."""
+    import io
+
+    from maxent_jax.model import Decoder, ModelConfig
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.weights import ReceiveBuffers, read_stream
+
+    cfg = ModelConfig.tiny()
+    backend = JaxBackend(Decoder(cfg, rngs=nnx.Rngs(0)))
+    buffers = ReceiveBuffers()
+    models = [nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param) for seed in (1, 2, 3)]
+    streams = [b"".join(bytes(c) for c in iter_stream(iter_hf_tensors(m, cfg, cfg.param_dtype))) for m in models]
+
+    def push(i):
+        prepared = read_stream(io.BytesIO(streams[i]).readinto, backend.expected_weights(), backend.prepare_weight, buffers)
+        backend.load_weights(prepared.items())
+
+    def assert_state(state, i):
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(models[i])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    push(0)
+    kept = backend.state  # e.g. a caller still holding the weights of push 0
+    push(1)
+    push(2)  # the arena of push 0 is still in use by `kept`: not reused
+    assert_state(kept, 0)
+    assert_state(backend.state, 2)
+    del kept
+    push(0)  # now arenas are reused; each state still reads its own weights
+    assert_state(backend.state, 0)
 
 
 def test_remote_rollout_pushes_on_cadence_and_equals_the_in_process_sampler(rollout_model_dirs):

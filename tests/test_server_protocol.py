@@ -16,7 +16,7 @@ from maxent_jax.rollout.backend import Completion
 from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate
 from maxent_jax.rollout.client import send_chunked
 from maxent_jax.rollout.server import _Body
-from maxent_jax.rollout.weights import WeightStreamError, encode_frame, iter_stream, read_stream
+from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, encode_frame, iter_stream, read_stream
 
 
 def test_reference_client_payload_is_accepted():
@@ -184,6 +184,32 @@ def test_received_tensors_are_fresh_64_byte_aligned_arrays_and_prepare_sees_each
         tag, received = got[name]
         assert tag == "prepared" and received.ctypes.data % 64 == 0 and received.flags.writeable
         np.testing.assert_array_equal(received.view(np.uint8), array.view(np.uint8))
+
+
+def test_receive_buffers_are_reused_only_once_nothing_uses_them():
+    tensors = _tensors()
+    stream, expected = _stream(tensors), _expected(tensors)
+    buffers = ReceiveBuffers()
+
+    def push():
+        return read_stream(_reader(stream), expected, buffers=buffers)
+
+    def address(got):
+        return got["model.embed_tokens.weight"].ctypes.data
+
+    first = push()
+    held = first["model.norm.weight"]  # one array of the first push is still in use ...
+    first_address = address(first)
+    del first
+    second = push()
+    assert address(second) != first_address  # ... so its arena is not overwritten
+    np.testing.assert_array_equal(held.view(np.uint8), tensors[1][1].view(np.uint8))
+    del held
+    third = push()
+    assert address(third) == first_address  # nothing refers to it any more: reused
+    for name, array in tensors:
+        np.testing.assert_array_equal(third[name].view(np.uint8), array.view(np.uint8))
+        assert third[name].ctypes.data % 64 == 0
 
 
 def _chunked(stream: bytes, sizes) -> bytes:

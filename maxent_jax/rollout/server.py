@@ -13,13 +13,14 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
 from maxent_jax.rollout.backend import RolloutBackend
 from maxent_jax.rollout.protocol import ProtocolError
-from maxent_jax.rollout.weights import WeightStreamError, expected_nbytes, read_stream
+from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, expected_nbytes, read_stream
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class RolloutServer:
         self.max_request_bytes = max_request_bytes
         self.weight_version = 0
         self.engine_lock = threading.Lock()
+        self.receive_buffers = ReceiveBuffers()
         self._info = dict(backend.info())
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
         self._httpd.daemon_threads = True
@@ -221,15 +223,24 @@ class RolloutServer:
 
         `receive_seconds` runs from the first body byte to the end frame (it includes waiting
         for the sender), `apply_seconds` is the backend's `load_weights` under the engine lock.
-        A backend with `prepare_weight` gets each tensor as soon as it has arrived, so its
-        layout/device work overlaps the rest of the upload; nothing reaches generation before
-        the whole push is validated and `load_weights` swaps it in.
+        A backend with `prepare_weight` gets each tensor as soon as it has arrived, on a worker
+        thread, so its layout/device work (XLA:CPU runs it on the calling thread) overlaps
+        reading the rest of the upload; nothing reaches generation before the whole push is
+        validated and `load_weights` swaps it in.
         """
         start = time.perf_counter()
         expected = self.backend.expected_weights()
-        tensors = read_stream(body.readinto, expected, getattr(self.backend, "prepare_weight", None))
-        if not body.at_end():
-            raise WeightStreamError("bytes after the end frame")
+        prepare = getattr(self.backend, "prepare_weight", None)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-weights")
+        try:
+            submit = None if prepare is None else (lambda name, array: pool.submit(prepare, name, array))
+            tensors = read_stream(body.readinto, expected, submit, self.receive_buffers)
+            if not body.at_end():
+                raise WeightStreamError("bytes after the end frame")
+            if prepare is not None:
+                tensors = {name: future.result() for name, future in tensors.items()}
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a refused push drops what was queued
         received = time.perf_counter()
         nbytes = expected_nbytes({name: expected[name] for name in tensors})
         with self.engine_lock:
