@@ -159,6 +159,8 @@ def test_weight_push_gives_exactly_a_fresh_server_on_the_new_weights(rollout_bac
         assert _ids(old) != _ids(fresh)  # the two checkpoints really differ
         report = client.push_weights(lambda: model_tensors(dir_b), version=7)
         assert report["weight_version"] == 7 and report["bytes"] > 0 and report["gb_per_s"] > 0
+        phases = [report[f"{phase}_seconds"] for phase in ("convert", "send", "server_finish", "server_apply")]
+        assert min(phases) >= 0 and sum(phases) <= report["seconds"]  # the rest: connection set-up
         new = client.generate(PROMPTS, GREEDY, current_step=9)
     assert _ids(new) == _ids(fresh)
     for g_new, g_fresh in zip(new.groups, fresh.groups):

@@ -79,7 +79,7 @@ class ServerProcess:
         self.log.close()
 
 
-PHASES = ("convert", "send", "server apply")
+PHASES = ("convert", "send", "server finish", "server apply")
 
 
 def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
@@ -87,8 +87,10 @@ def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
 
     convert: producing the HF host tensors (the client's iterator); send: framing and writing
     the stream, which includes the server receiving, validating and preparing each tensor as
-    it arrives (the socket blocks until the server has read); server apply: the server's swap
-    under its lock, which the client sees as the wait for the reply.
+    it arrives (the socket blocks until the server has read); server finish: after the last
+    byte, the server completing its reads and tensor preparation, and the HTTP answer; server
+    apply: the server's swap under its lock. The four add up to the push time (up to
+    connection set-up).
     """
     from maxent_jax.rollout.client import RolloutClient
 

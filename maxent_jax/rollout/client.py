@@ -493,7 +493,7 @@ class RolloutClient:
         if not self.token:
             raise ValueError("push_weights needs the server's token (RolloutClient(token=...))")
         replayable = callable(tensors)
-        sent = {"bytes": 0, "convert": 0.0, "upload": 0.0}
+        sent = {"bytes": 0, "convert": 0.0, "upload": 0.0, "uploaded_at": 0.0}
 
         def timed_source() -> Iterator[tuple[str, np.ndarray]]:
             source = iter(tensors() if replayable else tensors)
@@ -511,7 +511,8 @@ class RolloutClient:
             for chunk in iter_stream(timed_source()):
                 sent["bytes"] += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
                 yield chunk
-            sent["upload"] = time.perf_counter() - begin
+            sent["uploaded_at"] = time.perf_counter()
+            sent["upload"] = sent["uploaded_at"] - begin
 
         headers = {
             "Authorization": f"Bearer {self.token}",
@@ -522,17 +523,21 @@ class RolloutClient:
             headers[WEIGHT_VERSION_HEADER] = str(int(version))
         start = time.perf_counter()
         reply, _ = self._call("POST", "/weights", body, headers, attempts=None if replayable else 1, chunked=True)
+        answered_at = time.perf_counter()
         result = self._json(reply, "/weights")
-        seconds = time.perf_counter() - start
+        seconds = answered_at - start
+        apply = float(result.get("apply_seconds", 0.0))
         return {
             "weight_version": int(result["weight_version"]),
             "seconds": seconds,
             "bytes": float(sent["bytes"]),
             "gb_per_s": sent["bytes"] / 1e9 / max(seconds, 1e-9),
             # Where the time went: producing host tensors (the iterable), writing the stream
-            # (framing + socket, including waits for the server to read), then the server's
-            # own apply phase, which the client sees as the wait for the reply.
+            # (framing + socket, including waits for the server to read), then the wait for the
+            # reply: the server finishing what it received after the last byte (reading,
+            # preparing tensors) and its apply phase (the swap under its lock).
             "convert_seconds": sent["convert"],
             "send_seconds": sent["upload"] - sent["convert"],
-            "server_apply_seconds": float(result.get("apply_seconds", float("nan"))),
+            "server_finish_seconds": answered_at - sent["uploaded_at"] - apply,
+            "server_apply_seconds": apply,
         }
