@@ -143,7 +143,7 @@ class Attention(nnx.Module):
         `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
         token; the updated (k, v) is returned.
         """
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), *self._keys_values(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -157,6 +157,16 @@ class Attention(nnx.Module):
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         out = grouped_attention(q, k, v, mask, self.scale)
         return self.o_proj(out), new_kv
+
+    def _keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """k and v `[batch, seq, kv_heads, head_dim]` from one matmul over the two kernels stacked on a new
+        last axis (one GEMM instead of two per decode step; kv_heads stays the major, sharded part)."""
+        k_proj, v_proj = self.k_proj, self.v_proj
+        kernel = jnp.stack([k_proj.kernel[...], v_proj.kernel[...]], axis=-1).astype(x.dtype)
+        both = dense(x, kernel, 1)  # [batch, seq, kv_heads, head_dim, 2]
+        if k_proj.bias is not None:
+            both = both + jnp.stack([k_proj.bias[...], v_proj.bias[...]], axis=-1).astype(x.dtype)
+        return both[..., 0], both[..., 1]
 
 
 class MLP(nnx.Module):
