@@ -21,9 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from maxent_jax.errors import UserError
+from maxent_jax.model.config import ModelConfig
+from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.hf_io import (INDEX_FILE, SINGLE_FILE, export_hf_checkpoint, iter_hf_tensors,
                                     load_hf_checkpoint, resolve_checkpoint)
 from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.model.mapping import tensor_maps
 from maxent_jax.model.rope import inverse_frequencies
 
 LENGTHS = (7, 12, 4)
@@ -147,6 +150,22 @@ RULES = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "ten
          "head_dim": None}
 
 
+def test_layout_conversions_agree_on_numpy_and_jax_arrays():
+    """Every mapping converts a host (numpy) and a device (jax, compiled) array to the same HF bytes
+    and back, bit-exact, for a config with every kind of tensor (biases, q/k norms, untied head)."""
+    cfg = ModelConfig.tiny(attention_bias=True, qk_norm=True, tie_word_embeddings=False, num_heads=4,
+                           num_kv_heads=2, head_dim=8, hidden_size=32, intermediate_size=48, num_layers=1)
+    params = _flat_params(Decoder(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    for m in tensor_maps(cfg):
+        ours = rng.standard_normal(params[m.path].shape).astype(np.float32)
+        host, device = np.asarray(m.to_hf(ours)), m.to_hf(jax.numpy.asarray(ours))
+        assert isinstance(device, jax.Array) and host.ndim <= 2
+        np.testing.assert_array_equal(np.asarray(device), host)
+        np.testing.assert_array_equal(np.asarray(m.from_hf(jax.numpy.asarray(host))), ours)
+        np.testing.assert_array_equal(m.from_hf(host), ours)
+
+
 def test_sharded_load_places_each_tensor_and_streams_back_bit_exact(tmp_path):
     _build_hf("qwen2_untied", tmp_path / "hf")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
@@ -218,8 +237,6 @@ def test_paths_that_are_neither_local_nor_reachable_give_one_line(tmp_path):
 
 def test_tiny_default_exports_with_its_tokenizer_and_matches_transformers(tmp_path):
     from maxent_jax.data.tokenizer import build_offline_tokenizer
-    from maxent_jax.model.config import ModelConfig
-    from maxent_jax.model.decoder import Decoder
 
     cfg = ModelConfig.tiny()
     model = Decoder(cfg, rngs=nnx.Rngs(3))
