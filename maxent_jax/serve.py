@@ -7,7 +7,6 @@ imports jax and `--backend jax` never imports vllm; docs/rollout.md describes th
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -83,10 +82,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     token = read_token(args.token_file)
     server = RolloutServer(build_backend(args), host=args.host, port=args.port, token=token,
                            max_request_bytes=args.max_request_bytes)
-    # Everything alive now (libraries, engine, model) lives as long as the process: keep it out
-    # of the cyclic collector's scans, so the collection after each weight push (server.py)
-    # costs milliseconds instead of a scan of every object of jax/flax/transformers/vLLM.
-    gc.freeze()
     # One parseable line for launchers and tests that start the server on port 0.
     print(f"rollout server ready at {server.url}", flush=True)
     try:

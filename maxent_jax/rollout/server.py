@@ -8,7 +8,6 @@ for generation: a generate call runs entirely under the old or entirely under th
 
 from __future__ import annotations
 
-import gc
 import hmac
 import json
 import logging
@@ -256,10 +255,6 @@ class RolloutServer:
             self.weight_version = self.weight_version + 1 if version is None else version
             new_version = self.weight_version
             applied = time.perf_counter()
-        # The replaced weights may be cyclic garbage (flax Variables reference their own trace
-        # state), which only the cyclic collector frees: collect now, so their memory, and the
-        # receive arena the next push wants to reuse, is released rather than kept indefinitely.
-        gc.collect()
         seconds = applied - start
         log.info("weights v%d applied: %d tensors, %.1f MB in %.2fs", new_version, len(tensors), nbytes / 1e6, seconds)
         return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds,

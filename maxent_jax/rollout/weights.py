@@ -171,7 +171,6 @@ class ReceiveBuffers:
         self._keep = keep
         self._arenas: list[_Arena] = []
         self._lock = threading.Lock()
-        self.allocated = 0  # arenas made so far (the rest of the pushes reused one)
 
     def lease(self, capacity: int) -> _Arena:
         """An idle arena of at least `capacity` bytes (a new one when none is free); `release` it after the push."""
@@ -179,7 +178,6 @@ class ReceiveBuffers:
             arena = next((a for a in self._arenas if a.capacity >= capacity and a.idle()), None)
             if arena is None:
                 arena = _Arena(capacity)
-                self.allocated += 1
             else:
                 self._arenas.remove(arena)
             self._arenas.insert(0, arena)
