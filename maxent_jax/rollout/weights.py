@@ -162,8 +162,10 @@ class ReceiveBuffers:
     receiving into memory it has (every page faults inside the socket read). A push fills one
     arena sized for the whole model; an arena is reused only once nothing refers to any array
     cut from it, checked with CPython reference counts, so memory still in use is never
-    overwritten. On the jax backend (CPU), the state adopts the received buffers, so pushes
-    alternate between two arenas: the state's, and the one the previous state left. At most
+    overwritten. A backend that copies the tensors (vLLM) leaves its arena idle after each
+    push. The jax backend (CPU) adopts untransposed tensors into its state, so that arena stays
+    in use until the replaced state is freed, which for flax Variables (reference cycles) is
+    the next full run of Python's cyclic collector; until then a push gets a new arena. At most
     `keep` arenas are held: between pushes the server keeps up to one spare copy of the model.
     """
 
