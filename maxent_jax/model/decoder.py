@@ -143,7 +143,9 @@ class Attention(nnx.Module):
         `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
         token; the updated (k, v) is returned.
         """
-        q, k, v = self.q_proj(x), *self._keys_values(x)
+        # One GEMM over stacked k/v kernels only in cached (decode) steps; see MLP.__call__ for why not
+        # in training.
+        q, (k, v) = self.q_proj(x), (self._keys_values(x) if kv is not None else (self.k_proj(x), self.v_proj(x)))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -169,6 +171,34 @@ class Attention(nnx.Module):
         return both[..., 0], both[..., 1]
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, elementwise; its gradient is one pass over (gate, up, d_out).
+
+    Why a custom VJP: autodiff of `silu(gate) * up` keeps sigmoid(gate) and silu(gate) as residuals and
+    spends about six separate elementwise passes of `[rows, mlp]` (the largest activations of the
+    model) in the forward and backward of training; here the forward saves only its inputs and the
+    backward recomputes the sigmoid inside the pass that needs it:
+        d_gate = d_out * up * s * (1 + gate * (1 - s)),  d_up = d_out * gate * s,  s = sigmoid(gate).
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(residuals: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    d_up = d_out * (gate * sig)
+    d_gate = d_out * up * sig * (1 + gate * (1 - sig))
+    return d_gate, d_up
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -181,15 +211,24 @@ class MLP(nnx.Module):
         self.down_proj = Projection((i, d), ("mlp", "embed"), 1, bias_shape=None, bias_names=None,
                                     param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # gate and up as one matmul over kernels stacked on a new last axis: hoisted out of the
-        # sampler's decode loop by XLA, and at decode batch sizes on XLA:CPU one [embed, 2*mlp] GEMM
-        # costs about 60% of two [embed, mlp] ones. The pair axis goes last so that flattening
-        # [embed, mlp, 2] keeps `mlp` the major (sharded) part: local under any sharding of `mlp`
-        # (a [embed, 2, mlp] stack made GSPMD all-gather the kernels on a tensor-parallel mesh).
-        kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=-1).astype(x.dtype)
-        both = dense(x, kernel, 1)  # [batch, seq, mlp, 2]
-        return self.down_proj(jax.nn.silu(both[..., 0]) * both[..., 1])
+    def __call__(self, x: jax.Array, stacked: bool = False) -> jax.Array:
+        """`stacked` (the sampler's cached steps): gate and up as one matmul over their stacked kernels.
+
+        The stacked matmul is hoisted out of the decode loop by XLA, and at decode batch sizes on XLA:CPU
+        one [embed, 2*mlp] GEMM costs about 60% of two [embed, mlp] ones. The pair axis goes last so that
+        flattening [embed, mlp, 2] keeps `mlp` the major (sharded) part (a [embed, 2, mlp] stack made
+        GSPMD all-gather the kernels on a tensor-parallel mesh). Without a cache (training, scoring) the
+        two products stay separate: at thousands of rows they cost the same as one, while the stack's
+        stride-2 halves made every SwiGLU op of forward and backward about 3x slower and its gradient
+        had to be de-interleaved back into the two kernels.
+        """
+        if stacked:
+            kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=-1).astype(x.dtype)
+            both = dense(x, kernel, 1)  # [batch, seq, mlp, 2]
+            gate, up = both[..., 0], both[..., 1]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Block(nnx.Module):
@@ -207,7 +246,7 @@ class Block(nnx.Module):
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
         x = x + attn_out
-        return x + self.mlp(self.post_attn_norm(x)), new_kv
+        return x + self.mlp(self.post_attn_norm(x), stacked=kv is not None), new_kv
 
 
 def _block_forward(block: Block, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
