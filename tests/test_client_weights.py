@@ -24,18 +24,39 @@ def _ids(batch):
     return [[s.token_ids.tolist() for s in g] for g in batch.groups]
 
 
+def _assert_state_equals(state, params):
+    """Every leaf bit for bit, in the same (our) shapes and dtypes."""
+    got, want = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(params))
+    assert got.keys() == want.keys()
+    for path, var in want.items():
+        value = got[path].get_value()
+        assert value.shape == var.get_value().shape and value.dtype == var.get_value().dtype, path
+        np.testing.assert_array_equal(np.asarray(value).view(np.uint8), np.asarray(var.get_value()).view(np.uint8))
+
+
 def test_push_params_streams_one_tensor_at_a_time_and_equals_a_fresh_server(rollout_model_dirs):
+    """Both layouts through a real jax server: `hf` when asked, `native` by default (the server offers it)."""
     dir_a, dir_b = rollout_model_dirs
     cfg, model_b = load_hf_checkpoint(dir_b)
     params = nnx.state(model_b, nnx.Param)
+    params_a = nnx.state(load_hf_checkpoint(dir_a)[1], nnx.Param)
     sizes = [leaf.nbytes for leaf in jax.tree.leaves(params)]
-    chunks = [len(c) if isinstance(c, bytes) else c.nbytes for c in iter_stream(iter_hf_tensors(params, cfg, "float32"))]
-    assert max(chunks) == max(sizes)  # the largest piece in flight is one tensor, never the model
-    with start_rollout_server("jax", dir_a) as (url, _):
+    for native in (False, True):
+        stream = iter_stream(iter_hf_tensors(params, cfg, "float32", native=native))
+        chunks = [len(c) if isinstance(c, bytes) else c.nbytes for c in stream]
+        assert max(chunks) == max(sizes)  # the largest piece in flight is one tensor, never the model
+    with start_rollout_server("jax", dir_a) as (url, server):
         client = RolloutClient(url, client_tag="trainer", token=TOKEN)
-        report = client.push_params(params, cfg, version=3)
-        assert report["weight_version"] == 3 and report["bytes"] >= sum(sizes)
+        report = client.push_params(params, cfg, version=3, layout="hf")
+        assert report["weight_version"] == 3 and report["bytes"] >= sum(sizes) and report["layout"] == "hf"
+        _assert_state_equals(server.backend.state, params)
         pushed = client.generate(PROMPTS, GREEDY, current_step=4)
+        native = client.push_params(params_a, cfg, version=4)
+        assert native["layout"] == "native" and native["bytes"] == report["bytes"]
+        _assert_state_equals(server.backend.state, params_a)
+        assert client.push_params(params, cfg, version=5)["layout"] == "native"
+        _assert_state_equals(server.backend.state, params)
+        assert _ids(client.generate(PROMPTS, GREEDY)) == _ids(pushed)
     with start_rollout_server("jax", dir_b) as (url, _):
         fresh = RolloutClient(url, client_tag="fresh").generate(PROMPTS, GREEDY)
     assert _ids(pushed) == _ids(fresh) and pushed.metrics["rollout/weight_staleness_steps"] == 1.0
@@ -79,6 +100,49 @@ def test_jax_backend_adopts_received_buffers_and_relayouts_the_rest_bit_exactly(
             assert got.unsafe_buffer_pointer() == received[m.hf_name].ctypes.data
             adopted += 1
     assert adopted >= 2  # at least the embedding and the final norm
+
+
+def test_native_push_is_adopted_without_a_copy_and_hf_tensors_under_native_are_refused(rollout_model_dirs):
+    """Native layout: every received tensor becomes the parameter as it is; HF shapes under it are refused."""
+    import io
+
+    from maxent_jax.model import Decoder, ModelConfig
+    from maxent_jax.model.mapping import tensor_maps
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.weights import ReceiveBuffers, read_stream
+
+    cfg = ModelConfig.tiny()
+    backend = JaxBackend(Decoder(cfg, rngs=nnx.Rngs(0)))
+    target = nnx.state(Decoder(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+    stream = io.BytesIO(b"".join(bytes(c) for c in iter_stream(iter_hf_tensors(target, cfg, native=True))))
+    received = {}
+
+    def keep(name, array):
+        received[name] = array
+        return backend.prepare_weight(name, array, layout="native")
+
+    backend.load_weights(read_stream(stream.readinto, backend.expected_weights("native"), keep, ReceiveBuffers()).items())
+    _assert_state_equals(backend.state, target)
+    if jax.default_backend() == "cpu":
+        flat = dict(nnx.to_flat_state(backend.state))
+        for m in tensor_maps(cfg):
+            assert flat[m.path].get_value().unsafe_buffer_pointer() == received[m.hf_name].ctypes.data, m.hf_name
+
+    dir_a, dir_b = rollout_model_dirs
+    cfg_b, model_b = load_hf_checkpoint(dir_b)
+    hf = list(iter_hf_tensors(nnx.state(model_b, nnx.Param), cfg_b, "float32"))
+    kernel, array = next((name, a) for name, a in hf if name.endswith("q_proj.weight"))
+    with start_rollout_server("jax", dir_a) as (url, server):
+        client = RolloutClient(url, client_tag="trainer", token=TOKEN)
+        before = server.backend.state
+        with pytest.raises(RolloutError) as err:
+            client.push_weights(hf, layout="native")  # HF shapes announced as native
+        message = str(err.value)
+        assert "HTTP 400" in message and "nothing applied" in message and "(push in layout 'native')" in message
+        native_shape = list(server.backend.expected_weights("native")[kernel][0])
+        # The embedding (same shape in both layouts) passes; the first kernel is named with both shapes.
+        assert f"tensor {kernel!r}: shape {list(array.shape)}, expected {native_shape}" in message
+        assert server.backend.state is before and server.weight_version == 0
 
 
 def test_reused_receive_memory_never_changes_a_state_still_in_use():

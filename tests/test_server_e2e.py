@@ -149,6 +149,22 @@ def test_bad_weight_pushes_are_refused_and_nothing_is_applied(server_a, rollout_
     assert _ids(after) == _ids(before) and after.weight_version == 0
 
 
+def test_weight_layouts_are_advertised_and_a_layout_not_offered_is_refused(server_a, rollout_model_dirs):
+    backend, url = server_a
+    offered = _raw(url, "GET", "/info")[1]["weight_layouts"]
+    assert offered == (["hf", "native"] if backend == "jax" else ["hf"])  # native: only servers holding our model
+    client = RolloutClient(url, client_tag="push", token=TOKEN)
+    tensors = model_tensors(rollout_model_dirs[1])
+    refused = [("transposed", "is not a weight layout; valid: 'hf', 'native'")]
+    if "native" not in offered:
+        refused.append(("native", f"the {backend} backend takes only 'hf'"))
+    for layout, fragment in refused:
+        with pytest.raises(RolloutError) as err:
+            client.push_weights(tensors, layout=layout)
+        assert "HTTP 400" in str(err.value) and fragment in str(err.value) and "nothing applied" in str(err.value)
+    assert _raw(url, "GET", "/info")[1]["weight_version"] == 0
+
+
 def test_weight_push_gives_exactly_a_fresh_server_on_the_new_weights(rollout_backend, rollout_model_dirs):
     dir_a, dir_b = rollout_model_dirs
     with start_rollout_server(rollout_backend, dir_b) as (url_b, _):

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load as safetensors_load
 
 from maxent_jax.rollout.backend import Completion
-from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate
-from maxent_jax.rollout.client import send_chunked
+from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate, parse_weight_layout
+from maxent_jax.rollout.client import push_layout, send_chunked
 from maxent_jax.rollout.server import _Body
 from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, encode_frame, iter_stream, read_stream
 
@@ -306,3 +306,72 @@ def test_serve_reports_bad_flags_in_one_line(tmp_path):
     empty.write_text("  \n")
     result = _python("-m", "maxent_jax.serve", "--model", str(tmp_path), "--token-file", str(empty))
     assert result.returncode == 2 and "the file is empty" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "query, offered, outcome",
+    [
+        ("", ("hf",), "hf"),
+        ("layout=hf", ("hf",), "hf"),
+        ("layout=native", ("hf", "native"), "native"),
+        ("layout=transposed", ("hf", "native"), "layout='transposed' is not a weight layout; valid: 'hf', 'native'"),
+        ("layout=native", ("hf",), "layout='native': the fake backend takes only 'hf'"),
+        ("layout=hf&layout=native", ("hf", "native"), "'layout' given 2 times"),
+        ("lay_out=native", ("hf", "native"), "unknown query parameter 'lay_out'"),
+    ],
+)
+def test_weight_layout_query_parameter(query, offered, outcome):
+    if outcome in ("hf", "native"):
+        assert parse_weight_layout(query, offered, "fake") == outcome
+        return
+    with pytest.raises(ProtocolError) as err:
+        parse_weight_layout(query, offered, "fake")
+    assert err.value.status == 400 and outcome in str(err.value)
+
+
+def test_client_pushes_native_only_where_the_server_offers_it():
+    assert push_layout({"weight_layouts": ["hf", "native"]}) == "native"
+    assert push_layout({"weight_layouts": ["hf"]}) == "hf"  # e.g. a vLLM server
+    assert push_layout({"dtype": "float32"}) == "hf"  # a server from before weight layouts
+
+
+class _HfOnlyBackend:
+    """The weight side of a backend that takes HF layouts only (as vLLM's): one [2, 3] tensor."""
+
+    def __init__(self):
+        self.loaded: dict[str, np.ndarray] = {}
+
+    def info(self) -> dict:
+        return {"model": "fake", "backend": "fake", "dtype": "float32"}
+
+    def expected_weights(self) -> dict:
+        return {"w": ((2, 3), "float32")}
+
+    def load_weights(self, named_tensors) -> None:
+        self.loaded = dict(named_tensors)
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def test_a_server_without_native_layout_refuses_a_native_push_and_applies_nothing():
+    from maxent_jax.rollout.client import RolloutClient, RolloutError
+    from maxent_jax.rollout.server import RolloutServer
+
+    backend = _HfOnlyBackend()
+    server = RolloutServer(backend, port=0, token="t0k").start()
+    try:
+        client = RolloutClient(server.url, token="t0k", max_retries=1)
+        assert client.info()["weight_layouts"] == ["hf"]
+        weights = [("w", np.arange(6, dtype=np.float32).reshape(2, 3))]
+        for layout, fragment in (("native", "the fake backend takes only 'hf'"), ("bogus", "valid: 'hf', 'native'")):
+            with pytest.raises(RolloutError) as err:
+                client.push_weights(weights, layout=layout)
+            message = str(err.value)
+            assert "HTTP 400" in message and "nothing applied" in message and fragment in message
+        assert backend.loaded == {} and client.info()["weight_version"] == 0
+        report = client.push_weights(weights)  # the same connection pattern still works in HF layout
+        assert report["layout"] == "hf" and report["weight_version"] == 1
+        np.testing.assert_array_equal(backend.loaded["w"], weights[0][1])
+    finally:
+        server.stop()

@@ -158,21 +158,27 @@ def load_hf_checkpoint(path_or_id: str | os.PathLike, *, mesh: jax.sharding.Mesh
     return cfg, nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def iter_hf_tensors(params: nnx.State | Decoder, cfg: ModelConfig,
-                    dtype: str | jnp.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(params: nnx.State | Decoder, cfg: ModelConfig, dtype: str | jnp.dtype | None = None, *,
+                    native: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, host array in HF layout) one tensor at a time, in checkpoint order.
 
     The layout change and the cast run on device before the transfer, so the host holds one
     tensor at a time. Sharded parameters are gathered per tensor (across processes when needed).
+    `native=True` keeps our own layout (the parameter's shape; a weight push to a server that
+    holds our model): no relayout, and on CPU, without a cast, the host array is a view of the
+    live parameter's buffer, not a copy.
     """
     state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
     flat = dict(nnx.to_flat_state(state))
     for m in tensor_maps(cfg):
         value = flat[m.path]
         value = value.get_value() if isinstance(value, nnx.Variable) else value
-        tensor = m.to_hf(value)
-        if dtype is not None:
-            tensor = tensor.astype(dtype)
+        if native:
+            tensor = value if dtype is None or jnp.dtype(dtype) == value.dtype else value.astype(dtype)
+        else:
+            tensor = m.to_hf(value)
+            if dtype is not None:
+                tensor = tensor.astype(dtype)
         if isinstance(tensor, jax.Array) and not tensor.is_fully_addressable:
             tensor = multihost_utils.process_allgather(tensor, tiled=True)
         yield m.hf_name, np.ascontiguousarray(jax.device_get(tensor))

@@ -67,6 +67,11 @@ class RolloutBackend(Protocol):
         A backend may also define `prepare_weight(name, array) -> object`: the server then calls
         it as each tensor of a push arrives (before the push is complete and validated, so it
         must not change what generate uses) and passes its results here instead of the arrays.
+
+        A backend that takes pushes in more layouts than HF's lists them in a `weight_layouts`
+        attribute (e.g. `("hf", "native")`, see protocol.WEIGHT_LAYOUTS); for a push in another
+        layout than `hf` the server calls `expected_weights(layout=...)` and
+        `prepare_weight(name, array, layout=...)`, which such a backend must then define.
         """
 
     def reset_prefix_cache(self) -> None:

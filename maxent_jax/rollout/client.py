@@ -10,7 +10,8 @@ What it adds over a bare HTTP call, following REFERENCE_SPEC 3.4-3.5 and fixing 
   URL, the attempts and the last status;
 - prompts clipped by characters, completions regrouped per prompt, behaviour log-probs
   attached, latency and weight-staleness metrics;
-- weight pushes streamed tensor by tensor (chunked HTTP body; see weights.py for framing).
+- weight pushes streamed tensor by tensor (chunked HTTP body; see weights.py for framing), in
+  our own parameter layout when the server offers it (no transposes on either side), else HF's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ import numpy as np
 
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.protocol import CLIENT_TAG_HEADER, WEIGHT_VERSION_HEADER
+from maxent_jax.rollout.protocol import (
+    CLIENT_TAG_HEADER,
+    HF_LAYOUT,
+    LAYOUT_PARAM,
+    NATIVE_LAYOUT,
+    WEIGHT_VERSION_HEADER,
+)
 from maxent_jax.rollout.weights import iter_stream
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,15 @@ def base_url(url: str) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"rollout server url {url!r}: expected http://host:port")
     return f"http://{parts.netloc}"
+
+
+def push_layout(info: Mapping[str, Any]) -> str:
+    """The layout to push our parameters in: `native` when the server's /info offers it, else `hf`.
+
+    A server from before weight layouts (no `weight_layouts`) and a vLLM one take HF's only.
+    """
+    offered = info.get("weight_layouts")
+    return NATIVE_LAYOUT if isinstance(offered, list) and NATIVE_LAYOUT in offered else HF_LAYOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,31 +480,40 @@ class RolloutClient:
 
     # -- weights --------------------------------------------------------------------------
 
-    def push_params(self, params: Any, cfg: Any, *, dtype: str | None = None, version: int | None = None) -> dict[str, float]:
-        """Push live (possibly sharded) decoder parameters: HF names and layouts, cast, streamed.
+    def push_params(
+        self, params: Any, cfg: Any, *, dtype: str | None = None, version: int | None = None, layout: str | None = None
+    ) -> dict[str, Any]:
+        """Push live (possibly sharded) decoder parameters: HF names, cast, streamed.
 
         `params` is the decoder's nnx state or module, `cfg` its ModelConfig; each tensor is
-        converted and cast on device and fetched to the host one at a time
-        (`model.hf_io.iter_hf_tensors`). `dtype` defaults to the server's (`/info` dtype).
+        cast on device (and, in the HF layout, converted) and fetched to the host one at a time
+        (`model.hf_io.iter_hf_tensors`). `dtype` defaults to the server's (`/info` dtype),
+        `layout` to `native` when the server offers it (`push_layout`), else `hf`.
         """
         from maxent_jax.model.hf_io import iter_hf_tensors  # jax only when pushing from jax params
 
-        if dtype is None:
-            dtype = self.info().get("dtype")
+        if dtype is None or layout is None:
+            info = self.info()
+            dtype = dtype or info.get("dtype")
             if dtype is None:
                 raise RolloutError(f"rollout server {self.url}/info reports no dtype; pass push_params(dtype=...)")
-        return self.push_weights(lambda: iter_hf_tensors(params, cfg, dtype), version=version)
+            layout = layout or push_layout(info)
+        native = layout == NATIVE_LAYOUT
+        return self.push_weights(lambda: iter_hf_tensors(params, cfg, dtype, native=native), version=version, layout=layout)
 
     def push_weights(
         self,
         tensors: Iterable[tuple[str, np.ndarray]] | Callable[[], Iterable[tuple[str, np.ndarray]]],
         *,
         version: int | None = None,
-    ) -> dict[str, float]:
-        """Stream HF-named tensors to POST /weights; returns seconds, bytes, GB/s and the new version.
+        layout: str = HF_LAYOUT,
+    ) -> dict[str, Any]:
+        """Stream HF-named tensors to POST /weights; returns seconds, bytes, GB/s, the new version, the layout.
 
         `tensors` is consumed lazily, one tensor at a time. Pass a zero-argument callable
-        returning the iterable to allow retries (an iterator can be sent only once).
+        returning the iterable to allow retries (an iterator can be sent only once). `layout`
+        says what shapes they have (protocol.WEIGHT_LAYOUTS); anything but `hf` is sent as the
+        `layout` query parameter, which the server checks against its `weight_layouts`.
         """
         if not self.token:
             raise ValueError("push_weights needs the server's token (RolloutClient(token=...))")
@@ -521,14 +546,16 @@ class RolloutClient:
         }
         if version is not None:
             headers[WEIGHT_VERSION_HEADER] = str(int(version))
+        path = "/weights" if layout == HF_LAYOUT else f"/weights?{urllib.parse.urlencode({LAYOUT_PARAM: layout})}"
         start = time.perf_counter()
-        reply, _ = self._call("POST", "/weights", body, headers, attempts=None if replayable else 1, chunked=True)
+        reply, _ = self._call("POST", path, body, headers, attempts=None if replayable else 1, chunked=True)
         answered_at = time.perf_counter()
-        result = self._json(reply, "/weights")
+        result = self._json(reply, path)
         seconds = answered_at - start
         apply = float(result.get("apply_seconds", 0.0))
         return {
             "weight_version": int(result["weight_version"]),
+            "layout": layout,
             "seconds": seconds,
             "bytes": float(sent["bytes"]),
             "gb_per_s": sent["bytes"] / 1e9 / max(seconds, 1e-9),

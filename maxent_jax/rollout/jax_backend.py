@@ -1,7 +1,8 @@
 """The `jax` rollout backend: the in-process sampler behind the server protocol (CPUs, tests, one-box runs).
 
-Weights are the decoder's NNX parameter state. A push arrives as HF-named numpy tensors; each
-is converted to our layout (`model.mapping`) and placed with the sharding of the parameter it
+Weights are the decoder's NNX parameter state. A push arrives as HF-named numpy tensors, in HF
+layout (converted to ours with `model.mapping`) or, when the client asks for it, already in our
+layout (`native`: nothing to convert); each is placed with the sharding of the parameter it
 replaces as soon as it has arrived (`prepare_weight`), into a *new* state; once the push is
 complete and valid the server swaps the state reference under its engine lock, so a generate
 call sees all old or all new weights.
@@ -23,7 +24,7 @@ from flax import nnx
 from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.mapping import tensor_maps
 from maxent_jax.rollout.backend import Completion, SamplingParams
-from maxent_jax.rollout.protocol import ProtocolError
+from maxent_jax.rollout.protocol import HF_LAYOUT, NATIVE_LAYOUT, ProtocolError
 from maxent_jax.rollout.sampler import Sampler
 from maxent_jax.rollout.stop_strings import apply_stop_strings
 from maxent_jax.rollout.weights import dtype_name
@@ -46,6 +47,9 @@ def _eos_ids(model_dir: Path, cfg_eos: int | None, tokenizer) -> list[int]:
 class JaxBackend:
     """RolloutBackend over a Decoder; `from_pretrained` builds it from an HF directory."""
 
+    # It holds our own model, so it also takes pushes in our parameter layout (protocol.NATIVE_LAYOUT).
+    weight_layouts = (HF_LAYOUT, NATIVE_LAYOUT)
+
     def __init__(
         self,
         model: Decoder,
@@ -65,14 +69,15 @@ class JaxBackend:
         self._base_key = jax.random.key(seed)
         self._requests = itertools.count()
         flat = dict(nnx.to_flat_state(self.state))
-        self._expected = {}
+        self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {HF_LAYOUT: {}, NATIVE_LAYOUT: {}}
         self._by_name = {m.hf_name: m for m in self._maps}
         # Shape, dtype and sharding each pushed tensor must end up with (the state's are fixed).
         self._targets: dict[str, jax.ShapeDtypeStruct] = {}
         for m in self._maps:
             value = flat[m.path].get_value()
             hf = jax.eval_shape(m.to_hf, jax.ShapeDtypeStruct(value.shape, value.dtype))
-            self._expected[m.hf_name] = (tuple(hf.shape), dtype_name(value.dtype))
+            self._expected[HF_LAYOUT][m.hf_name] = (tuple(hf.shape), dtype_name(value.dtype))
+            self._expected[NATIVE_LAYOUT][m.hf_name] = (tuple(value.shape), dtype_name(value.dtype))
             self._targets[m.hf_name] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
 
     @classmethod
@@ -136,11 +141,20 @@ class JaxBackend:
             groups.append(group)
         return groups
 
-    def expected_weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return dict(self._expected)
+    def _layout(self, layout: str) -> str:
+        if layout not in self._expected:
+            raise ValueError(f"layout={layout!r}: the jax backend takes {', '.join(map(repr, self.weight_layouts))}")
+        return layout
 
-    def prepare_weight(self, name: str, array: np.ndarray) -> jax.Array:
-        """One received HF tensor in our layout, dtype and sharding, as a new device array.
+    def expected_weights(self, layout: str = HF_LAYOUT) -> dict[str, tuple[tuple[int, ...], str]]:
+        """HF name -> (shape, dtype) of a push in `layout`: HF shapes, or our parameters' own (`native`)."""
+        return dict(self._expected[self._layout(layout)])
+
+    def prepare_weight(self, name: str, array: np.ndarray, layout: str = HF_LAYOUT) -> jax.Array:
+        """One received tensor in our layout, dtype and sharding, as a new device array.
+
+        A `native` tensor already has our shape and dtype (the server validated it), so it goes
+        to the device as it is: on CPU the received 64-byte-aligned buffer is adopted, no copy.
 
         Called by the server as each tensor arrives (before the push is complete), so it must
         not touch `self.state`. When our layout is a view of the HF bytes (a reshape, or the
@@ -149,23 +163,26 @@ class JaxBackend:
         the relayout (a transpose) runs on the device, dispatched asynchronously so it overlaps
         the rest of the upload: a strided host transpose was most of a push's time.
         """
-        m, var = self._by_name[name], self._targets[name]
+        var = self._targets[name]
+        if self._layout(layout) == NATIVE_LAYOUT:
+            return jax.device_put(array, var.sharding)
+        m = self._by_name[name]
         view = m.from_hf(array)
         if view.flags.c_contiguous and view.dtype == var.dtype:
             return jax.device_put(view, var.sharding)
         relaid = m.from_hf(jax.device_put(array))
         return jax.device_put(relaid.astype(var.dtype), var.sharding)
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray | jax.Array]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, np.ndarray | jax.Array]], layout: str = HF_LAYOUT) -> None:
         """Build a complete new state from the tensors, then swap it in (one reference assignment).
 
-        Values are what `prepare_weight` returned (the server's path) or HF numpy arrays,
-        which are prepared here.
+        Values are what `prepare_weight` returned (the server's path) or numpy arrays in
+        `layout`, which are prepared here.
         """
         flat = dict(nnx.to_flat_state(self.state))
         for name, value in named_tensors:
             if isinstance(value, np.ndarray):
-                value = self.prepare_weight(name, value)
+                value = self.prepare_weight(name, value, layout)
             path = self._by_name[name].path
             flat[path] = flat[path].replace(value)
         new_state = nnx.from_flat_state(list(flat.items()))

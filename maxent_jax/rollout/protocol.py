@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import urllib.parse
+from typing import Any, Sequence
 
 from maxent_jax.rollout.backend import Completion, SamplingParams
 
 CLIENT_TAG_HEADER = "X-VLLM-Client-Tag"
 WEIGHT_VERSION_HEADER = "X-Weight-Version"
+
+# Weight layouts of a push (`POST /weights?layout=...`). `hf`: Hugging Face names and layouts,
+# what every backend takes. `native`: the same names, each tensor in the shape of the server's
+# own parameter (our [in, out] kernels), offered only by a backend that holds our model, so
+# neither side transposes. Always said explicitly: a square kernel reads as either.
+LAYOUT_PARAM = "layout"
+HF_LAYOUT = "hf"
+NATIVE_LAYOUT = "native"
+WEIGHT_LAYOUTS = (HF_LAYOUT, NATIVE_LAYOUT)
 
 
 class ProtocolError(ValueError):
@@ -25,6 +35,25 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def parse_weight_layout(query: str, offered: Sequence[str], backend: str) -> str:
+    """The layout a `POST /weights` asks for in its query string (none: `hf`), if this server offers it."""
+    fields = urllib.parse.parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(fields) - {LAYOUT_PARAM})
+    if unknown:
+        raise ProtocolError(f"POST /weights: unknown query parameter {unknown[0]!r}; valid: {LAYOUT_PARAM!r}")
+    values = fields.get(LAYOUT_PARAM, [HF_LAYOUT])
+    if len(values) != 1:
+        raise ProtocolError(f"query parameter {LAYOUT_PARAM!r} given {len(values)} times; give it once")
+    layout = values[0]
+    if layout not in WEIGHT_LAYOUTS:
+        raise ProtocolError(f"query parameter {LAYOUT_PARAM}={layout!r} is not a weight layout; valid: "
+                            + ", ".join(map(repr, WEIGHT_LAYOUTS)))
+    if layout not in offered:
+        raise ProtocolError(f"query parameter {LAYOUT_PARAM}={layout!r}: the {backend} backend takes only "
+                            + ", ".join(map(repr, offered)) + " (see weight_layouts in GET /info)")
+    return layout
 
 
 # Sampling fields: name -> (JSON type(s), default, description). Allowed both at the top
@@ -256,7 +285,7 @@ def openapi_schema() -> dict:
         "info": {"title": "maxent-jax rollout server", "version": "1"},
         "paths": {
             "/health": {"get": {"summary": "liveness", "responses": {"200": ok_json}}},
-            "/info": {"get": {"summary": "model, backend, weight version, max lengths", "responses": {"200": ok_json}}},
+            "/info": {"get": {"summary": "model, backend, weight version, max lengths, weight_layouts", "responses": {"200": ok_json}}},
             "/generate": {
                 "post": {
                     "summary": "sample n completions per prompt",
@@ -269,7 +298,11 @@ def openapi_schema() -> dict:
                 "post": {
                     "summary": "replace all weights atomically (stream of one-tensor safetensors frames, see docs/rollout.md)",
                     "security": [{"bearer": []}],
-                    "parameters": [{"name": WEIGHT_VERSION_HEADER, "in": "header", "schema": {"type": "integer"}}],
+                    "parameters": [
+                        {"name": WEIGHT_VERSION_HEADER, "in": "header", "schema": {"type": "integer"}},
+                        {"name": LAYOUT_PARAM, "in": "query", "schema": {"enum": list(WEIGHT_LAYOUTS), "default": HF_LAYOUT},
+                         "description": "tensor layout of the push; only one listed in weight_layouts of GET /info"},
+                    ],
                     "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                     "responses": {"200": ok_json, "400": error, "401": error, "403": error, "413": error},
                 }

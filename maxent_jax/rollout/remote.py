@@ -5,7 +5,9 @@ generate function returns (completion ids, behaviour log-probs, stopped flags; p
 so the loop swaps one for the other; `maybe_push(params, step)` keeps the server's weights
 current on the cadence of REFERENCE_SPEC 3.6: push when `step - last_pushed >=
 sync_interval_steps` (0 = never), never twice for one step. Pushes carry the step as the
-weight version, so every rollout reports its staleness in steps.
+weight version, so every rollout reports its staleness in steps. A server that holds our own
+model (the jax backend) gets the parameters in our layout, with no transposes
+(`rollout/push_native_layout` = 1); others get HF's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.protocol import NATIVE_LAYOUT
 
 
 @dataclasses.dataclass
@@ -47,6 +50,7 @@ class RemoteRollout:
             "rollout/push_seconds": report["seconds"],
             "rollout/push_gb_per_s": report["gb_per_s"],
             "rollout/push_bytes": report["bytes"],
+            "rollout/push_native_layout": float(report["layout"] == NATIVE_LAYOUT),
         })
         return True
 

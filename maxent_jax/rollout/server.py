@@ -8,18 +8,20 @@ for generation: a generate call runs entirely under the old or entirely under th
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
 from maxent_jax.rollout.backend import RolloutBackend
-from maxent_jax.rollout.protocol import ProtocolError
+from maxent_jax.rollout.protocol import HF_LAYOUT, ProtocolError
 from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, expected_nbytes, read_stream
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ class RolloutServer:
         self.weight_version = 0
         self.engine_lock = threading.Lock()
         self.receive_buffers = ReceiveBuffers()
-        self._info = dict(backend.info())
+        self.weight_layouts = tuple(getattr(backend, "weight_layouts", (HF_LAYOUT,)))
+        self._info = {**backend.info(), "weight_layouts": list(self.weight_layouts)}
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -214,12 +217,22 @@ class RolloutServer:
             if vocab is not None and ids and max(ids) >= vocab:
                 raise ProtocolError(f"prompt {i}: token id {max(ids)} is outside the vocabulary (size {vocab})")
 
+    def expected_weights(self, layout: str = HF_LAYOUT) -> dict:
+        """Name -> (shape, dtype) a push in `layout` must match; a backend is asked for a layout only if it lists it."""
+        if layout == HF_LAYOUT:
+            return self.backend.expected_weights()
+        return self.backend.expected_weights(layout=layout)
+
     def weights_limit(self, expected: dict) -> int:
         """Largest acceptable /weights body: the model's bytes plus a header allowance per frame."""
         return expected_nbytes(expected) + _FRAME_OVERHEAD_BYTES * (len(expected) + 1)
 
-    def push_weights(self, body: _Body, version: int | None) -> dict:
+    def push_weights(self, body: _Body, version: int | None, layout: str = HF_LAYOUT) -> dict:
         """Receive, validate and apply one push; the reply splits the server's time into its phases.
+
+        `layout` (one of `weight_layouts`, checked by the caller) picks the shapes the push is
+        validated against and is passed on to the backend's `prepare_weight`; the HF layout
+        calls the backend exactly as a backend without layouts expects.
 
         `receive_seconds` runs from the first body byte to the end frame (it includes waiting
         for the sender), `apply_seconds` is the backend's `load_weights` under the engine lock.
@@ -229,8 +242,10 @@ class RolloutServer:
         validated and `load_weights` swaps it in.
         """
         start = time.perf_counter()
-        expected = self.backend.expected_weights()
+        expected = self.expected_weights(layout)
         prepare = getattr(self.backend, "prepare_weight", None)
+        if prepare is not None and layout != HF_LAYOUT:
+            prepare = functools.partial(prepare, layout=layout)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-weights")
         try:
             submit = None if prepare is None else (lambda name, array: pool.submit(prepare, name, array))
@@ -239,6 +254,10 @@ class RolloutServer:
                 raise WeightStreamError("bytes after the end frame")
             if prepare is not None:
                 tensors = {name: future.result() for name, future in tensors.items()}
+        except WeightStreamError as err:
+            if layout == HF_LAYOUT:
+                raise
+            raise WeightStreamError(f"{err} (push in layout {layout!r})") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # a refused push drops what was queued
         received = time.perf_counter()
@@ -258,7 +277,7 @@ class RolloutServer:
         seconds = applied - start
         log.info("weights v%d applied: %d tensors, %.1f MB in %.2fs", new_version, len(tensors), nbytes / 1e6, seconds)
         return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
-                "receive_seconds": received - start, "apply_seconds": applied - locked}
+                "receive_seconds": received - start, "apply_seconds": applied - locked, "layout": layout}
 
     def reset_prefix_cache(self) -> dict:
         with self.engine_lock:
@@ -361,8 +380,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _post_weights(self) -> None:
         # The body is drained (within the size bound) before any refusal, so a client streaming
         # a push always reads the answer instead of a reset connection.
+        rollout = self.rollout
+        layout, layout_error = HF_LAYOUT, None
         try:
-            limit = self.rollout.weights_limit(self.rollout.backend.expected_weights())
+            query = urllib.parse.urlsplit(self.path).query
+            layout = protocol.parse_weight_layout(query, rollout.weight_layouts, str(rollout.info().get("backend")))
+        except ProtocolError as err:
+            layout_error = err
+        try:
+            limit = rollout.weights_limit(rollout.expected_weights(layout))
             body = _Body(self.rfile, self.headers, limit)
         except ProtocolError as err:
             self._error(err.status, str(err), close=True)
@@ -382,4 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
             if version is None:
                 self._refuse(400, f"header {protocol.WEIGHT_VERSION_HEADER}: expected an integer >= 0, got {raw_version!r}", body)
                 return
-        self._run(lambda: self.rollout.push_weights(body, version), body)
+        if layout_error is not None:
+            self._refuse(layout_error.status, f"weight push refused, nothing applied: {layout_error}", body)
+            return
+        self._run(lambda: rollout.push_weights(body, version, layout), body)
