@@ -190,6 +190,7 @@ def test_remote_rollout_pushes_on_cadence_and_equals_the_in_process_sampler(roll
         pushes = [remote.maybe_push(params, step) for step in (0, 0, 1, 2, 3)]
         assert pushes == [True, False, False, True, False] and server.weight_version == 2
         assert remote.metrics["rollout/push_bytes"] > 0 and remote.metrics["rollout/push_gb_per_s"] > 0
+        assert remote.metrics["rollout/push_native_layout"] == 1.0  # the jax server offers our layout
         ids, logps, stopped = remote.generate(params, PROMPTS, GREEDY, jax.random.key(0))
         assert remote.metrics["rollout/weight_staleness_steps"] == 1.0  # trained step 3, weights of step 2
     sampler, state = Sampler.for_model(model_b, eos_token_ids=[cfg.eos_token_id])

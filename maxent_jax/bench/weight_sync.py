@@ -2,12 +2,15 @@
 
 A real server runs in a child process on loopback (`python -m maxent_jax.serve --backend jax`,
 and with `--vs vllm` a `--backend vllm` one in the vLLM environment), started on an export of
-the same weights. One run = one whole push through `RolloutClient.push_params`: layout change
-and cast on device, one tensor at a time to the host, streamed in the safetensors framing,
-validated and applied atomically by the server, answered. GB/s = tensor bytes / wall time.
+the same weights. One run = one whole push through `RolloutClient.push_params`: cast (and, in
+the HF layout, layout change) on device, one tensor at a time to the host, streamed in the
+safetensors framing, validated and applied atomically by the server, answered. GB/s = tensor
+bytes / wall time. Every push figure names the layout it was pushed in: the client's own
+choice (`native` for the jax server, which offers it; `hf` for vLLM, which does not), and, for
+the jax server, the HF layout as well, in the same alternation, as the figure to compare with.
 Each push is also split into its phases (`push_run`). Two more figures bound it from either
-side: the conversion alone (params -> HF host tensors, no network), and the push of host
-tensors converted beforehand (transport + server alone).
+side: the conversion alone (params -> host tensors of each layout, no network), and the push
+of HF host tensors converted beforehand (transport + server alone).
 
 `--size M` replaces the preset's model by a random Qwen2 of about M million parameters:
 blocks of width 1024 (16 heads of 64, 4 kv heads, MLP 2816, ~11.3M each), vocabulary 512.
@@ -82,8 +85,11 @@ class ServerProcess:
 PHASES = ("convert", "send", "server finish", "server apply")
 
 
-def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
+def push_run(server: ServerProcess, params, cfg, name: str, layout: str | None = None) -> Run:
     """One whole `push_params`: GB/s, seconds, and the seconds of each phase of that push.
+
+    `layout` None lets the client choose from the server's /info (what a trainer does); the
+    figures are named `<name> [<layout pushed>]`.
 
     convert: producing the HF host tensors (the client's iterator); send: framing and writing
     the stream, which includes the server receiving, validating and preparing each tensor as
@@ -98,9 +104,10 @@ def push_run(server: ServerProcess, params, cfg, name: str) -> Run:
     dtype = client.info()["dtype"]
 
     def run() -> dict[str, float]:
-        stats = client.push_params(params, cfg, dtype=dtype)
-        return {f"{name}: push": stats["gb_per_s"], f"{name}: push time": stats["seconds"],
-                **{f"{name}: phase {phase}": stats[f"{phase.replace(' ', '_')}_seconds"] for phase in PHASES}}
+        stats = client.push_params(params, cfg, dtype=dtype, layout=layout)
+        label = f"{name} [{stats['layout']}]"
+        return {f"{label}: push": stats["gb_per_s"], f"{label}: push time": stats["seconds"],
+                **{f"{label}: phase {phase}": stats[f"{phase.replace(' ', '_')}_seconds"] for phase in PHASES}}
 
     return run
 
@@ -119,27 +126,29 @@ def transport_run(server: ServerProcess, params, cfg, name: str) -> Run:
     tensors = [(hf_name, tensor.copy()) for hf_name, tensor in iter_hf_tensors(params, cfg, dtype)]
 
     def run() -> dict[str, float]:
-        return {f"{name}: push from host tensors": client.push_weights(tensors)["gb_per_s"]}
+        return {f"{name} [hf]: push from host tensors": client.push_weights(tensors)["gb_per_s"]}
 
     return run
 
 
-def convert_run(params, cfg) -> Run:
+def convert_run(params, cfg, native: bool) -> Run:
     from maxent_jax.model.hf_io import iter_hf_tensors
 
     def run() -> dict[str, float]:
-        seconds, nbytes = timed(lambda: sum(t.nbytes for _, t in iter_hf_tensors(params, cfg, cfg.param_dtype)))
-        return {"convert only: params -> HF host tensors": nbytes / 1e9 / seconds}
+        tensors = iter_hf_tensors(params, cfg, cfg.param_dtype, native=native)
+        seconds, nbytes = timed(lambda: sum(t.nbytes for _, t in tensors))
+        return {f"convert only: params -> {'native' if native else 'HF'} host tensors": nbytes / 1e9 / seconds}
 
     return run
 
 
 def _units(servers: tuple[str, ...]) -> dict[str, str]:
-    units = {"convert only: params -> HF host tensors": "GB/s"}
-    for name in servers:
-        units.update({f"{name}: push": "GB/s", f"{name}: push time": "s",
-                      f"{name}: push from host tensors": "GB/s",
-                      **{f"{name}: phase {phase}": "s" for phase in PHASES}})
+    units = {"convert only: params -> HF host tensors": "GB/s", "convert only: params -> native host tensors": "GB/s"}
+    for server in servers:
+        for name in (f"{server} [hf]", f"{server} [native]"):
+            units.update({f"{name}: push": "GB/s", f"{name}: push time": "s",
+                          f"{name}: push from host tensors": "GB/s",
+                          **{f"{name}: phase {phase}": "s" for phase in PHASES}})
     return units
 
 
@@ -169,7 +178,10 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
         model_dir = peers.export_for_peers(model, cfg, Path(tmp) / "model")
         try:
             servers.append(ServerProcess(sys.executable, "jax", model_dir, Path(tmp)))
-            runs = {"convert": convert_run(params, cfg), "jax": push_run(servers[0], params, cfg, "jax server"),
+            runs = {"convert hf": convert_run(params, cfg, native=False),
+                    "convert native": convert_run(params, cfg, native=True),
+                    "jax": push_run(servers[0], params, cfg, "jax server"),
+                    "jax hf": push_run(servers[0], params, cfg, "jax server", layout="hf"),
                     "jax host": transport_run(servers[0], params, cfg, "jax server")}
             if vs == "vllm":
                 servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp)))
@@ -177,8 +189,11 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
                 runs["vllm host"] = transport_run(servers[1], params, cfg, "vllm server")
             for figure in alternate(runs, repeats, _units(("jax server", "vllm server"))):
                 report.add(figure)
+            report.ratio("jax server: native / hf layout push", "jax server [native]: push", "jax server [hf]: push")
         finally:
             for server in servers:
                 server.close()
     report.notes.append("goal: >= 2 GB/s on loopback")
+    report.notes.append("[layout]: the layout pushed; unforced, the client pushes native where the server offers it "
+                        "(jax backend), else hf (vllm)")
     return report
