@@ -178,6 +178,40 @@ def test_reused_receive_memory_never_changes_a_state_still_in_use():
     assert_state(backend.state, 0)
 
 
+def test_native_pushes_alternate_between_two_receive_arenas_unless_a_state_is_kept():
+    """After a native push the replaced state (holding the previous arena) is collected at once."""
+    import io
+
+    from maxent_jax.model import Decoder, ModelConfig
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.weights import ReceiveBuffers, read_stream
+
+    cfg = ModelConfig.tiny()
+    backend = JaxBackend(Decoder(cfg, rngs=nnx.Rngs(0)))
+    buffers = ReceiveBuffers()
+    leased = []
+    lease = buffers.lease
+    buffers.lease = lambda capacity: leased.append(lease(capacity)) or leased[-1]
+    models = [nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param) for seed in (1, 2)]
+    streams = [b"".join(bytes(c) for c in iter_stream(iter_hf_tensors(m, cfg, native=True))) for m in models]
+
+    def push(i):
+        prepare = lambda name, array: backend.prepare_weight(name, array, layout="native")  # noqa: E731
+        prepared = read_stream(io.BytesIO(streams[i]).readinto, backend.expected_weights("native"), prepare, buffers)
+        backend.load_weights(prepared.items(), layout="native")
+
+    for i in (0, 1, 0, 1):
+        push(i)
+        _assert_state_equals(backend.state, models[i])
+    assert len({id(arena) for arena in leased}) == 2  # no push after the second received into new memory
+    kept = backend.state  # a caller still holding the weights of the last push: its arena is left alone
+    push(0)
+    push(1)
+    _assert_state_equals(kept, models[1])
+    _assert_state_equals(backend.state, models[1])
+    assert len({id(arena) for arena in leased}) == 3
+
+
 def test_remote_rollout_pushes_on_cadence_and_equals_the_in_process_sampler(rollout_model_dirs):
     from maxent_jax.rollout.remote import RemoteRollout
     from maxent_jax.rollout.sampler import Sampler

@@ -134,6 +134,7 @@ def test_training_through_the_rollout_server(tmp_path):
         info = json.loads(urllib.request.urlopen(url + "/info", timeout=30).read())
     last = _finite_train_metrics(records)
     assert last["train/rollout/push_gb_per_s"] > 0 and info["weight_version"] == 1
+    assert last["train/rollout/push_native_layout"] == 1.0  # the jax server takes our layout: no transposes
 
 
 @pytest.mark.slow

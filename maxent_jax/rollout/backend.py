@@ -70,8 +70,9 @@ class RolloutBackend(Protocol):
 
         A backend that takes pushes in more layouts than HF's lists them in a `weight_layouts`
         attribute (e.g. `("hf", "native")`, see protocol.WEIGHT_LAYOUTS); for a push in another
-        layout than `hf` the server calls `expected_weights(layout=...)` and
-        `prepare_weight(name, array, layout=...)`, which such a backend must then define.
+        layout than `hf` the server calls `expected_weights(layout=...)`,
+        `prepare_weight(name, array, layout=...)` and `load_weights(..., layout=...)`, which
+        such a backend must then define.
         """
 
     def reset_prefix_cache(self) -> None:

@@ -269,7 +269,10 @@ class RolloutServer:
                     409,
                 )
             locked = time.perf_counter()
-            self.backend.load_weights(tensors.items())
+            if layout == HF_LAYOUT:
+                self.backend.load_weights(tensors.items())
+            else:
+                self.backend.load_weights(tensors.items(), layout=layout)
             self.backend.reset_prefix_cache()
             self.weight_version = self.weight_version + 1 if version is None else version
             new_version = self.weight_version
