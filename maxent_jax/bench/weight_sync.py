@@ -7,7 +7,8 @@ the HF layout, layout change) on device, one tensor at a time to the host, strea
 safetensors framing, validated and applied atomically by the server, answered. GB/s = tensor
 bytes / wall time. Every push figure names the layout it was pushed in: the client's own
 choice (`native` for the jax server, which offers it; `hf` for vLLM, which does not), and, for
-the jax server, the HF layout as well, in the same alternation, as the figure to compare with.
+the jax backend, the HF layout as well (to a second jax server), in the same alternation, as
+the figure to compare with.
 Each push is also split into its phases (`push_run`). Two more figures bound it from either
 side: the conversion alone (params -> host tensors of each layout, no network), and the push
 of HF host tensors converted beforehand (transport + server alone).
@@ -177,16 +178,18 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
     with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
         model_dir = peers.export_for_peers(model, cfg, Path(tmp) / "model")
         try:
-            servers.append(ServerProcess(sys.executable, "jax", model_dir, Path(tmp)))
+            # The HF-layout pushes go to a second jax server: a trainer never mixes layouts on one
+            # server, and an HF push's state would upset the native pushes' receive-arena reuse.
+            servers += [ServerProcess(sys.executable, "jax", model_dir, Path(tmp)) for _ in range(2)]
             runs = {"convert hf": convert_run(params, cfg, native=False),
                     "convert native": convert_run(params, cfg, native=True),
                     "jax": push_run(servers[0], params, cfg, "jax server"),
-                    "jax hf": push_run(servers[0], params, cfg, "jax server", layout="hf"),
-                    "jax host": transport_run(servers[0], params, cfg, "jax server")}
+                    "jax hf": push_run(servers[1], params, cfg, "jax server", layout="hf"),
+                    "jax host": transport_run(servers[1], params, cfg, "jax server")}
             if vs == "vllm":
                 servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp)))
-                runs["vllm"] = push_run(servers[1], params, cfg, "vllm server")
-                runs["vllm host"] = transport_run(servers[1], params, cfg, "vllm server")
+                runs["vllm"] = push_run(servers[-1], params, cfg, "vllm server")
+                runs["vllm host"] = transport_run(servers[-1], params, cfg, "vllm server")
             for figure in alternate(runs, repeats, _units(("jax server", "vllm server"))):
                 report.add(figure)
             report.ratio("jax server: native / hf layout push", "jax server [native]: push", "jax server [hf]: push")
