@@ -11,6 +11,7 @@ from flax import nnx
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import LOGICAL_AXES, Decoder, swiglu
 from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.model.rope import inverse_frequencies, rope_cos_sin
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, attention_bias=True, qk_norm=True, family="qwen3",
@@ -200,3 +201,17 @@ def test_swiglu_gradient_matches_autodiff_of_its_definition():
     np.testing.assert_array_equal(swiglu(gate, up), jax.nn.silu(gate) * up)
     for got, want in zip(jax.grad(custom, argnums=(0, 1))(gate, up), jax.grad(reference, argnums=(0, 1))(gate, up)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_rope_tables_are_cos_and_sin_of_the_duplicated_angles(seq):
+    """Both forms of `rope_cos_sin` (the materialising loop for seq > 1, the plain one for decode steps)
+    give cos/sin of position * inv_freq on each head_dim half, inside and outside jit."""
+    inv_freq = inverse_frequencies(8, 10000.0, None)
+    positions = jnp.asarray([[0, 1, 2, 300, 4095], [7, 9, 100, 2000, 5]], jnp.int32)[:, :seq]
+    angles = np.asarray(positions, np.float32)[..., None] * np.concatenate([inv_freq, inv_freq])  # float32, as the model
+    angles = angles.astype(np.float64)
+    for cos, sin in (rope_cos_sin(positions, inv_freq), jax.jit(lambda p: rope_cos_sin(p, inv_freq))(positions)):
+        assert cos.shape == sin.shape == (2, seq, 8)
+        np.testing.assert_allclose(cos, np.cos(angles), atol=2e-6)
+        np.testing.assert_allclose(sin, np.sin(angles), atol=2e-6)
