@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+from maxent_jax.bench.child import ChildProcess
 from maxent_jax.bench.timing import Run
 
 
@@ -42,7 +42,7 @@ def serve(model_dir: str, spec: dict) -> None:
         print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
-class VllmPeer:
+class VllmPeer(ChildProcess):
     """A vLLM engine in a child process (the vLLM environment's python), driven line by line."""
 
     def __init__(self, python: Path, model_dir: Path, prompts: Sequence[Sequence[int]], generations: int,
@@ -54,17 +54,12 @@ class VllmPeer:
         env = {"PYTHONPATH": str(REPO_ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}
         if torch_threads:
             env["OMP_NUM_THREADS"] = str(torch_threads)
-        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM logs a lot: a pipe could fill and block it
-        self.proc = subprocess.Popen(
-            [str(python), "-m", "maxent_jax.bench.vllm_peer", str(model_dir), json.dumps(spec)],
-            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        super().__init__([str(python), "-m", "maxent_jax.bench.vllm_peer", str(model_dir), json.dumps(spec)], env,
+                         stdin=subprocess.PIPE)
         line = self._reply('{"ready"')
         self.version = json.loads(line)["ready"] if line else None
         if self.version is None:
-            self.log.seek(0)
-            tail = self.log.read()[-3000:]
-            self.close()
-            raise RuntimeError(f"vLLM peer did not start; its log ends with:\n{tail}")
+            raise self.startup_error("vLLM peer")
 
     def _reply(self, prefix: str) -> str:
         """The next stdout line starting with `prefix` (vLLM also logs to stdout); '' at end of output."""
@@ -84,16 +79,8 @@ class VllmPeer:
 
         return one
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
+    def request_stop(self) -> None:
+        self.proc.stdin.close()  # end of input: the peer's run loop exits
 
 if __name__ == "__main__":
     serve(sys.argv[1], json.loads(sys.argv[2]))

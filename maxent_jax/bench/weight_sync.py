@@ -20,12 +20,12 @@ blocks of width 1024 (16 heads of 64, 4 kv heads, MLP 2816, ~11.3M each), vocabu
 from __future__ import annotations
 
 import secrets
-import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
+from maxent_jax.bench.child import ChildProcess
 from maxent_jax.bench.presets import Preset
 from maxent_jax.bench.report import Report
 from maxent_jax.bench.timing import Run, alternate, timed
@@ -46,7 +46,7 @@ def sized_model(size_m: float):
     return ModelConfig.tiny(num_layers=layers, **_BLOCK)
 
 
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """`python -m maxent_jax.serve` in a child process on 127.0.0.1, a free port and a fresh token."""
 
     def __init__(self, python: str, backend: str, model_dir: Path, workdir: Path):
@@ -55,33 +55,17 @@ class ServerProcess:
         self.token = secrets.token_hex(16)
         token_file = workdir / f"token-{backend}"
         token_file.write_text(self.token)
-        self.log = tempfile.TemporaryFile(mode="w+")
         env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
                "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [python, "-m", "maxent_jax.serve", "--backend", backend, "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", "0", "--token-file", str(token_file), "--log-level", "WARNING"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        super().__init__([python, "-m", "maxent_jax.serve", "--backend", backend, "--model", str(model_dir),
+                          "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
+                          "--log-level", "WARNING"], env)
         line = next((text for text in self.proc.stdout if text.startswith(READY)), "")  # vLLM logs to stdout too
         if not line:
-            self.log.seek(0)
-            tail = self.log.read()[-3000:]
-            self.close()
-            raise RuntimeError(f"{backend} rollout server did not start; its log ends with:\n{tail}")
+            raise self.startup_error(f"{backend} rollout server")
         self.url = line[len(READY):].strip()
         # Keep reading stdout: an undrained pipe would block a server that logs there.
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
 
 PHASES = ("convert", "send", "server finish", "server apply")
 
