@@ -154,15 +154,13 @@ class JaxBackend:
     def prepare_weight(self, name: str, array: np.ndarray, layout: str = HF_LAYOUT) -> jax.Array:
         """One received tensor in our layout, dtype and sharding, as a new device array.
 
-        A `native` tensor already has our shape and dtype (the server validated it), so it goes
-        to the device as it is: on CPU the received 64-byte-aligned buffer is adopted, no copy.
-
         Called by the server as each tensor arrives (before the push is complete), so it must
-        not touch `self.state`. When our layout is a view of the HF bytes (a reshape, or the
-        identity) the host array goes to the device as it is, which on CPU adopts the received
-        64-byte-aligned buffer without a copy. Otherwise the bytes are moved as they are and
-        the relayout (a transpose) runs on the device, dispatched asynchronously so it overlaps
-        the rest of the upload: a strided host transpose was most of a push's time.
+        not touch `self.state`. A `native` tensor (shape and dtype validated by the server), or
+        an HF one whose our-layout form is a view of its bytes (a reshape, or the identity),
+        goes to the device as it is: on CPU the received 64-byte-aligned buffer is adopted, no
+        copy. Otherwise the bytes are moved as they are and the relayout (a transpose) runs on
+        the device, dispatched asynchronously so it overlaps the rest of the upload: a strided
+        host transpose was most of a push's time.
         """
         var = self._targets[name]
         if self._layout(layout) == NATIVE_LAYOUT:
