@@ -127,6 +127,19 @@ def test_gpu_preset_is_refused_on_cpu_with_one_line():
         run_update(get_preset("qwen2_5_1_5b"), repeats=1)
 
 
+def test_probe_is_fp32_on_cpu_and_bf16_on_a_gpu(monkeypatch):
+    """The probe measures what the models run on: float32 on the CPU, the matrix units' bf16 on a GPU."""
+    import types
+
+    import jax
+
+    from maxent_jax.bench import probe
+
+    assert probe.probe_label() == "fp32 matmul" and probe._probe_shape() == ("float32", 1024)
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="gpu")])
+    assert probe.probe_label() == "bf16 matmul" and probe._probe_shape() == ("bfloat16", 8192)
+
+
 def test_sampler_target_runs_ours():
     from maxent_jax.bench.sampler import OURS, run_sampler
 

@@ -198,7 +198,8 @@ def test_swiglu_gradient_matches_autodiff_of_its_definition():
     def custom(g, u):
         return jnp.sum(weight * swiglu(g, u))
 
-    np.testing.assert_array_equal(swiglu(gate, up), jax.nn.silu(gate) * up)
+    # One rounding apart at most: a GPU fuses the custom_vjp's forward but runs silu and * as two eager ops.
+    np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6, atol=1e-7)
     for got, want in zip(jax.grad(custom, argnums=(0, 1))(gate, up), jax.grad(reference, argnums=(0, 1))(gate, up)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -1,7 +1,9 @@
-"""The machine's measured float32 matmul rate: the denominator of "fraction of the machine used".
+"""The machine's measured matmul rate: the denominator of "fraction of the machine used".
 
 A CPU has no spec-sheet peak that JAX reaches, so the reference is what XLA itself achieves
 on one large square float32 matmul here, now (under the same shared load as the benchmark).
+On a GPU the probe is a bfloat16 matmul large enough to fill the chip: the rate its matrix
+units really reach, which sits below the spec-sheet peak that MFU divides by.
 """
 
 from __future__ import annotations
@@ -9,16 +11,30 @@ from __future__ import annotations
 from maxent_jax.bench.report import Figure, load_average
 from maxent_jax.bench.timing import timed
 
-PROBE_NAME = "fp32 matmul probe"
+# (dtype, size) of the probe per platform: CPU in the models' float32, GPU in bfloat16.
+PROBE_SHAPES = {"cpu": ("float32", 1024), "gpu": ("bfloat16", 8192)}
 
 
-def matmul_probe(size: int = 1024, repeats: int = 5) -> Figure:
-    """GFLOP/s of a jitted `[size, size] @ [size, size]` float32 matmul (2 * size**3 FLOPs per call)."""
+def probe_label() -> str:
+    """What the probe measures on this platform, e.g. "fp32 matmul" (names the ratio derived from it)."""
+    dtype, _ = _probe_shape()
+    return f"{'fp32' if dtype == 'float32' else 'bf16'} matmul"
+
+
+def _probe_shape() -> tuple[str, int]:
+    import jax
+
+    return PROBE_SHAPES.get(jax.devices()[0].platform, PROBE_SHAPES["cpu"])
+
+
+def matmul_probe(repeats: int = 5) -> Figure:
+    """GFLOP/s of a jitted square matmul (2 * size**3 FLOPs per call) in the platform's probe dtype."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    dtype, size = _probe_shape()
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
     matmul = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
     matmul(a, b).block_until_ready()
     before = load_average()
@@ -26,7 +42,7 @@ def matmul_probe(size: int = 1024, repeats: int = 5) -> Figure:
     for _ in range(repeats):
         seconds, _ = timed(lambda: matmul(a, b).block_until_ready())
         samples.append(2 * size**3 / seconds / 1e9)
-    return Figure(PROBE_NAME, "GFLOP/s", samples, (before, load_average()), {"size": size})
+    return Figure(f"{probe_label()} probe", "GFLOP/s", samples, (before, load_average()), {"size": size, "dtype": dtype})
 
 
 # Dense bfloat16 peak FLOP/s per device by jax device_kind, for MFU on accelerators.

@@ -64,7 +64,8 @@ def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str |
 
             peer = "transformers: generate"
             runs[vs] = generate_run(model_dir, preset.prompt_ids(), preset.generations, preset.new_tokens,
-                                    preset.model.pad_token_id or 0, preset.model.eos_token_id, peer, torch_threads)
+                                    preset.model.pad_token_id or 0, preset.model.eos_token_id, peer, torch_threads,
+                                    dtype=preset.model.compute_dtype)
             report.add_package_versions(["torch", "transformers"])
             import torch
 

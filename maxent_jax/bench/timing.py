@@ -6,6 +6,7 @@ done in two blocks; each side's first run (compilation, caches, thread pools) is
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -38,3 +39,9 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def progress(message: str, since: float | None = None) -> None:
+    """One line on stderr for the slow set-up stages (large models compile for minutes on a GPU)."""
+    took = f" ({time.perf_counter() - since:.1f} s)" if since is not None else ""
+    print(f"bench: {message}{took}", file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ Model FLOPs of one step (the same work on both sides, parallel/flops.py conventi
     reference  rows * S * fwd(S)                                S = Tp + Tc
     update     rows * S * train(S)
 
-and "fraction of measured fp32 matmul rate" = FLOPs / median step time / probe GFLOP/s.
+and "fraction of measured fp32 matmul rate" = FLOPs / median step time / probe GFLOP/s (the probe
+is a bf16 matmul on a GPU: "bf16 matmul rate").
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from maxent_jax.bench.presets import Preset, default_config
-from maxent_jax.bench.probe import matmul_probe
+from maxent_jax.bench.probe import matmul_probe, probe_label
 from maxent_jax.bench.report import Figure, Report
 from maxent_jax.bench.timing import alternate, timed
 from maxent_jax.bench.update import model_flops
@@ -159,10 +160,10 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
     flops = step_flops(preset, prompt_len)
     report.setup["model_flops_per_step"] = f"{flops:.3e}"
     probe = report.add(matmul_probe())
-    report.ratios["ours: fraction of measured fp32 matmul rate"] = (
+    report.ratios[f"ours: fraction of measured {probe_label()} rate"] = (
         flops / report.figure(OURS_S).median / 1e9 / probe.median)
     if vs == "trl":
-        report.ratios["trl: fraction of measured fp32 matmul rate"] = (
+        report.ratios[f"trl: fraction of measured {probe_label()} rate"] = (
             flops / report.figure(TRL_S).median / 1e9 / probe.median)
     return report
 

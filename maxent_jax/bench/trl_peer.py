@@ -4,7 +4,8 @@ Same model (our weights through the HF export), same tokenizer, the same prompt 
 same order as our run's prompt stream, same G, completion length, prompts per step,
 temperature, beta, learning rate and reward function (our scorer, called from TRL's reward
 hook). EOS is kept out with `min_new_tokens`, so every completion has full length; vLLM,
-logging, saving and dataset shuffling are off. One run = one optimizer step: a callback times
+logging, saving and dataset shuffling are off. It trains on the GPU when torch sees one (as ours
+does under jax), else on the CPU. One run = one optimizer step: a callback times
 the step from `on_step_begin` to `on_step_end` (generation, reward, reference forward, loss,
 backward and optimizer step all fall inside), and the reward hook counts the completion tokens.
 """
@@ -54,7 +55,8 @@ class TrlPeer:
             num_generations=preset.generations, max_completion_length=preset.new_tokens, temperature=1.0,
             top_p=1.0, top_k=0, beta=beta, learning_rate=learning_rate, max_steps=1, num_iterations=1,
             generation_kwargs={"min_new_tokens": preset.new_tokens}, shuffle_dataset=False, use_vllm=False,
-            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
             bf16=False, seed=0, dataloader_num_workers=0, log_level="error",
         )
         hf_logging.disable_progress_bar()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md in one run: versions, `update` (MFU), `sampler --vs
+# transformers` on the 1.5B shape, `train-step --vs trl` and `sampler --vs transformers` on
+# `small`, and a GPU pass of the device-agnostic tests (float32 matmuls at full precision, not
+# TF32, since they compare against float32 references).
+#
+#   bash launch/gpu_bench.sh [OUT_DIR]       (default: var/gpu-bench)
+#
+# Each step has its own time limit and writes its log (and JSON) under OUT_DIR, so a step that
+# fails or runs long costs only itself. The machine's own jax, flax and optax are used. Wheels in
+# .whl/ (WHEELS=DIR for another folder) are installed to a private site directory first: only
+# pure-python packages the machine lacks (ml_collections, math-verify and its parsers, trl,
+# datasets, dill, multiprocess), never flax/optax/orbax, whose versions must match the machine's jax.
+# BIG / SMALL pick the presets (qwen2_5_1_5b / small); a CPU dry run uses BIG=tiny SMALL=tiny WHEELS=none.
+set -u
+out=${1:-${OUT:-var/gpu-bench}}
+mkdir -p "$out"
+big=${BIG:-qwen2_5_1_5b}
+small=${SMALL:-small}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# The torch peers share the process with jax: leave them part of the GPU's memory.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    rm -rf /tmp/site  # a stale copy from an earlier run would shadow the machine's own packages
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, report rc and time
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    # SIGINT first: python and pytest then print where they were (pytest its summary) before exiting.
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    echo "== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+    "$py" -c 'import jax, flax, optax, sys; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+    "$py" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'
+} >"$out/versions.txt" 2>&1
+cat "$out/versions.txt"
+
+bench() {  # bench NAME SECONDS TARGET ARGS...
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$py" -m maxent_jax.bench "$@" --json "$out/$name.json"
+}
+
+bench update_big "${T_UPDATE:-150}" update --preset "$big" --repeats 3
+bench sampler_big "${T_SAMPLER:-170}" sampler --preset "$big" --repeats 2 --vs transformers
+bench train_step_small "${T_TRAIN:-120}" train-step --preset "$small" --repeats 3 --vs trl
+JAX_PLATFORMS='' JAX_DEFAULT_MATMUL_PRECISION=highest step tests "${T_TESTS:-80}" "$py" -m pytest -q -p no:cacheprovider \
+    tests/test_model_decoder.py tests/test_gumbel.py tests/test_sampler.py tests/test_objectives_maxent.py \
+    tests/test_objectives_grpo.py tests/test_objectives_infoseed.py \
+    --deselect tests/test_sampler.py::test_runs_on_params_sharded_over_the_training_mesh  # needs 8 devices
+bench sampler_small "${T_SAMPLER_SMALL:-60}" sampler --preset "$small" --repeats 3 --vs transformers
+
+for f in "$out"/*.log; do echo "---- $f"; tail -n 25 "$f"; done
+cat "$out/summary.txt"
