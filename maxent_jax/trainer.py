@@ -16,6 +16,7 @@ Host code here only orchestrates; every number is computed by jitted functions f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
@@ -107,6 +108,14 @@ class Trainer:
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)
+        # The objective's pre-step arrays in one compiled program: run eagerly they were dozens of
+        # small dispatches per step, a real cost on a GPU where the whole small-model step is ~60 ms.
+        if c.objective.train_grpo_objective:
+            self.prepare_objective = jax.jit(functools.partial(prepare_grpo_batch, scale_rewards=c.objective.scale_rewards))
+        else:
+            self.prepare_objective = jax.jit(functools.partial(
+                prepare_maxent_batch, q_temperature=c.maxent.q_temperature, q_epsilon=c.maxent.q_epsilon,
+                length_normalize_ref=c.maxent.length_normalize_ref))
         # first_order / truncated_backprop differentiate the closed-form weights, so they need q.
         self.meta_needs_batch = (self.controller_settings.meta_enabled
                                  and self.controller_settings.meta_method != "analytic")
@@ -207,16 +216,13 @@ class Trainer:
         lengths = mask.sum(-1).astype(np.float32)
         ref_logp = self.reference_logprobs(ro.batch).reshape(mask.shape)
         ref_sum = (ref_logp * mask).sum(-1)
-        beta, tau = float(self.controllers.beta), float(self.controllers.tau)
         if c.objective.train_grpo_objective:
-            advantages, stats = prepare_grpo_batch(jnp.asarray(ro.utilities), jnp.asarray(valid), c.objective.scale_rewards)
-            extra = {"advantages": np.asarray(advantages)}
+            advantages, stats = jax.device_get(self.prepare_objective(ro.utilities, valid))
+            extra = {"advantages": advantages}
         else:
-            weights, stats = prepare_maxent_batch(
-                jnp.asarray(ro.utilities), jnp.asarray(valid), jnp.asarray(ref_sum), jnp.asarray(lengths), tau, beta,
-                q_temperature=c.maxent.q_temperature, q_epsilon=c.maxent.q_epsilon,
-                length_normalize_ref=c.maxent.length_normalize_ref)
-            extra = {"weights": np.asarray(weights)}
+            weights, stats = jax.device_get(self.prepare_objective(
+                ro.utilities, valid, ref_sum, lengths, self.controllers.tau, self.controllers.beta))
+            extra = {"weights": weights}
         if not c.vllm.return_logprobs:  # ratio against the policy's own (stop-gradient) log-probs
             grouped.pop("behaviour_logp", None)
         arrays = {
@@ -256,9 +262,11 @@ class Trainer:
         self.tokens_seen += int(ro.batch["attention_mask"].sum())
         if c.logging.log_completions:
             self._log_completions(rows, ro, arrays)
+        # tau and beta as this step used them, read once (update_controllers replaces them below).
+        used_tau, used_beta = (float(v) for v in jax.device_get((self.controllers.tau, self.controllers.beta)))
         self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
-                                           scalars={"beta": np.float32(self.controllers.beta)})
-        metrics = {k: float(v) for k, v in metrics.items()}
+                                           scalars={"beta": np.float32(used_beta)})
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer, not one per metric
         skipped = bool(metrics.pop("skipped"))
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
         if self.consecutive_nonfinite >= c.train.max_consecutive_nonfinite:
@@ -267,7 +275,6 @@ class Trainer:
                 f"(train.max_consecutive_nonfinite={c.train.max_consecutive_nonfinite}); lower optim.learning_rate "
                 "or check the data")
         self.step += 1
-        used_tau, used_beta = float(self.controllers.tau), float(self.controllers.beta)
         inputs = inputs.replace(kl=jnp.asarray(metrics.get("loss/kl", 0.0), jnp.float32))
         lr_scale = optimizer_lib.lr_scale(self.schedule, c.optim.learning_rate, self.step - 1)
         self.controllers, controller_metrics = self.update_controllers(
@@ -275,7 +282,7 @@ class Trainer:
         return {
             **{f"train/{k}": v for k, v in metrics.items()},
             **{f"train/{k}": v for k, v in stats.items()},
-            **{k: float(v) for k, v in controller_metrics.items()},
+            **{k: float(v) for k, v in jax.device_get(controller_metrics).items()},
             **self._rollout_metrics(ro),
             "train/tau": used_tau,
             "train/beta": used_beta,
