@@ -120,6 +120,23 @@ def test_missing_vllm_env_names_make_target(tmp_path, monkeypatch):
         peers.vllm_python(str(tmp_path / "nope" / "python"))
 
 
+def test_child_that_fails_to_start_is_a_user_error_with_its_log():
+    """A peer whose interpreter cannot start it (wrong --vllm-python, missing package) gives one line
+    naming the program and its exit status, then the end of its log: no traceback of ours."""
+    import sys
+
+    from maxent_jax.bench.child import ChildProcess
+
+    child = ChildProcess([sys.executable, "-c", "import sys; print('no module named vllm', file=sys.stderr); sys.exit(3)"],
+                         env={})
+    assert child.proc.stdout.read() == ""
+    err = child.startup_error("vLLM peer")
+    assert isinstance(err, UserError)
+    first, *log = str(err).splitlines()
+    assert first == f"vLLM peer did not start: {sys.executable} exited with status 3; the end of its log:"
+    assert log == ["  no module named vllm"]
+
+
 def test_gpu_preset_is_refused_on_cpu_with_one_line():
     from maxent_jax.bench.update import run_update
 
