@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxent_jax.model.attention import grouped_attention, key_layout, value_layout
+from maxent_jax.model.attention import causal_attention, grouped_attention, key_layout, value_layout
 from maxent_jax.model.cache import KVCache
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -149,16 +149,13 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = key_layout(k), value_layout(v)
-        new_kv = None
-        if kv is not None:
-            k_cache, v_cache, index = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
-            new_kv = (k, v)
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
-        out = grouped_attention(q, k, v, mask, self.scale)
-        return self.o_proj(out), new_kv
+        if kv is None:  # training / scoring: the mask is causal over the seq new tokens
+            return self.o_proj(causal_attention(q, k, v, mask, self.scale)), None
+        k_cache, v_cache, index = kv
+        k = jax.lax.dynamic_update_slice(k_cache, key_layout(k).astype(k_cache.dtype), (0, 0, 0, index))
+        v = jax.lax.dynamic_update_slice(v_cache, value_layout(v).astype(v_cache.dtype), (0, 0, index, 0))
+        out = grouped_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask, self.scale)
+        return self.o_proj(out), (k, v)
 
     def _keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """k and v `[batch, seq, kv_heads, head_dim]` from one matmul over the two kernels stacked on a new
