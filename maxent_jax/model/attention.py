@@ -158,7 +158,8 @@ def _causal_backward(scale: float, blocks: Blocks, saved: Saved,
         d_keys += jnp.pad(jnp.einsum("bkqs,bkqh->bksh", d_scores, rows, preferred_element_type=acc), pad)
         d_values += jnp.pad(jnp.einsum("bkqs,bkqh->bksh", probs, d_rows, preferred_element_type=acc), pad)
     d_q = jnp.concatenate(d_queries, axis=1).astype(d_out.dtype)
-    return d_q, d_keys.transpose(0, 2, 1, 3).astype(keys.dtype), d_values.transpose(0, 2, 1, 3).astype(values.dtype), None
+    d_k = d_keys.transpose(0, 2, 1, 3).astype(keys.dtype)  # [batch, seq, kv_heads, head_dim], k's order
+    return d_q, d_k, d_values.transpose(0, 2, 1, 3).astype(values.dtype), None
 
 
 _causal_attention.defvjp(_causal_forward, _causal_backward)
