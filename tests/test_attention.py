@@ -36,7 +36,8 @@ def _reference(q, k, v, mask):
 def test_causal_blocks_partition_the_queries():
     assert causal_blocks(104) == ((0, 34), (34, 69), (69, 104))
     assert causal_blocks(5) == ((0, 5),) and causal_blocks(1) == ((0, 1),)
-    for seq in (1, 7, 33, 100, 257):
+    assert causal_blocks(1024) == ((0, 256), (256, 512), (512, 768), (768, 1024))  # capped at 4 blocks
+    for seq in (1, 7, 33, 100, 257, 4099):
         blocks = causal_blocks(seq)
         assert blocks[0][0] == 0 and blocks[-1][1] == seq
         assert all(lo < hi for lo, hi in blocks) and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))

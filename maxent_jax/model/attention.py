@@ -30,8 +30,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Query rows per block of `causal_attention` (about; see there for why and what it measured).
+# Query rows per block of `causal_attention` (about; see there for why and what it measured), and
+# the most blocks: the blocks are unrolled per layer, so their count bounds the program's size.
 CAUSAL_BLOCK = 32
+MAX_CAUSAL_BLOCKS = 4
 
 Blocks = tuple[tuple[int, int], ...]
 Saved = tuple[jax.Array, jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]
@@ -89,9 +91,16 @@ def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
     return _from_rows(jnp.einsum("bkqs,bksh->bkqh", probs, values), q.shape[1]).astype(q.dtype)
 
 
-def causal_blocks(seq: int, block: int = CAUSAL_BLOCK) -> Blocks:
-    """Query ranges [lo, hi) covering [0, seq): round(seq / block) of them (at least one), sizes within one."""
-    count = max(1, round(seq / block))
+def causal_blocks(seq: int, block: int = CAUSAL_BLOCK, max_blocks: int = MAX_CAUSAL_BLOCKS) -> Blocks:
+    """Query ranges [lo, hi) covering [0, seq): round(seq / block) of them, at least one and at most
+    `max_blocks`, sizes within one.
+
+    Why a cap: every block is its own matmuls (and, in the backward, its own padded key/value
+    gradient) in each layer's program, so long sequences (a 1,024-token RL batch would make 32) would
+    grow compile time and memory traffic with the length; four blocks already skip 3/8 of the work
+    (the limit, with infinitely many, is 1/2).
+    """
+    count = min(max(1, round(seq / block)), max_blocks)
     edges = [seq * i // count for i in range(count + 1)]
     return tuple(zip(edges[:-1], edges[1:]))
 
