@@ -82,5 +82,6 @@ class VllmPeer(ChildProcess):
     def request_stop(self) -> None:
         self.proc.stdin.close()  # end of input: the peer's run loop exits
 
+
 if __name__ == "__main__":
     serve(sys.argv[1], json.loads(sys.argv[2]))

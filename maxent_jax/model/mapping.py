@@ -106,7 +106,7 @@ def _out(heads: int, head_dim: int) -> tuple[Callable, Callable]:
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Every parameter of a decoder built from `cfg`, in HF checkpoint order (embeddings, layers, norm, head)."""
-    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     maps = [TensorMap(("embedding",), "model.embed_tokens.weight", _identity, _identity)]
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}", ("layers", i)
