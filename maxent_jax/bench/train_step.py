@@ -103,7 +103,7 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
     from maxent_jax.trainer import Trainer
 
     if preset.name == "qwen2_5_1_5b":
-        raise UserError("--preset qwen2_5_1_5b is for the update target (GPU MFU); use tiny or small for train-step")
+        raise UserError("--preset qwen2_5_1_5b is for the update and sampler targets on a GPU; use tiny or small for train-step")
     if vs == "trl":
         peers.require("trl")
     config = bench_config(preset)
