@@ -53,7 +53,8 @@ class ServerProcess(ChildProcess):
         from maxent_jax.cli import REPO_ROOT
 
         self.token = secrets.token_hex(16)
-        token_file = workdir / f"token-{backend}"
+        # One file per server: two jax servers run side by side in one workdir.
+        token_file = workdir / f"token-{backend}-{self.token[:8]}"
         token_file.write_text(self.token)
         env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
                "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
