@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one run: versions, `update` (MFU), `sampler --vs
-# transformers` on the 1.5B shape, `train-step --vs trl` and `sampler --vs transformers` on
-# `small`, and a GPU pass of the device-agnostic tests (float32 matmuls at full precision, not
-# TF32, since they compare against float32 references).
+# The GPU figures of docs/benchmarks.md in one run: `update` on the 1.5B shape (MFU), `sampler --vs
+# transformers` on it, `train-step --vs trl` on `small`, a GPU pass of the device-agnostic tests
+# (float32 matmuls at full precision, not TF32, since they compare against float32 references),
+# `sampler --vs transformers` on `small`, and the born-sharded initialiser's cost on the 1.5B shape.
 #
 #   bash launch/gpu_bench.sh [OUT_DIR]       (default: var/gpu-bench)
 #
 # Each step has its own time limit and writes its log (and JSON) under OUT_DIR, so a step that
 # fails or runs long costs only itself. The machine's own jax, flax and optax are used. Wheels in
-# .whl/ (WHEELS=DIR for another folder) are installed to a private site directory first: only
-# pure-python packages the machine lacks (ml_collections, math-verify and its parsers, trl,
-# datasets, dill, multiprocess), never flax/optax/orbax, whose versions must match the machine's jax.
-# BIG / SMALL pick the presets (qwen2_5_1_5b / small); a CPU dry run uses BIG=tiny SMALL=tiny WHEELS=none.
+# .whl/ (WHEELS=DIR for another folder) are installed to a private site directory first, each only
+# if the machine lacks that distribution: pure-python packages (ml_collections, math-verify and its
+# parsers, trl, datasets, dill, multiprocess, pytest-xdist); a flax/optax/orbax the machine has
+# must stay, since its version matches the machine's jax.
+# BIG / SMALL pick the presets (qwen2_5_1_5b / small); STEPS a subset of the steps, in order; a
+# CPU dry run uses BIG=tiny SMALL=tiny WHEELS=none.
 set -u
 out=${1:-${OUT:-var/gpu-bench}}
 mkdir -p "$out"
@@ -23,14 +25,19 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HU
 # The torch peers share the process with jax: leave them part of the GPU's memory.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 wheels=${WHEELS:-.whl}
-if compgen -G "$wheels/*.whl" >/dev/null; then
-    rm -rf /tmp/site  # a stale copy from an earlier run would shadow the machine's own packages
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
-        || exit 1
+rm -rf /tmp/site  # a stale copy from an earlier run would shadow the machine's own packages
+export PYTHONPATH=$PWD
+missing=()
+for wheel in "$wheels"/*.whl; do  # only what the machine lacks: its own flax/optax/orbax match its jax
+    [ -e "$wheel" ] || continue
+    dist=$(basename "$wheel" | cut -d- -f1)
+    "$py" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$dist" 2>/dev/null || missing+=("$wheel")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}" || exit 1
     export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
 fi
+echo "installed from $wheels: ${missing[*]:-nothing}"
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, report rc and time
     local name=$1 limit=$2 start rc
@@ -55,14 +62,31 @@ bench() {  # bench NAME SECONDS TARGET ARGS...
     step "$name" "$limit" "$py" -m maxent_jax.bench "$@" --json "$out/$name.json"
 }
 
-bench update_big "${T_UPDATE:-150}" update --preset "$big" --repeats 3
-bench sampler_big "${T_SAMPLER:-170}" sampler --preset "$big" --repeats 2 --vs transformers
-bench train_step_small "${T_TRAIN:-120}" train-step --preset "$small" --repeats 3 --vs trl
-JAX_PLATFORMS='' JAX_DEFAULT_MATMUL_PRECISION=highest step tests "${T_TESTS:-80}" "$py" -m pytest -q -p no:cacheprovider \
-    tests/test_model_decoder.py tests/test_gumbel.py tests/test_sampler.py tests/test_objectives_maxent.py \
-    tests/test_objectives_grpo.py tests/test_objectives_infoseed.py \
-    --deselect tests/test_sampler.py::test_runs_on_params_sharded_over_the_training_mesh  # needs 8 devices
-bench sampler_small "${T_SAMPLER_SMALL:-60}" sampler --preset "$small" --repeats 3 --vs transformers
+tests() {  # the device-agnostic tests on one GPU, in parallel processes when pytest-xdist is there
+    local parallel=()
+    "$py" -c 'import xdist' 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    JAX_PLATFORMS='' JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        step tests "${T_TESTS:-150}" "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+        tests/test_attention.py tests/test_model_decoder.py tests/test_gumbel.py tests/test_sampler.py \
+        tests/test_objectives_maxent.py tests/test_objectives_grpo.py tests/test_objectives_infoseed.py \
+        tests/test_objectives_kl.py tests/test_objectives_finite.py tests/test_controllers_meta.py \
+        tests/test_controllers_rules.py tests/test_controllers_state.py tests/test_optimizer.py tests/test_scoring.py \
+        --deselect tests/test_sampler.py::test_runs_on_params_sharded_over_the_training_mesh  # needs 8 devices
+}
+
+# STEPS picks and orders the steps (default: all of them).
+for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small update_big_sharded}; do
+    case $name in
+        update_big) bench update_big "${T_UPDATE:-240}" update --preset "$big" --repeats 5 ;;
+        sampler_big) bench sampler_big "${T_SAMPLER:-170}" sampler --preset "$big" --repeats 2 --vs transformers ;;
+        train_step_small) bench train_step_small "${T_TRAIN:-120}" train-step --preset "$small" --repeats 3 --vs trl ;;
+        tests) tests ;;
+        sampler_small) bench sampler_small "${T_SAMPLER_SMALL:-60}" sampler --preset "$small" --repeats 3 --vs transformers ;;
+        # The born-sharded initialiser's compile time (its PRNG key is now a jit argument).
+        update_big_sharded) bench update_big_sharded "${T_SHARDED:-90}" update --preset "$big" --repeats 1 --init sharded ;;
+        *) echo "unknown step $name" >&2; exit 2 ;;
+    esac
+done
 
 for f in "$out"/*.log; do echo "---- $f"; tail -n 25 "$f"; done
 cat "$out/summary.txt"

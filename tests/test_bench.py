@@ -38,6 +38,7 @@ def _toy(**changes):
     (["update", "--vs", "vllm"], "valid: none"),
     (["train-step", "--repeats", "0"], "--repeats 0 is invalid"),
     (["sampler", "--size", "10"], "--size 10.0 is invalid"),
+    (["sampler", "--init", "sharded"], "--init sharded is for the update target only"),
 ])
 def test_bad_arguments_are_one_line_user_errors(argv, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
@@ -167,8 +168,9 @@ def test_sampler_target_runs_ours():
 def test_update_target_reports_tokens_and_fraction_of_matmul_rate():
     from maxent_jax.bench.update import TOKENS, run_update
 
-    report = run_update(_toy(), repeats=1)
+    report = run_update(_toy(), repeats=1, init="sharded")
     assert report.figure(TOKENS).median > 0
+    assert report.setup["init"].startswith("sharded: ") and "first step" in report.setup
     assert 0 < report.ratios["fraction of measured fp32 matmul rate"] < 10
     assert "MFU" not in report.ratios  # a CPU has no spec-sheet peak
 

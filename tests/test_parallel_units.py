@@ -287,7 +287,7 @@ def test_init_sharded_model_equals_eager_init():
     cfg = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=8,
                            num_kv_heads=2, head_dim=4)
     mesh = make_mesh((1, 2, 4))
-    graphdef, params, rest = init_sharded_model(lambda: Decoder(cfg, rngs=nnx.Rngs(3)), mesh)
+    graphdef, params, rest = init_sharded_model(lambda rngs: Decoder(cfg, rngs=rngs), mesh, seed=3)
     eager = nnx.state(Decoder(cfg, rngs=nnx.Rngs(3)), nnx.Param)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), params, eager)
     want = tree_shardings(params, mesh)

@@ -183,7 +183,7 @@ def test_runs_on_params_sharded_over_the_training_mesh(tiny):
 
     _, sampler, state = tiny
     mesh = make_mesh((1, -1, 1))
-    graphdef, params, rest = init_sharded_model(lambda: Decoder(ModelConfig.tiny(), rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, rest = init_sharded_model(lambda rngs: Decoder(ModelConfig.tiny(), rngs=rngs), mesh)
     assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
     sharded = Sampler(graphdef, eos_token_ids=sampler.eos_token_ids)
     params_ = SamplingParams(n=2, max_tokens=8, temperature=0.7, top_p=0.9)

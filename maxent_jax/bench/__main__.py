@@ -32,6 +32,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-python", help="the vLLM environment's python (default: $VLLM_PYTHON or .venv-vllm)")
     parser.add_argument("--torch-threads", type=int,
                         help="torch peers: intra-op threads (default: torch's own, the core count)")
+    parser.add_argument("--init", choices=("eager", "sharded"), default="eager",
+                        help="update: build the model eagerly, or with the jitted born-sharded initialiser (default: eager)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -39,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.vs is not None and args.vs not in PEERS.get(args.target, ()):
         valid = ", ".join(PEERS.get(args.target, ())) or "none"
         raise UserError(f"--vs {args.vs} is not a peer of target {args.target}; valid: {valid}")
+    if args.init != "eager" and args.target != "update":
+        raise UserError(f"--init {args.init} is for the update target only")
     if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
         raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
     return args
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace):
     if args.target == "update":
         from maxent_jax.bench.update import run_update
 
-        return run_update(preset, args.repeats)
+        return run_update(preset, args.repeats, args.init)
     if args.target == "weight-sync":
         from maxent_jax.bench.weight_sync import run_weight_sync
 

@@ -48,7 +48,7 @@ def score_batch(preset: Preset) -> dict:
     return {k: v[None] for k, v in batch.items() if k != "behaviour_logp"}
 
 
-def run_update(preset: Preset, repeats: int) -> Report:
+def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
     import jax
     from flax import nnx
 
@@ -57,7 +57,7 @@ def run_update(preset: Preset, repeats: int) -> Report:
     from maxent_jax.optimizer import make_optimizer
     from maxent_jax.parallel.mesh import make_mesh
     from maxent_jax.parallel.next_token_loss import next_token_loss
-    from maxent_jax.parallel.train_step import init_train_state, make_train_step
+    from maxent_jax.parallel.train_step import init_sharded_model, init_train_state, make_train_step
 
     if preset.name == "qwen2_5_1_5b" and jax.devices()[0].platform == "cpu":
         from maxent_jax.errors import UserError
@@ -70,11 +70,17 @@ def run_update(preset: Preset, repeats: int) -> Report:
                     {**preset.describe(), "seq": seq, "mesh": dict(mesh.shape), "loss": "next-token (completion columns)",
                      "optimizer": "clip + AdamW (config defaults)", "remat": preset.model.remat})
     start = time.perf_counter()
-    # Eager construction, as the sampler target does, then init_train_state places the params by the
-    # rules. Every preset fits one device; on an H100 (jax 0.11.2) the jitted initialiser
-    # `init_sharded_model` of the 1.5B shape was still compiling after 225 s, while the sampler
-    # target's eager init of the same model ran inside its whole 140 s run.
-    graphdef, params, rest = nnx.split(Decoder(preset.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    # Eager construction (the default) suits every preset: each fits one device, and
+    # init_train_state then places the params by the rules. `--init sharded` times the jitted,
+    # born-sharded initialiser a model too large for one device needs.
+    if init == "sharded":
+        graphdef, params, rest = init_sharded_model(lambda rngs: Decoder(preset.model, rngs=rngs), mesh)
+    else:
+        graphdef, params, rest = nnx.split(Decoder(preset.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    jax.block_until_ready(params)
+    init_seconds = time.perf_counter() - start
+    report.setup["init"] = f"{init}: {init_seconds:.1f} s (compile included)"
+    progress(f"model initialised ({init})", start)
     optimizer, _ = make_optimizer(get_base_config().optim, 1000)
     state = init_train_state(params, optimizer, mesh)
     chunk = preset.logprob_chunk_size or preset.new_tokens
@@ -91,7 +97,10 @@ def run_update(preset: Preset, repeats: int) -> Report:
         seconds, _ = timed(one)
         return {TOKENS: preset.rows * seq / seconds, "ours: update step time": seconds}
 
-    for figure in alternate({"ours": run}, repeats, {TOKENS: "tokens/s", "ours: update step time": "s"}):
+    first = run()["ours: update step time"]
+    report.setup["first step"] = f"{first:.1f} s (compile included)"
+    progress("first step done", start)
+    for figure in alternate({"ours": run}, repeats, {TOKENS: "tokens/s", "ours: update step time": "s"}, warmup=0):
         report.add(figure)
     flops_per_step = preset.rows * seq * model_flops(preset, seq, training=True)
     seconds = report.figure("ours: update step time").median

@@ -72,22 +72,29 @@ def sharded_abstract_state(
 
 
 def init_sharded_model(
-    make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
+    make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, seed: int = 0, rules: Rules = LOGICAL_AXIS_RULES
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Randomly initialise a model with every parameter born sharded: `(graphdef, params, rest)`.
 
     The initialiser runs inside a jit whose `out_shardings` come from the rules, so a model
     larger than one device is never materialised whole (eager construction would put it all
-    on the default device first). `make_model` is e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(0))`.
-    """
-    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    on the default device first). `make_model` is e.g. `lambda rngs: Decoder(cfg, rngs=rngs)`;
+    the result equals `make_model(nnx.Rngs(seed))` built eagerly.
 
-    def init() -> tuple[nnx.State, nnx.State]:
-        _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+    The PRNG key is an argument of the jit, not a constant inside it: a program with no inputs
+    is all constants, and XLA may try to constant-fold the random draws of every parameter at
+    compile time (on an H100 the 1.5B shape was still compiling after 225 s).
+    """
+    graphdef, abstract_params, abstract_rest = nnx.split(
+        nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), nnx.Param, ...
+    )
+
+    def init(key: jax.Array) -> tuple[nnx.State, nnx.State]:
+        _, params, rest = nnx.split(make_model(nnx.Rngs(key)), nnx.Param, ...)
         return params, rest
 
     out = (tree_shardings(abstract_params, mesh, rules), tree_shardings(abstract_rest, mesh, rules))
-    params, rest = jax.jit(init, out_shardings=out)()
+    params, rest = jax.jit(init, out_shardings=out)(jax.random.key(seed))
     return graphdef, params, rest
 
 
