@@ -62,27 +62,37 @@ bench() {  # bench NAME SECONDS TARGET ARGS...
     step "$name" "$limit" "$py" -m maxent_jax.bench "$@" --json "$out/$name.json"
 }
 
-tests() {  # the device-agnostic tests on one GPU, in parallel processes when pytest-xdist is there
+device_tests=(
+    tests/test_attention.py tests/test_model_decoder.py tests/test_gumbel.py tests/test_sampler.py
+    tests/test_objectives_maxent.py tests/test_objectives_grpo.py tests/test_objectives_infoseed.py
+    tests/test_objectives_kl.py tests/test_objectives_finite.py tests/test_controllers_meta.py
+    tests/test_controllers_rules.py tests/test_controllers_state.py tests/test_optimizer.py tests/test_scoring.py
+)
+tests() {  # the device-agnostic tests (TEST_FILES: a subset) on one GPU, in parallel when pytest-xdist is there
     local parallel=()
     "$py" -c 'import xdist' 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    # shellcheck disable=SC2086  # TEST_FILES is a list of paths
     JAX_PLATFORMS='' JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
         step tests "${T_TESTS:-150}" "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
-        tests/test_attention.py tests/test_model_decoder.py tests/test_gumbel.py tests/test_sampler.py \
-        tests/test_objectives_maxent.py tests/test_objectives_grpo.py tests/test_objectives_infoseed.py \
-        tests/test_objectives_kl.py tests/test_objectives_finite.py tests/test_controllers_meta.py \
-        tests/test_controllers_rules.py tests/test_controllers_state.py tests/test_optimizer.py tests/test_scoring.py \
+        ${TEST_FILES:-${device_tests[@]}} \
         --deselect tests/test_sampler.py::test_runs_on_params_sharded_over_the_training_mesh  # needs 8 devices
 }
 
-# STEPS picks and orders the steps (default: all of them).
+# STEPS picks and orders the steps (default: all of them). `update_big+FIELD=VALUE+...` is `update_big`
+# with ModelConfig fields changed (bench --model), e.g. update_big+attention=cudnn+remat_policy=save_dots.
 for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small update_big_sharded}; do
     case $name in
         update_big) bench update_big "${T_UPDATE:-240}" update --preset "$big" --repeats 5 ;;
+        update_big+*)
+            IFS=+ read -r -a fields <<<"${name#update_big+}"
+            # No torch in this process: the step may use most of the GPU's memory.
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 bench "${name//[+=]/_}" "${T_UPDATE:-240}" update --preset "$big" \
+                --repeats 5 "${fields[@]/#/--model=}" ;;
         sampler_big) bench sampler_big "${T_SAMPLER:-170}" sampler --preset "$big" --repeats 2 --vs transformers ;;
         train_step_small) bench train_step_small "${T_TRAIN:-120}" train-step --preset "$small" --repeats 3 --vs trl ;;
         tests) tests ;;
         sampler_small) bench sampler_small "${T_SAMPLER_SMALL:-60}" sampler --preset "$small" --repeats 3 --vs transformers ;;
-        # The born-sharded initialiser's compile time (its PRNG key is now a jit argument).
+        # The born-sharded initialiser's compile time.
         update_big_sharded) bench update_big_sharded "${T_SHARDED:-90}" update --preset "$big" --repeats 1 --init sharded ;;
         *) echo "unknown step $name" >&2; exit 2 ;;
     esac

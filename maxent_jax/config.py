@@ -21,6 +21,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from maxent_jax.errors import UserError
+from maxent_jax.model.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -61,6 +62,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
     c.model.remat = False
+    # What per-layer remat keeps: 'full' (nothing: least memory) or 'save_dots' (matmul outputs:
+    # only the cheap elementwise work is recomputed).
+    c.model.remat_policy = "full"
+    # Attention of training/scoring forwards: 'blocked' (maxent_jax's causal-block kernel, any
+    # device), 'dot_product' (jax.nn.dot_product_attention on XLA) or 'cudnn' (cuDNN flash
+    # attention: GPU, bfloat16). The sampler's cached decode always uses its own.
+    c.model.attention = "blocked"
     # Sequence positions per block when gathering per-token log-probs (0 = whole sequence).
     c.model.logprob_chunk_size = 0
     # Shapes of the built-in tiny decoder (used only when name_or_path is '').
@@ -297,6 +305,8 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", *_NONNEG_INT),
     ("model.param_dtype", *_one_of(DTYPES)),
     ("model.compute_dtype", *_one_of(DTYPES)),
+    ("model.remat_policy", *_one_of(REMAT_POLICIES)),
+    ("model.attention", *_one_of(ATTENTION_IMPLEMENTATIONS)),
     ("model.logprob_chunk_size", *_NONNEG_INT),
     ("model.tiny.hidden_size", *_POS_INT),
     ("model.tiny.num_layers", *_POS_INT),
@@ -404,6 +414,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for path, ok, valid in _FIELD_RULES:
         _check(config, path, ok, valid)
 
+    if config.model.attention == "cudnn" and config.model.compute_dtype != "bfloat16":
+        raise _fail("model.attention", "cudnn", "'blocked' or 'dot_product' unless model.compute_dtype is "
+                    "'bfloat16' (cuDNN flash attention takes half-precision inputs)")
     m = config.maxent
     if m.tau_max > 0 and m.tau_max < m.tau_min:
         raise _fail("maxent.tau_max", m.tau_max, f"0 (no bound) or >= maxent.tau_min={m.tau_min}")

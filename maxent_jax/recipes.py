@@ -202,7 +202,8 @@ IGNORED: dict[str, str] = {
                                 "dropped the context, Q7)",
     "maxent_allow_empty_weight_fallback": "masked group math never yields an empty weight vector",
     "force_custom_loop": "maxent-jax has one training loop for every objective",
-    "attn_implementation": "attention is maxent_jax.model.attention (XLA einsums, float32 softmax); there is no choice to make",
+    "attn_implementation": "PyTorch kernels do not apply; model.attention picks 'blocked', 'dot_product' or 'cudnn' "
+                           "(flash attention on a GPU)",
     "trust_remote_code": "models are built from maxent-jax's own Flax code",
     "gradient_checkpointing_kwargs": "re-entrancy is a PyTorch notion; model.remat covers checkpointing",
     "torch_compile": "XLA compiles every step",

@@ -67,6 +67,11 @@ def _load_tokenizer(path: str) -> Any:
         raise UserError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
 
 
+def numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ModelConfig fields the run's `model` section sets on any architecture (besides param_dtype)."""
+    return dict(compute_dtype=m.compute_dtype, remat=m.remat, remat_policy=m.remat_policy, attention=m.attention)
+
+
 def checkpoint_shardings(path: pathlib.Path, config: ml_collections.ConfigDict, mesh: Mesh | None, rules: Any) -> Any:
     """Where each parameter of the checkpoint at `path` goes on `mesh`: the rules applied to an
     abstract model, so every host reads only its shards (None without a mesh)."""
@@ -74,7 +79,7 @@ def checkpoint_shardings(path: pathlib.Path, config: ml_collections.ConfigDict, 
         return None
     m = config.model
     cfg = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()), param_dtype=m.param_dtype,
-                                     compute_dtype=m.compute_dtype, remat=m.remat)
+                                     **numerics(m))
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     return tree_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh, rules or LOGICAL_AXIS_RULES)
 
@@ -84,22 +89,21 @@ def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: 
     m = config.model
     path = resolve_checkpoint(config.maxent.reference_model_name_or_path, m.revision)
     _, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
-                                  dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+                                  dtype=m.param_dtype, **numerics(m))
     return nnx.split(model, nnx.Param, ...)[1]
 
 
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None) -> Policy:
     """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
     m = config.model
-    dtypes = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
     if m.name_or_path:
         path = resolve_checkpoint(m.name_or_path, m.revision)
         model_cfg, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
-                                              dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+                                              dtype=m.param_dtype, **numerics(m))
         tokenizer_dir = m.tokenizer_name_or_path or str(path)
     else:
         tokenizer_dir = m.tokenizer_name_or_path or str(build_offline_tokenizer(cache_dir() / "tokenizer"))
-        model_cfg = ModelConfig.tiny(**dict(m.tiny), **dtypes)
+        model_cfg = ModelConfig.tiny(**dict(m.tiny), param_dtype=m.param_dtype, **numerics(m))
         model = Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
     tokenizer = _load_tokenizer(tokenizer_dir)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

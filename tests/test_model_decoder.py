@@ -201,7 +201,9 @@ def test_swiglu_gradient_matches_autodiff_of_its_definition():
     # One rounding apart at most: a GPU fuses the custom_vjp's forward but runs silu and * as two eager ops.
     np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6, atol=1e-7)
     for got, want in zip(jax.grad(custom, argnums=(0, 1))(gate, up), jax.grad(reference, argnums=(0, 1))(gate, up)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        # Absolute slack scaled to the tensor: near silu's minimum (gate ~ -1.28) its derivative is a
+        # difference of O(1) terms, and an H100's sigmoid rounds differently there (3e-6 on entries ~7).
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("seq", [1, 5])
@@ -216,3 +218,75 @@ def test_rope_tables_are_cos_and_sin_of_the_duplicated_angles(seq):
         assert cos.shape == sin.shape == (2, seq, 8)
         np.testing.assert_allclose(cos, np.cos(angles), atol=2e-6)
         np.testing.assert_allclose(sin, np.sin(angles), atol=2e-6)
+
+
+def _spans(spans: list[tuple[int, int]], width: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, positions, mask) with row b valid on [lo, hi): a left-padded prompt plus a right-padded completion."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CFG.vocab_size, (len(spans), width)).astype(np.int32)
+    mask = np.zeros((len(spans), width), bool)
+    for row, (lo, hi) in enumerate(spans):
+        mask[row, lo:hi] = True
+    return ids, np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32), mask
+
+
+def test_fused_attention_and_save_dots_remat_match_the_blocked_forward_and_gradients():
+    """model.attention='dot_product' (the rows rotated so valid tokens lead, lengths instead of a mask)
+    with remat_policy='save_dots' gives the blocked, remat-free model's log-probs and gradients."""
+    ids, pos, mask = _spans([(2, 7), (0, WIDTH), (3, 6)], WIDTH, seed=5)
+    weights = jnp.asarray(mask[:, 1:] & mask[:, :-1], jnp.float32)
+
+    def loss(state, graphdef):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(ids, pos, mask)
+        return -(token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4) * weights).sum()
+
+    fused = nnx.split(Decoder(CFG.replace(attention="dot_product", remat=True, remat_policy="save_dots"),
+                              rngs=nnx.Rngs(0)))[0]
+    assert "DotsSaveable(only_if_no_batch_dims=True)" in str(jax.make_jaxpr(lambda s: nnx.merge(fused, s)(ids, pos, mask)[0])(STATE))
+    ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(STATE, GRAPHDEF)
+    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(STATE, fused)
+    np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_fused_attention_makes_a_row_with_a_gap_nan_and_leaves_the_others_alone():
+    """Lengths cannot express valid tokens in two spans: that row comes out NaN, never silently wrong."""
+    ids, pos, mask = _spans([(2, 7), (0, WIDTH)], WIDTH, seed=6)
+    mask[0, 4] = False
+    graphdef = nnx.split(Decoder(CFG.replace(attention="dot_product"), rngs=nnx.Rngs(0)))[0]
+    hidden, _ = nnx.merge(graphdef, STATE)(ids, pos, mask)
+    want, _ = MODEL(ids, pos, mask)
+    assert np.isnan(np.asarray(hidden[0])).all()
+    np.testing.assert_allclose(np.asarray(hidden[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("attention", "flash"), ("remat_policy", "offload")])
+def test_unknown_attention_or_remat_policy_is_a_user_error(field, value):
+    from maxent_jax.errors import UserError
+
+    with pytest.raises(UserError, match=f"model.{field}='{value}' is invalid"):
+        CFG.replace(**{field: value})
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_matches_the_blocked_attention_in_bfloat16():
+    """On a GPU, model.attention='cudnn' gives the blocked attention's log-probs and gradients (bf16)."""
+    ids, pos, mask = _spans([(2, 7), (0, WIDTH), (3, 6)], WIDTH, seed=7)
+    weights = jnp.asarray(mask[:, 1:] & mask[:, :-1], jnp.float32)
+    cfg16 = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), STATE)
+
+    def loss(state, graphdef):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(ids, pos, mask)
+        return -(token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4) * weights).sum()
+
+    graphdefs = [nnx.split(Decoder(cfg16.replace(attention=a), rngs=nnx.Rngs(0)))[0] for a in ("blocked", "cudnn")]
+    (want, want_grad), (got, got_grad) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(state16, g)
+                                          for g in graphdefs)
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6

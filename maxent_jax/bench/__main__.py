@@ -34,6 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch peers: intra-op threads (default: torch's own, the core count)")
     parser.add_argument("--init", choices=("eager", "sharded"), default="eager",
                         help="update: build the model eagerly, or with the jitted born-sharded initialiser (default: eager)")
+    parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                        help="update, sampler: change a field of the preset's ModelConfig, e.g. attention=cudnn "
+                             "(repeatable)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -43,6 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--vs {args.vs} is not a peer of target {args.target}; valid: {valid}")
     if args.init != "eager" and args.target != "update":
         raise UserError(f"--init {args.init} is for the update target only")
+    if args.model and args.target not in ("update", "sampler"):
+        raise UserError(f"--model {args.model[0]} is for the update and sampler targets only")
     if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
         raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
     return args
@@ -50,9 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace):
     """Dispatch to the target's module (each imports what it needs only when chosen)."""
-    from maxent_jax.bench.presets import get_preset
+    from maxent_jax.bench.presets import get_preset, with_model_fields
 
-    preset = get_preset(args.preset)
+    preset = with_model_fields(get_preset(args.preset), args.model)
     if args.target == "sampler":
         from maxent_jax.bench.sampler import run_sampler
 

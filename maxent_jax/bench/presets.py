@@ -100,3 +100,25 @@ def get_preset(name: str) -> Preset:
         return Preset(name="qwen2_5_1_5b", model=model, prompts=2, generations=8, new_tokens=768, prompt_len=256,
                       logprob_chunk_size=256)
     raise UserError(f"--preset {name!r} is unknown; expected one of {', '.join(PRESETS)}")
+
+
+def with_model_fields(preset: Preset, assignments: list[str]) -> Preset:
+    """The preset with `FIELD=VALUE` changes to its ModelConfig (values parsed as the field's type)."""
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(preset.model, name):
+            raise UserError(f"--model {item!r} is invalid; expected FIELD=VALUE with FIELD a ModelConfig field")
+        current = getattr(preset.model, name)
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false"):
+                raise UserError(f"--model {item!r} is invalid; {name} is true or false")
+            changes[name] = text.lower() == "true"
+        elif isinstance(current, (int, float)):
+            try:
+                changes[name] = type(current)(text)
+            except ValueError:
+                raise UserError(f"--model {item!r} is invalid; {name} is a {type(current).__name__}") from None
+        else:
+            changes[name] = text
+    return dataclasses.replace(preset, model=preset.model.replace(**changes)) if changes else preset

@@ -68,7 +68,8 @@ def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
     seq = preset.prompt_len + preset.new_tokens
     report = Report("update", preset.name, repeats,
                     {**preset.describe(), "seq": seq, "mesh": dict(mesh.shape), "loss": "next-token (completion columns)",
-                     "optimizer": "clip + AdamW (config defaults)", "remat": preset.model.remat})
+                     "optimizer": "clip + AdamW (config defaults)", "attention": preset.model.attention,
+                     "remat": preset.model.remat_policy if preset.model.remat else "off"})
     start = time.perf_counter()
     # Eager construction (the default) suits every preset: each fits one device, and
     # init_train_state then places the params by the rules. `--init sharded` times the jitted,

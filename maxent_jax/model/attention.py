@@ -20,7 +20,9 @@ probabilities cast back to the values' dtype before the second matmul.
 
 `grouped_attention` serves the cached (sampler) steps; `causal_attention` is the same map for
 training and scoring (no cache, causal mask), computed in causal query blocks with a hand-written
-backward.
+backward. `prefix_causal_attention` is the fused alternative for training and scoring
+(`model.attention` 'dot_product' or 'cudnn'): `jax.nn.dot_product_attention` over rows whose valid
+tokens lead, which on a GPU is cuDNN's flash attention: no score-sized tensor in memory.
 """
 
 from __future__ import annotations
@@ -172,3 +174,22 @@ def _causal_backward(scale: float, blocks: Blocks, saved: Saved,
 
 
 _causal_attention.defvjp(_causal_forward, _causal_backward)
+
+
+def prefix_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale: float,
+                            implementation: str) -> jax.Array:
+    """Causal self-attention over rows whose valid tokens are the prefix `[0, lengths[b])`.
+
+    q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`, lengths `[batch]`
+    int32. Valid queries see exactly what `causal_attention` lets them see. Padding queries (past a
+    length) see the valid keys before them, so their outputs stay finite (a NaN there would reach the
+    weight gradients through 0 * NaN) and nothing valid reads them; a row with no valid token reads its
+    first slot. The decoder moves each row's valid span to the front first (`Decoder.__call__`),
+    because the fused kernels take padding as lengths, not as an arbitrary mask. `implementation`:
+    'dot_product' (XLA, any device) or 'cudnn' (cuDNN flash attention: a GPU, bfloat16/float16,
+    head_dim <= 128 and a multiple of 8).
+    """
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=jnp.maximum(lengths, 1),
+        implementation="cudnn" if implementation == "cudnn" else "xla",
+    )

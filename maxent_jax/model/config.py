@@ -21,6 +21,10 @@ from maxent_jax.errors import UserError
 
 FAMILIES = ("qwen2", "llama", "qwen3")
 DTYPES = ("float32", "bfloat16")
+# How training/scoring forwards compute attention (model.attention): see model/attention.py.
+ATTENTION_IMPLEMENTATIONS = ("blocked", "dot_product", "cudnn")
+# What per-layer remat keeps from the forward (model.remat_policy): nothing, or matmul outputs.
+REMAT_POLICIES = ("full", "save_dots")
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -51,6 +55,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+    attention: str = "blocked"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -72,6 +78,10 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is invalid; expected one of {', '.join(DTYPES)}")
+        for name, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("remat_policy", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"model.{name}={getattr(self, name)!r} is invalid; expected one of {', '.join(allowed)}")
         if not self.rms_norm_eps > 0:
             raise UserError(f"model.rms_norm_eps={self.rms_norm_eps!r} is invalid; expected a positive float")
         if not self.rope_theta > 0:

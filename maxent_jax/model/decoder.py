@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxent_jax.model.attention import causal_attention, grouped_attention, key_layout, value_layout
+from maxent_jax.model.attention import (
+    causal_attention,
+    grouped_attention,
+    key_layout,
+    prefix_causal_attention,
+    value_layout,
+)
 from maxent_jax.model.cache import KVCache
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -134,11 +140,15 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pdt) if cfg.qk_norm else None
         self.scale = h ** -0.5
+        self.implementation = cfg.attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x `[batch, seq, embed]`, mask `[batch, seq, keys]` -> `[batch, seq, embed]`.
+
+        Without a cache and with a fused `model.attention`, `mask` is instead each row's valid-prefix
+        length `[batch]` (see `Decoder.__call__`).
 
         `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
         token; the updated (k, v) is returned.
@@ -149,6 +159,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None and self.implementation != "blocked":  # training / scoring, valid prefixes
+            return self.o_proj(prefix_causal_attention(q, k, v, mask, self.scale, self.implementation)), None
         if kv is None:  # training / scoring: the mask is causal over the seq new tokens
             return self.o_proj(causal_attention(q, k, v, mask, self.scale)), None
         k_cache, v_cache, index = kv
@@ -278,6 +290,8 @@ class Decoder(nnx.Module):
         Returns (hidden `[batch, seq, embed]` in compute dtype, updated cache or None).
         """
         cfg = self.cfg
+        if cache is None and cfg.attention != "blocked":
+            return self._prefix_forward(input_ids, positions, attention_mask.astype(jnp.bool_))
         compute = _dtype(cfg.compute_dtype)
         seq = input_ids.shape[1]
         # Clip, not NaN-fill: a stray pad id outside the vocabulary must not poison real rows (0 * NaN).
@@ -295,10 +309,7 @@ class Decoder(nnx.Module):
         mask = (key_valid[:, None, :] & causal[None]) | (key_slot[None, :] == query_slot[:, None])[None]
 
         if cache is None:
-            forward: Callable[..., jax.Array] = nnx.remat(_block_forward) if cfg.remat else _block_forward
-            for block in self.layers:
-                x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
-            return self.final_norm(x), None
+            return self._layers(x, cos, sin, mask), None
 
         keys, values = [], []
         for block, k, v in zip(self.layers, cache.k, cache.v):
@@ -307,6 +318,40 @@ class Decoder(nnx.Module):
             values.append(v)
         new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=key_valid, index=cache.index + seq)
         return self.final_norm(x), new_cache
+
+    def _layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Every block without a cache (per-layer remat as configured), then the final norm."""
+        forward: Callable[..., jax.Array] = _block_forward
+        if self.cfg.remat:
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat_policy == "save_dots" else None
+            forward = nnx.remat(_block_forward, policy=policy)
+        for block in self.layers:
+            x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
+        return self.final_norm(x)
+
+    def _prefix_forward(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        """The cache-free forward for the fused attentions, which take padding as lengths.
+
+        Each row is rotated so its valid tokens lead (left-padded prompt + right-padded completion
+        becomes valid tokens then padding), the layers run with lengths, and the hidden states are
+        rotated back, so callers see the same positions as with 'blocked'. Positions travel with their
+        tokens, so RoPE is unchanged. A row whose valid tokens are not one contiguous span cannot be
+        expressed this way: its hidden states are NaN (loud, never silently wrong).
+        """
+        seq = input_ids.shape[1]
+        slots = jnp.arange(seq)
+        start = jnp.argmax(valid, axis=1)  # first valid token (0 for a row with none)
+        lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+        gather = (slots[None, :] + start[:, None]) % seq
+        ids, pos, rolled_valid = (jnp.take_along_axis(a, gather, axis=1) for a in (input_ids, positions, valid))
+        contiguous = jnp.all(rolled_valid == (slots[None, :] < lengths[:, None]), axis=1)
+        x = constrain_activation(
+            jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(_dtype(self.cfg.compute_dtype)),
+            RESIDUAL_AXES)
+        cos, sin = rope_cos_sin(pos, inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling))
+        hidden = self._layers(x, cos, sin, lengths)
+        hidden = jnp.take_along_axis(hidden, ((slots[None, :] - start[:, None]) % seq)[..., None], axis=1)
+        return jnp.where(contiguous[:, None, None], hidden, jnp.nan).astype(hidden.dtype), None
 
     def lm_head_kernel(self) -> jax.Array:
         """The output projection `[embed, vocab]` (the transposed embedding when tied)."""
