@@ -39,10 +39,23 @@ def _toy(**changes):
     (["train-step", "--repeats", "0"], "--repeats 0 is invalid"),
     (["sampler", "--size", "10"], "--size 10.0 is invalid"),
     (["sampler", "--init", "sharded"], "--init sharded is for the update target only"),
+    (["train-step", "--model", "remat=true"], "--model remat=true is for the update and sampler targets only"),
 ])
 def test_bad_arguments_are_one_line_user_errors(argv, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         parse_args(argv)
+
+
+def test_model_fields_change_the_preset_with_the_fields_types():
+    from maxent_jax.bench.presets import with_model_fields
+
+    changed = with_model_fields(get_preset("small"), ["remat=true", "attention=dot_product", "rms_norm_eps=1e-5"])
+    assert changed.model.remat is True and changed.model.attention == "dot_product"
+    assert changed.model.rms_norm_eps == 1e-5 and changed.model.hidden_size == get_preset("small").model.hidden_size
+    for item, needle in (("depth=3", "FIELD a ModelConfig field"), ("num_layers=two", "num_layers is an integer"),
+                         ("remat", "expected FIELD=VALUE"), ("attention=flash", "model.attention='flash' is invalid")):
+        with pytest.raises(UserError, match=needle):
+            with_model_fields(get_preset("small"), [item])
 
 
 def test_unknown_target_or_preset_exits_2(capsys):
@@ -75,7 +88,7 @@ def test_presets_have_the_issue_shapes():
     assert small.model.tie_word_embeddings and small.model.head_dim == 64
     qwen = get_preset("qwen2_5_1_5b")
     assert _matmul_params(qwen.model) == pytest.approx(1.54e9, rel=0.01)
-    assert qwen.model.param_dtype == "bfloat16" and qwen.model.remat
+    assert qwen.model.param_dtype == "bfloat16" and qwen.model.attention == "cudnn" and not qwen.model.remat
     tiny = get_preset("tiny")
     from maxent_jax.bench.presets import default_config
 

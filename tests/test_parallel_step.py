@@ -156,6 +156,23 @@ def test_sharded_accumulated_step_equals_single_device_big_batch_and_skips_nan(m
         assert np.linalg.norm(g - 2 * w) <= 2e-5 * np.linalg.norm(w), name
 
 
+def test_fused_attention_with_save_dots_remat_on_the_mesh_equals_the_blocked_single_device_step(
+        model_parts, rows, single_device):
+    """model.attention='dot_product' (rows rotated per row, lengths) with remat_policy='save_dots',
+    sharded (2, 2, 2) and accumulated over 4 micro-batches: the blocked model's loss and gradients."""
+    _, params, rest = model_parts
+    fused = CFG.replace(attention="dot_product", remat=True, remat_policy="save_dots")
+    graphdef = nnx.split(Decoder(fused, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
+    state, metrics, _ = run_step((graphdef, params, rest), make_mesh((2, 2, 2)), record_gradients(),
+                                 micro_batches(rows, 4))
+    ref_loss, ref_grads = single_device
+    assert abs(float(metrics["loss"]) - ref_loss) <= 1e-5 * abs(ref_loss)
+    want = flat(ref_grads)
+    for name, g in flat(state.opt_state).items():
+        g, w = np.asarray(g.get_value()), want[name].get_value()
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w), name
+
+
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_with_adamw(model_parts, rows):
     """AdamW + clipping (the project optimizer); a NaN in the loss leaves params and moments as they were."""

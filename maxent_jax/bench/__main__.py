@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int,
                         help="torch peers: intra-op threads (default: torch's own, the core count)")
     parser.add_argument("--init", choices=("eager", "sharded"), default="eager",
-                        help="update: build the model eagerly, or with the jitted born-sharded initialiser (default: eager)")
+                        help="update: build the model eagerly, or with the jitted born-sharded initialiser "
+                             "(default: eager)")
     parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                         help="update, sampler: change a field of the preset's ModelConfig, e.g. attention=cudnn "
                              "(repeatable)")

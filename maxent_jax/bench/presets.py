@@ -4,8 +4,10 @@
   completion length), so the benchmark follows the default config when it changes.
 - `small`: a Qwen2 shape (hidden 256, 4 layers, 4 heads of 64, 2 kv heads, MLP 768, vocab
   512, tied embeddings: 3.3M matmul parameters); 2 prompts x G=8 = 16 completions x 64 tokens.
-- `qwen2_5_1_5b`: the Qwen2.5-1.5B shape with random weights in bfloat16 and per-layer remat,
-  for the `update` target's MFU on a GPU (too large for a CPU run).
+- `qwen2_5_1_5b`: the Qwen2.5-1.5B shape with random weights in bfloat16 and cuDNN flash attention,
+  without remat (16 x 1,024 tokens fit an 80 GB GPU; on an H100 that was the fastest of the five
+  attention/remat settings measured, docs/benchmarks.md), for the `update` target's MFU and the
+  1.5B `sampler` on a GPU (too large for a CPU run). `--model remat=true` etc. measure the others.
 
 Every preset samples at temperature 1 with EOS ignored, so every completion has full length
 and both sides of a comparison generate exactly the same number of tokens.
@@ -95,7 +97,7 @@ def get_preset(name: str) -> Preset:
             vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
             num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
             attention_bias=True, max_position_embeddings=32768, family="qwen2", param_dtype="bfloat16",
-            compute_dtype="bfloat16", remat=True, eos_token_id=151645, pad_token_id=151643,
+            compute_dtype="bfloat16", attention="cudnn", eos_token_id=151645, pad_token_id=151643,
         )
         return Preset(name="qwen2_5_1_5b", model=model, prompts=2, generations=8, new_tokens=768, prompt_len=256,
                       logprob_chunk_size=256)
@@ -118,7 +120,8 @@ def with_model_fields(preset: Preset, assignments: list[str]) -> Preset:
             try:
                 changes[name] = type(current)(text)
             except ValueError:
-                raise UserError(f"--model {item!r} is invalid; {name} is a {type(current).__name__}") from None
+                kind = "an integer" if isinstance(current, int) else "a number"
+                raise UserError(f"--model {item!r} is invalid; {name} is {kind}") from None
         else:
             changes[name] = text
     return dataclasses.replace(preset, model=preset.model.replace(**changes)) if changes else preset

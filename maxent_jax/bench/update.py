@@ -57,7 +57,11 @@ def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
     from maxent_jax.optimizer import make_optimizer
     from maxent_jax.parallel.mesh import make_mesh
     from maxent_jax.parallel.next_token_loss import next_token_loss
-    from maxent_jax.parallel.train_step import init_sharded_model, init_train_state, make_train_step
+    from maxent_jax.parallel.train_step import (
+        init_sharded_model,
+        init_train_state,
+        make_train_step,
+    )
 
     if preset.name == "qwen2_5_1_5b" and jax.devices()[0].platform == "cpu":
         from maxent_jax.errors import UserError

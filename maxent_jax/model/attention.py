@@ -184,7 +184,7 @@ def prefix_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: j
     int32. Valid queries see exactly what `causal_attention` lets them see. Padding queries (past a
     length) see the valid keys before them, so their outputs stay finite (a NaN there would reach the
     weight gradients through 0 * NaN) and nothing valid reads them; a row with no valid token reads its
-    first slot. The decoder moves each row's valid span to the front first (`Decoder.__call__`),
+    first slot. The decoder moves each row's valid span to the front first (`Decoder._valid_first_forward`),
     because the fused kernels take padding as lengths, not as an arbitrary mask. `implementation`:
     'dot_product' (XLA, any device) or 'cudnn' (cuDNN flash attention: a GPU, bfloat16/float16,
     head_dim <= 128 and a multiple of 8).

@@ -148,7 +148,7 @@ class Attention(nnx.Module):
         """x `[batch, seq, embed]`, mask `[batch, seq, keys]` -> `[batch, seq, embed]`.
 
         Without a cache and with a fused `model.attention`, `mask` is instead each row's valid-prefix
-        length `[batch]` (see `Decoder.__call__`).
+        length `[batch]` (see `Decoder._valid_first_forward`).
 
         `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
         token; the updated (k, v) is returned.
@@ -290,15 +290,11 @@ class Decoder(nnx.Module):
         Returns (hidden `[batch, seq, embed]` in compute dtype, updated cache or None).
         """
         cfg = self.cfg
-        if cache is None and cfg.attention != "blocked":
-            return self._prefix_forward(input_ids, positions, attention_mask.astype(jnp.bool_))
-        compute = _dtype(cfg.compute_dtype)
         seq = input_ids.shape[1]
-        # Clip, not NaN-fill: a stray pad id outside the vocabulary must not poison real rows (0 * NaN).
-        x = constrain_activation(jnp.take(self.embedding[...], input_ids, axis=0, mode="clip").astype(compute),
-                                 RESIDUAL_AXES)
-        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_valid = attention_mask.astype(jnp.bool_)
+        if cache is None and cfg.attention != "blocked":
+            return self._valid_first_forward(input_ids, positions, new_valid), None
+        x, cos, sin = self._embed(input_ids, positions)
         if cache is None:
             key_valid, query_slot = new_valid, jnp.arange(seq)
         else:
@@ -323,13 +319,22 @@ class Decoder(nnx.Module):
         """Every block without a cache (per-layer remat as configured), then the final norm."""
         forward: Callable[..., jax.Array] = _block_forward
         if self.cfg.remat:
-            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat_policy == "save_dots" else None
-            forward = nnx.remat(_block_forward, policy=policy)
+            save_dots = self.cfg.remat_policy == "save_dots"
+            forward = nnx.remat(_block_forward,
+                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable if save_dots else None)
         for block in self.layers:
             x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
         return self.final_norm(x)
 
-    def _prefix_forward(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    def _embed(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token embeddings in compute dtype and the RoPE tables of their positions."""
+        cfg = self.cfg
+        # Clip, not NaN-fill: a stray pad id outside the vocabulary must not poison real rows (0 * NaN).
+        x = jnp.take(self.embedding[...], input_ids, axis=0, mode="clip").astype(_dtype(cfg.compute_dtype))
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        return constrain_activation(x, RESIDUAL_AXES), cos, sin
+
+    def _valid_first_forward(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
         """The cache-free forward for the fused attentions, which take padding as lengths.
 
         Each row is rotated so its valid tokens lead (left-padded prompt + right-padded completion
@@ -338,20 +343,15 @@ class Decoder(nnx.Module):
         tokens, so RoPE is unchanged. A row whose valid tokens are not one contiguous span cannot be
         expressed this way: its hidden states are NaN (loud, never silently wrong).
         """
-        seq = input_ids.shape[1]
-        slots = jnp.arange(seq)
-        start = jnp.argmax(valid, axis=1)  # first valid token (0 for a row with none)
+        slots = jnp.arange(input_ids.shape[1])
+        start = jnp.argmax(valid, axis=1)[:, None]  # first valid token (0 for a row with none)
         lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
-        gather = (slots[None, :] + start[:, None]) % seq
-        ids, pos, rolled_valid = (jnp.take_along_axis(a, gather, axis=1) for a in (input_ids, positions, valid))
-        contiguous = jnp.all(rolled_valid == (slots[None, :] < lengths[:, None]), axis=1)
-        x = constrain_activation(
-            jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(_dtype(self.cfg.compute_dtype)),
-            RESIDUAL_AXES)
-        cos, sin = rope_cos_sin(pos, inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling))
+        rotate = lambda a, shift: jnp.take_along_axis(a, (slots + shift) % slots.size, axis=1)  # noqa: E731
+        contiguous = jnp.all(rotate(valid, start) == (slots < lengths[:, None]), axis=1)
+        x, cos, sin = self._embed(rotate(input_ids, start), rotate(positions, start))
         hidden = self._layers(x, cos, sin, lengths)
-        hidden = jnp.take_along_axis(hidden, ((slots[None, :] - start[:, None]) % seq)[..., None], axis=1)
-        return jnp.where(contiguous[:, None, None], hidden, jnp.nan).astype(hidden.dtype), None
+        hidden = jnp.take_along_axis(hidden, ((slots - start) % slots.size)[..., None], axis=1)
+        return jnp.where(contiguous[:, None, None], hidden, jnp.nan).astype(hidden.dtype)
 
     def lm_head_kernel(self) -> jax.Array:
         """The output projection `[embed, vocab]` (the transposed embedding when tied)."""

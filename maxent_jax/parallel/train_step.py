@@ -81,9 +81,10 @@ def init_sharded_model(
     on the default device first). `make_model` is e.g. `lambda rngs: Decoder(cfg, rngs=rngs)`;
     the result equals `make_model(nnx.Rngs(seed))` built eagerly.
 
-    The PRNG key is an argument of the jit, not a constant inside it: a program with no inputs
-    is all constants, and XLA may try to constant-fold the random draws of every parameter at
-    compile time (on an H100 the 1.5B shape was still compiling after 225 s).
+    The PRNG key is an argument of the jit, not a constant inside it, so XLA has no random draws
+    to fold at compile time. Compiling is still slow on a GPU for big models (the Qwen2.5-1.5B shape
+    took over a minute on an H100, eager construction 5-7 s): construct a model that fits one device
+    eagerly and place it with `init_train_state`.
     """
     graphdef, abstract_params, abstract_rest = nnx.split(
         nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), nnx.Param, ...
