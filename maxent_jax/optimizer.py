@@ -38,9 +38,9 @@ def learning_rate_schedule(lr: float, total: int, warmup: int, kind: str) -> opt
     return schedule
 
 
-def lr_scale(schedule: optax.Schedule, base_lr: float, step: int) -> float:
+def lr_scale(lr: float, base_lr: float) -> float:
     """lr(s) / max(lr0, 1e-12): scales the tau and meta-controller learning rates (spec 7.6)."""
-    return float(schedule(step)) / max(base_lr, 1e-12)
+    return lr / max(base_lr, 1e-12)
 
 
 def _decay_mask(params):

@@ -94,7 +94,8 @@ class Trainer:
         # Optimizer steps of the run: max_steps, or fewer when num_train_epochs passes over the data first.
         steps_per_epoch = max(1, len(self.task.train) // (self.num_prompts * jax.process_count()))
         self.total_steps = min(c.train.max_steps, steps_per_epoch * c.train.num_train_epochs)
-        self.optimizer, self.schedule = optimizer_lib.make_optimizer(c.optim, self.total_steps)
+        self.optimizer, schedule = optimizer_lib.make_optimizer(c.optim, self.total_steps)
+        self.lr_at = jax.jit(schedule)  # the learning rate at a step: one dispatch, not an eager op per term
         self.warmup = optimizer_lib.warmup_steps(self.total_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
         self.state: TrainState = init_train_state(self.policy.params, self.optimizer, self.mesh, self.rules)
         self.objective_settings = objective_settings(c)
@@ -276,7 +277,8 @@ class Trainer:
                 "or check the data")
         self.step += 1
         inputs = inputs.replace(kl=jnp.asarray(metrics.get("loss/kl", 0.0), jnp.float32))
-        lr_scale = optimizer_lib.lr_scale(self.schedule, c.optim.learning_rate, self.step - 1)
+        lr = float(self.lr_at(self.step - 1))  # what this step's update used
+        lr_scale = optimizer_lib.lr_scale(lr, c.optim.learning_rate)
         self.controllers, controller_metrics = self.update_controllers(
             self.controllers, inputs, self.controller_settings, jnp.int32(self.step), jnp.float32(lr_scale))
         return {
@@ -288,7 +290,7 @@ class Trainer:
             "train/beta": used_beta,
             "train/kl_coeff": used_beta,
             "train/skipped_steps": float(skipped),
-            "train/learning_rate": float(self.schedule(self.step - 1)),
+            "train/learning_rate": lr,
             "train/grpo_objective": float(c.objective.train_grpo_objective),
             "train/global_step": float(self.step),
             **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),

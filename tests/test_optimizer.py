@@ -24,7 +24,7 @@ def test_schedule_matches_reference(kind):
     for s in [0, 1, 5, 9, 10, 11, 25, 49, 50, 60]:
         assert float(schedule(s)) == pytest.approx(reference_lr(s, lr0, total, warmup, kind), rel=1e-5, abs=lr0 * 1e-6)
     assert float(schedule(0)) == 0.0  # the first update uses lr 0 during warm-up
-    assert lr_scale(schedule, lr0, 5) == pytest.approx(0.5, rel=1e-6)
+    assert lr_scale(float(schedule(5)), lr0) == pytest.approx(0.5, rel=1e-6)
 
 
 def test_warmup_steps_prefers_explicit_and_caps_at_total():
