@@ -82,10 +82,10 @@ tests() {  # the device-agnostic tests (TEST_FILES: a subset) on one GPU, in par
 # with ModelConfig fields changed (bench --model), e.g. update_big+attention=cudnn+remat_policy=save_dots.
 for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small update_big_sharded}; do
     case $name in
-        update_big) bench update_big "${T_UPDATE:-240}" update --preset "$big" --repeats 5 ;;
-        update_big+*)
-            IFS=+ read -r -a fields <<<"${name#update_big+}"
-            # No torch in this process: the step may use most of the GPU's memory.
+        update_big | update_big+*)
+            fields=()
+            [ "$name" = update_big ] || IFS=+ read -r -a fields <<<"${name#update_big+}"
+            # No torch in this process: the step may use most of the GPU's memory (the preset has no remat).
             XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 bench "${name//[+=]/_}" "${T_UPDATE:-240}" update --preset "$big" \
                 --repeats 5 "${fields[@]/#/--model=}" ;;
         sampler_big) bench sampler_big "${T_SAMPLER:-170}" sampler --preset "$big" --repeats 2 --vs transformers ;;

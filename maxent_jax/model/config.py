@@ -74,11 +74,8 @@ class ModelConfig:
             raise UserError(f"model.head_dim={self.head_dim} is invalid; RoPE needs an even head_dim")
         if self.family not in FAMILIES:
             raise UserError(f"model.family={self.family!r} is invalid; expected one of {', '.join(FAMILIES)}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(
-                    f"model.{name}={getattr(self, name)!r} is invalid; expected one of {', '.join(DTYPES)}")
-        for name, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("remat_policy", REMAT_POLICIES)):
+        for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
+                              ("attention", ATTENTION_IMPLEMENTATIONS), ("remat_policy", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is invalid; expected one of {', '.join(allowed)}")
