@@ -23,6 +23,7 @@ from maxent_jax.data.prompts import render_prompt
 from maxent_jax.data.sources import load_rows
 from maxent_jax.data.tokenizer import build_offline_tokenizer
 from maxent_jax.errors import UserError
+from maxent_jax.model.attention import check_attention_backend
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.hf_io import load_hf_checkpoint, resolve_checkpoint
@@ -69,6 +70,7 @@ def _load_tokenizer(path: str) -> Any:
 
 def numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
     """The ModelConfig fields the run's `model` section sets on any architecture (besides param_dtype)."""
+    check_attention_backend(m.attention)
     return dict(compute_dtype=m.compute_dtype, remat=m.remat, remat_policy=m.remat_policy, attention=m.attention)
 
 

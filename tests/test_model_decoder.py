@@ -291,3 +291,14 @@ def test_cudnn_attention_matches_the_blocked_attention_in_bfloat16():
     for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="off a GPU only")
+def test_cudnn_attention_off_a_gpu_is_a_one_line_user_error():
+    from maxent_jax.errors import UserError
+    from maxent_jax.model.attention import check_attention_backend
+
+    for implementation in ("blocked", "dot_product"):
+        check_attention_backend(implementation)
+    with pytest.raises(UserError, match="model.attention='cudnn' needs a GPU, and jax runs on cpu"):
+        check_attention_backend("cudnn")

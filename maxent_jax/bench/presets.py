@@ -124,4 +124,10 @@ def with_model_fields(preset: Preset, assignments: list[str]) -> Preset:
                 raise UserError(f"--model {item!r} is invalid; {name} is {kind}") from None
         else:
             changes[name] = text
-    return dataclasses.replace(preset, model=preset.model.replace(**changes)) if changes else preset
+    if not changes:
+        return preset
+    from maxent_jax.model.attention import check_attention_backend
+
+    model = preset.model.replace(**changes)
+    check_attention_backend(model.attention)
+    return dataclasses.replace(preset, model=model)

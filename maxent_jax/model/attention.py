@@ -32,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from maxent_jax.errors import UserError
+
 # Query rows per block of `causal_attention` (about; see there for why and what it measured), and
 # the most blocks: the blocks are unrolled per layer, so their count bounds the program's size.
 CAUSAL_BLOCK = 32
@@ -193,3 +195,11 @@ def prefix_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: j
         q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=jnp.maximum(lengths, 1),
         implementation="cudnn" if implementation == "cudnn" else "xla",
     )
+
+
+def check_attention_backend(implementation: str) -> None:
+    """A one-line UserError when `model.attention` needs a device jax does not have ('cudnn': a GPU)."""
+    platform = jax.devices()[0].platform
+    if implementation == "cudnn" and platform != "gpu":
+        raise UserError(f"model.attention='cudnn' needs a GPU, and jax runs on {platform}; "
+                        "use 'blocked' or 'dot_product' there")
