@@ -150,3 +150,14 @@ def test_default_config_learns(tmp_path):
     first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
     assert initial == [pytest.approx(0.0, abs=0.05)]
     assert last >= 0.85 and last >= first + 0.05, (first, last)
+
+
+def test_read_scalars_returns_every_metric_as_a_float_in_one_transfer():
+    import jax.numpy as jnp
+
+    from maxent_jax.trainer import read_scalars
+
+    metrics = {"loss": jnp.float32(0.25), "skipped": jnp.bool_(True), "tokens": jnp.int32(96), "b/kl": jnp.float32(-1e-3)}
+    got = read_scalars(metrics)
+    assert got == {"loss": 0.25, "skipped": 1.0, "tokens": 96.0, "b/kl": pytest.approx(-1e-3)}
+    assert all(type(v) is float for v in got.values()) and read_scalars({}) == {}
