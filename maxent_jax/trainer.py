@@ -43,7 +43,7 @@ from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.mesh import make_mesh
 from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
-from maxent_jax.parallel.distributed import global_batch
+from maxent_jax.parallel.distributed import global_batch, read_scalars
 from maxent_jax.parallel.rules import batch_spec, resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
 from maxent_jax.policy import rl_loss, sft_loss
@@ -464,23 +464,6 @@ class Trainer:
 def _eos_suffix(tokenizer: Any) -> str:
     """The end-of-turn token a worked solution ends with, so the model learns to stop."""
     return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
-
-
-@jax.jit
-def _stacked(scalars: dict[str, jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in jax.tree.leaves(scalars)])
-
-
-def read_scalars(scalars: dict[str, jax.Array]) -> dict[str, float]:
-    """A dict of device scalars as Python floats, in one device-to-host transfer.
-
-    `jax.device_get` copies and waits on every leaf separately: about 100 per RL step (the controller
-    metrics alone are 58), 0.54 ms for 58 scalars on this CPU against 0.06 ms stacked, and each is
-    a separate copy on a GPU.
-    """
-    if not scalars:
-        return {}
-    return jax.tree.unflatten(jax.tree.structure(scalars), np.asarray(_stacked(scalars)).tolist())
 
 
 def _host_rows(array: jax.Array, mesh, rules) -> np.ndarray:

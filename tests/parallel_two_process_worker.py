@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from maxent_jax.parallel.distributed import global_batch, initialize_distributed, is_main_process
+from maxent_jax.parallel.distributed import global_batch, initialize_distributed, is_main_process, read_scalars
 
 assert initialize_distributed()  # before anything touches a JAX backend
 
@@ -34,5 +34,6 @@ step = make_train_step(graphdef, rest, state, optimizer, LOSS, mesh)
 batch = global_batch(half, mesh)
 assert batch["input_ids"].shape == (4, ROWS // 4, rows["input_ids"].shape[1])
 state, metrics = step(state, batch)
+scalars = read_scalars(metrics)  # replicated over both processes: each reads every value
 print(json.dumps({"rank": rank, "main": is_main_process(), "devices": jax.device_count(),
-                  "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}), flush=True)
+                  "loss": scalars["loss"], "grad_norm": scalars["grad_norm"]}), flush=True)

@@ -155,7 +155,7 @@ def test_default_config_learns(tmp_path):
 def test_read_scalars_returns_every_metric_as_a_float_in_one_transfer():
     import jax.numpy as jnp
 
-    from maxent_jax.trainer import read_scalars
+    from maxent_jax.parallel.distributed import read_scalars
 
     metrics = {"loss": jnp.float32(0.25), "skipped": jnp.bool_(True), "tokens": jnp.int32(96), "b/kl": jnp.float32(-1e-3)}
     got = read_scalars(metrics)

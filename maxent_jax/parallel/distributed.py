@@ -26,6 +26,7 @@ import re
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -170,3 +171,20 @@ def global_batch(
     """
     sharding = NamedSharding(mesh, batch_spec(rules, micro_batched))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+@jax.jit
+def _stacked(scalars: dict[str, jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in jax.tree.leaves(scalars)])
+
+
+def read_scalars(scalars: dict[str, jax.Array]) -> dict[str, float]:
+    """A dict of device scalars as Python floats, in one device-to-host transfer.
+
+    `jax.device_get` copies and waits on every leaf separately: about 100 per RL step (the controller
+    metrics alone are 58), 0.54 ms for 58 scalars on a 2-core CPU against 0.06 ms stacked, and each
+    is a separate copy on a GPU. The scalars are replicated, so every process gets every value.
+    """
+    if not scalars:
+        return {}
+    return jax.tree.unflatten(jax.tree.structure(scalars), np.asarray(_stacked(scalars)).tolist())
