@@ -230,23 +230,27 @@ def _spans(spans: list[tuple[int, int]], width: int, seed: int) -> tuple[np.ndar
     return ids, np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32), mask
 
 
+def _span_loss(state: nnx.State, graphdef: nnx.GraphDef, ids: jax.Array, pos: jax.Array, mask: jax.Array) -> jax.Array:
+    """Negative log-likelihood of every valid token whose predecessor is valid (what the attention tests compare)."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model(ids, pos, mask)
+    weights = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
+    return -(token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4) * weights).sum()
+
+
+_span_value_and_grad = jax.jit(jax.value_and_grad(_span_loss), static_argnums=1)
+
+
 def test_fused_attention_and_save_dots_remat_match_the_blocked_forward_and_gradients():
     """model.attention='dot_product' (the rows rotated so valid tokens lead, lengths instead of a mask)
     with remat_policy='save_dots' gives the blocked, remat-free model's log-probs and gradients."""
     ids, pos, mask = _spans([(2, 7), (0, WIDTH), (3, 6)], WIDTH, seed=5)
-    weights = jnp.asarray(mask[:, 1:] & mask[:, :-1], jnp.float32)
-
-    def loss(state, graphdef):
-        model = nnx.merge(graphdef, state)
-        hidden, _ = model(ids, pos, mask)
-        return -(token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4) * weights).sum()
-
     fused = nnx.split(Decoder(CFG.replace(attention="dot_product", remat=True, remat_policy="save_dots"),
                               rngs=nnx.Rngs(0)))[0]
     jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(fused, s)(ids, pos, mask)[0])(STATE))
     assert "DotsSaveable(only_if_no_batch_dims=True)" in jaxpr
-    ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(STATE, GRAPHDEF)
-    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(STATE, fused)
+    ref_loss, ref_grad = _span_value_and_grad(STATE, GRAPHDEF, ids, pos, mask)
+    value, grad = _span_value_and_grad(STATE, fused, ids, pos, mask)
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
@@ -275,18 +279,10 @@ def test_unknown_attention_or_remat_policy_is_a_user_error(field, value):
 def test_cudnn_attention_matches_the_blocked_attention_in_bfloat16():
     """On a GPU, model.attention='cudnn' gives the blocked attention's log-probs and gradients (bf16)."""
     ids, pos, mask = _spans([(2, 7), (0, WIDTH), (3, 6)], WIDTH, seed=7)
-    weights = jnp.asarray(mask[:, 1:] & mask[:, :-1], jnp.float32)
     cfg16 = CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), STATE)
-
-    def loss(state, graphdef):
-        model = nnx.merge(graphdef, state)
-        hidden, _ = model(ids, pos, mask)
-        return -(token_logprobs(model, hidden[:, :-1], ids[:, 1:], chunk_size=4) * weights).sum()
-
     graphdefs = [nnx.split(Decoder(cfg16.replace(attention=a), rngs=nnx.Rngs(0)))[0] for a in ("blocked", "cudnn")]
-    (want, want_grad), (got, got_grad) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(state16, g)
-                                          for g in graphdefs)
+    (want, want_grad), (got, got_grad) = (_span_value_and_grad(state16, g, ids, pos, mask) for g in graphdefs)
     np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
     for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
