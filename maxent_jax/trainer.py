@@ -265,7 +265,8 @@ class Trainer:
         if c.logging.log_completions:
             self._log_completions(rows, ro, arrays)
         # tau and beta as this step used them, read once (update_controllers replaces them below).
-        used_tau, used_beta = (float(v) for v in jax.device_get((self.controllers.tau, self.controllers.beta)))
+        used = read_scalars({"tau": self.controllers.tau, "beta": self.controllers.beta})
+        used_tau, used_beta = used["tau"], used["beta"]
         self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
                                            scalars={"beta": np.float32(used_beta)})
         metrics = read_scalars(metrics)
