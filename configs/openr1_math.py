@@ -79,6 +79,7 @@ def task_config(model_name_or_path: str) -> ml_collections.ConfigDict:
     # shape, 16 x 1,024 tokens, full remat: update step 0.454 s -> 0.399 s. remat_policy 'save_dots'
     # (0.352 s there) keeps every layer's matmul outputs: try it where memory allows.
     c.model.attention = "cudnn"
+    c.model.score_prompt_once = False  # prompt sharing needs the 'blocked' attention
 
     c.data.dataset_name = TRAIN_DATASET
     c.data.dataset_train_split = "train"

@@ -69,6 +69,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # device), 'dot_product' (jax.nn.dot_product_attention on XLA) or 'cudnn' (cuDNN flash
     # attention: GPU, bfloat16). The sampler's cached decode always uses its own.
     c.model.attention = "blocked"
+    # Score each group's shared prompt once in the RL forwards (policy loss, reference log-probs)
+    # instead of once per completion: same numbers, Tp / (Tp + Tc) less work on (G - 1) / G of the
+    # rows. Needs model.attention='blocked'.
+    c.model.score_prompt_once = True
     # Sequence positions per block when gathering per-token log-probs (0 = whole sequence).
     c.model.logprob_chunk_size = 0
     # Shapes of the built-in tiny decoder (used only when name_or_path is '').
@@ -417,6 +421,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if config.model.attention == "cudnn" and config.model.compute_dtype != "bfloat16":
         raise _fail("model.attention", "cudnn", "'blocked' or 'dot_product' unless model.compute_dtype is "
                     "'bfloat16' (cuDNN flash attention takes half-precision inputs)")
+    if config.model.score_prompt_once and config.model.attention != "blocked":
+        raise _fail("model.score_prompt_once", True, "False unless model.attention is 'blocked' (here "
+                    f"{config.model.attention!r}: the fused attentions score every row whole)")
     m = config.maxent
     if m.tau_max > 0 and m.tau_max < m.tau_min:
         raise _fail("maxent.tau_max", m.tau_max, f"0 (no bound) or >= maxent.tau_min={m.tau_min}")

@@ -24,11 +24,16 @@ def _rows(x: Array) -> Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int) -> ScoreOutput:
-    """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`)."""
+def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, score_prompt_once: bool = False
+                        ) -> ScoreOutput:
+    """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`).
+
+    `score_prompt_once`: each group's shared prompt goes through the model once (`model.score_prompt_once`).
+    """
     p, g = batch["input_ids"].shape[:2]
     rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
-    logp, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size)
+    logp, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
+                                                  group=g if score_prompt_once else 1)
     return logp.reshape(p, g, -1), hidden
 
 
@@ -44,7 +49,8 @@ def sft_loss(chunk_size: int) -> Callable:
     return loss_fn
 
 
-def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean") -> Callable:
+def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean",
+            score_prompt_once: bool = False) -> Callable:
     """The train step's loss: completion log-probs of the live policy, then the registered objective.
 
     `batch["beta"]` is the step's beta, passed as a traced scalar (`scalars` of the train step),
@@ -55,7 +61,7 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     seed_loss = settings.info_seed.lambda_ > 0
 
     def loss_fn(model, batch):
-        token_logp, hidden = completion_logprobs(model, batch, chunk_size)
+        token_logp, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once)
         if seed_loss:
             p, g = batch["input_ids"].shape[:2]
             pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)

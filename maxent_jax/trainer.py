@@ -102,10 +102,11 @@ class Trainer:
         objective = get_objective("grpo" if c.objective.train_grpo_objective else "maxent")
         self.rl_step = make_train_step(self.policy.graphdef, self.policy.rest, self.state, self.optimizer,
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
-                                               c.info_seed.pooling),
+                                               c.info_seed.pooling, c.model.score_prompt_once),
                                        self.mesh, self.rules)
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
-                                     self.rules, chunk_size=c.model.logprob_chunk_size)
+                                     self.rules, chunk_size=c.model.logprob_chunk_size,
+                                     group=self.group if c.model.score_prompt_once else 1)
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)

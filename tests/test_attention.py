@@ -1,5 +1,6 @@
 """The training/scoring attention path (`causal_attention`): forward equal to `grouped_attention`, gradients
-equal to autodiff of it, for left- and right-padded rows, grouped heads and uneven causal blocks."""
+equal to autodiff of it, for left- and right-padded rows, grouped heads, uneven causal blocks and queries
+that are the last slots of longer keys; `shared_prompt_attention` equal to attending per row."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from maxent_jax.model.attention import (_causal_attention, causal_attention, causal_blocks, grouped_attention,
-                                        key_layout, value_layout)
+                                        key_layout, shared_prompt_attention, value_layout)
 
 BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 3, 11, 4, 2, 8
 SCALE = HEAD_DIM ** -0.5
@@ -75,3 +76,60 @@ def test_public_entry_under_jit_and_in_bfloat16():
     for g, w in zip(grads, want):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(g.astype(jnp.float32), w, atol=0.1 * float(jnp.max(jnp.abs(w))))
+
+
+def _loss_grads(fn, weight, *args):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(weight * fn(*a)), argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize("blocks", [((0, 7),), ((0, 3), (3, 7))], ids=["one-block", "two-blocks"])
+def test_queries_after_earlier_keys_match_autodiff_of_grouped_attention(blocks):
+    """Queries in the last 7 of 11 key slots (a completion after its 4-slot prompt)."""
+    q, k, v, weight, mask = _inputs(2)
+    q, weight, mask = q[:, 4:], weight[:, 4:], mask[:, 4:]
+    custom = lambda q, k, v: _causal_attention(q, k, v, mask, SCALE, blocks)  # noqa: E731
+    reference = lambda q, k, v: _reference(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(custom(q, k, v), reference(q, k, v), rtol=1e-6, atol=1e-6)
+    for name, g, w in zip("qkv", _loss_grads(custom, weight, q, k, v), _loss_grads(reference, weight, q, k, v)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=f"d{name}")
+
+
+def test_shared_prompt_attention_equals_attending_row_by_row():
+    """2 prompts (4 slots, the second left-padded) x 3 completions (5 slots, right-padded by 0..2):
+    packed, each completion's outputs and every input's gradient (summed over a group's copies of its
+    prompt) are those of the unpacked rows."""
+    prompts, group, tp, tc = 2, 3, 4, 5
+    keys = jax.random.split(jax.random.key(3), 4)
+    packed = lambda key, heads: jax.random.normal(key, (prompts, tp + group * tc, heads, HEAD_DIM))  # noqa: E731
+    q, k, v, weight = packed(keys[0], HEADS), packed(keys[1], KV_HEADS), packed(keys[2], KV_HEADS), packed(keys[3], HEADS)
+    prompt_valid = np.array([[True] * 4, [False, True, True, True]])
+    completion_valid = np.arange(tc)[None] < np.array([5, 4, 3, 5, 4, 3])[:, None]
+
+    def mask(valid, first_query):
+        slot = np.arange(valid.shape[1])
+        query = first_query + np.arange(valid.shape[1] - first_query)
+        return jnp.asarray((valid[:, None] & (slot[None] <= query[:, None])[None]) | (slot[None] == query[:, None])[None])
+
+    row_valid = np.concatenate([np.repeat(prompt_valid, group, axis=0), completion_valid], axis=1)
+    prompt_mask, completion_mask = mask(prompt_valid, 0), mask(row_valid, tp)
+
+    def unpack(x):  # packed [P, Tp + G*Tc, ...] -> whole rows [P*G, Tp + Tc, ...]
+        prompt = jnp.repeat(x[:, None, :tp], group, axis=1)
+        completions = x[:, tp:].reshape(prompts, group, tc, *x.shape[2:])
+        return jnp.concatenate([prompt, completions], axis=2).reshape(prompts * group, tp + tc, *x.shape[2:])
+
+    def per_row(q, k, v):  # completions' outputs of the whole rows, packed back
+        out = _reference(unpack(q), unpack(k), unpack(v), mask(row_valid, 0))[:, tp:]
+        return out.reshape(prompts, group * tc, *out.shape[2:])
+
+    shared = lambda q, k, v: shared_prompt_attention(q, k, v, prompt_mask, completion_mask, SCALE)  # noqa: E731
+    got = shared(q, k, v)
+    np.testing.assert_allclose(got[:, tp:], per_row(q, k, v), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[:, :tp], _reference(q[:, :tp], k[:, :tp], v[:, :tp], prompt_mask), rtol=1e-6,
+                               atol=1e-6)
+
+    # The completions' outputs only: prompt outputs feed no completion directly in this check.
+    completion_weight = weight.at[:, :tp].set(0.0)
+    for name, g, w in zip("qkv", _loss_grads(shared, completion_weight, q, k, v),
+                          _loss_grads(per_row, weight[:, tp:], q, k, v)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=f"d{name}")

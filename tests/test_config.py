@@ -89,6 +89,8 @@ def test_bad_value_names_the_field(path, value):
         ({"rewards.reward_weights": (1.0, 2.0)}, "rewards.reward_weights"),
         ({"data.dataset_mixture": "[not json"}, "data.dataset_mixture"),
         ({"objective.train_grpo_objective": True, "maxent.target_weight_entropy": 1.0}, "maxent.target_weight_entropy"),
+        ({"model.attention": "dot_product"}, "model.score_prompt_once"),
+        ({"model.attention": "cudnn", "model.compute_dtype": "bfloat16"}, "model.score_prompt_once"),
     ],
 )
 def test_cross_field_rules(overrides, field):

@@ -298,3 +298,36 @@ def test_cudnn_attention_off_a_gpu_is_a_one_line_user_error():
         check_attention_backend(implementation)
     with pytest.raises(UserError, match="model.attention='cudnn' needs a GPU, and jax runs on cpu"):
         check_attention_backend("cudnn")
+
+
+def _group_score_loss(state: nnx.State, graphdef: nnx.GraphDef, batch: dict, group: int):
+    """Masked completion NLL and per-token log-probs of score rows, each group's prompt scored once if group > 1."""
+    from maxent_jax.parallel.forward import completion_logprobs_and_hidden
+
+    logp, hidden = completion_logprobs_and_hidden(nnx.merge(graphdef, state), batch, chunk_size=3, group=group)
+    return -(logp * batch["completion_mask"]).sum(), (logp, hidden)
+
+
+_group_value_and_grad = jax.jit(jax.value_and_grad(_group_score_loss, has_aux=True), static_argnums=(1, 3))
+
+
+def test_scoring_each_prompt_once_gives_the_whole_rows_log_probs_hidden_states_and_gradients():
+    """`Decoder.score_groups` (model.score_prompt_once), under per-layer remat: 2 prompts of 3 and 6
+    tokens (left-padded to 7) x 3 completions of 1..6 tokens (right-padded to 6) give the log-probs, the
+    hidden states of every real token and the parameter gradients of scoring the 6 rows whole."""
+    from maxent_jax.scoring import build_score_batch
+
+    prompts, completions = _sequences((3, 6), CFG.vocab_size, seed=8), _sequences((6, 1, 4, 5, 6, 2), CFG.vocab_size, 9)
+    batch = build_score_batch([p for p in prompts for _ in range(3)], completions, prompt_len=7, completion_len=6,
+                              pad_id=0)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    graphdef = nnx.split(Decoder(CFG.replace(remat=True), rngs=nnx.Rngs(0)))[0]
+    (loss, (logp, hidden)), grad = _group_value_and_grad(STATE, graphdef, batch, 3)
+    (want_loss, (want_logp, want_hidden)), want_grad = _group_value_and_grad(STATE, graphdef, batch, 1)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    real = np.asarray(batch["completion_mask"])
+    np.testing.assert_allclose(np.asarray(logp)[real], np.asarray(want_logp)[real], rtol=1e-5, atol=1e-5)
+    tokens = np.asarray(batch["attention_mask"])
+    np.testing.assert_allclose(np.asarray(hidden)[tokens], np.asarray(want_hidden)[tokens], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))

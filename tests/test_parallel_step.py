@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxent_jax.checkpoint import CheckpointManager
+from maxent_jax.errors import UserError
 from maxent_jax.model import Decoder, ModelConfig
 from maxent_jax.parallel.forward import make_logprob_fn
 from maxent_jax.parallel.mesh import make_mesh
@@ -68,6 +69,16 @@ def rows():
     batch = build_score_batch(prompts, completions, prompt_len=PROMPT, completion_len=COMPLETION, pad_id=0)
     batch["completion_mask"] = batch["completion_mask"].astype(np.float32)  # float, so a NaN can be planted
     return batch
+
+
+@pytest.fixture(scope="module")
+def group_rows():
+    """32 rows in 8 groups of 4 completions (1..4 tokens, right-padded) sharing their group's prompt."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(1, PROMPT + 1)) for _ in range(ROWS // 4)]
+    completions = [rng.integers(3, CFG.vocab_size, rng.integers(1, COMPLETION + 1)) for _ in range(ROWS)]
+    return build_score_batch([p for p in prompts for _ in range(4)], completions, prompt_len=PROMPT,
+                             completion_len=COMPLETION, pad_id=0)
 
 
 def micro_batches(rows: dict, num_micro: int) -> dict:
@@ -171,6 +182,37 @@ def test_fused_attention_with_save_dots_remat_on_the_mesh_equals_the_blocked_sin
     for name, g in flat(state.opt_state).items():
         g, w = np.asarray(g.get_value()), want[name].get_value()
         assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w), name
+
+
+def test_prompt_scored_once_per_group_on_the_mesh_equals_whole_rows_on_one_device(model_parts, group_rows):
+    """model.score_prompt_once: the step sharded (2, 2, 2) with 2 micro-batches of 4 groups, each group's
+    prompt scored once, gives the single-device loss and gradients of scoring the rows whole (same
+    micro-batches); so does the sharded, micro-batched reference forward."""
+    graphdef, params, rest = model_parts
+    losses = {group: functools.partial(next_token_loss, chunk_size=4, group=group) for group in (1, 4)}
+    results = {}
+    num_micro = 2
+    for group, mesh in ((1, make_mesh((1, 1, 1), jax.devices()[:1])), (4, make_mesh((2, 2, 2)))):
+        state = init_train_state(params, record_gradients(), mesh)
+        step = make_train_step(graphdef, rest, state, record_gradients(), losses[group], mesh)
+        batch = {k: v.reshape(num_micro, ROWS // num_micro, *v.shape[1:]) for k, v in group_rows.items()}
+        state, metrics = step(state, batch)
+        scores = make_logprob_fn(graphdef, rest, params, mesh, chunk_size=3, micro_batches=num_micro, group=group)
+        results[group] = float(metrics["loss"]), flat(state.opt_state), np.asarray(scores(params, group_rows))
+    (want_loss, want, want_logp), (loss, grads, logp) = results[1], results[4]
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    for name, g in grads.items():
+        g, w = np.asarray(g.get_value()), want[name].get_value()
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w), name
+    real = group_rows["completion_mask"]
+    np.testing.assert_allclose(logp[real], want_logp[real], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_forward_refuses_rows_that_are_not_whole_groups(model_parts, group_rows):
+    graphdef, params, rest = model_parts
+    scores = make_logprob_fn(graphdef, rest, params, make_mesh((1, 1, 1), jax.devices()[:1]), chunk_size=3, group=3)
+    with pytest.raises(UserError, match="32 rows are not whole groups; expected a multiple of 3"):
+        scores(params, group_rows)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ probabilities cast back to the values' dtype before the second matmul.
 
 `grouped_attention` serves the cached (sampler) steps; `causal_attention` is the same map for
 training and scoring (no cache, causal mask), computed in causal query blocks with a hand-written
-backward. `prefix_causal_attention` is the fused alternative for training and scoring
+backward; `shared_prompt_attention` applies it to a group's prompt once and to each completion. `prefix_causal_attention` is the fused alternative for training and scoring
 (`model.attention` 'dot_product' or 'cudnn'): `jax.nn.dot_product_attention` over rows whose valid
 tokens lead, which on a GPU is cuDNN's flash attention: no score-sized tensor in memory.
 """
@@ -112,9 +112,11 @@ def causal_blocks(seq: int, block: int = CAUSAL_BLOCK, max_blocks: int = MAX_CAU
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Self-attention without a cache (training, scoring): `grouped_attention` in causal query blocks.
 
-    q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]` (the projections' own
-    order), mask `[batch, seq, seq]` bool and causal: query t never sees a key s > t (the decoder's
-    mask). Returns `[batch, seq, heads, head_dim]` in q's dtype, equal to
+    q `[batch, seq, heads, head_dim]`, k and v `[batch, keys, kv_heads, head_dim]` (the projections' own
+    order) with keys >= seq: the queries are the last `seq` of the `keys` slots (keys == seq for plain
+    self-attention; more when a completion's queries also read its prompt's keys, see
+    `Decoder.score_groups`). mask `[batch, seq, keys]` bool and causal: the query in slot t never sees
+    a key s > t (the decoder's mask). Returns `[batch, seq, heads, head_dim]` in q's dtype, equal to
     `grouped_attention(q, key_layout(k), value_layout(v), mask, scale)` up to float32 rounding.
 
     Why: the score-sized matmuls (two forward, four backward) were the attention core's cost in the
@@ -134,11 +136,13 @@ def _causal_forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     """The blocked forward and what the backward reads: head-major keys and values, each block's
     query rows and probabilities."""
     keys, values = key_layout(k), value_layout(v)
+    offset = k.shape[1] - q.shape[1]  # slot of the first query
     outs, saved = [], []
     for lo, hi in blocks:
+        end = offset + hi
         rows = _query_rows(q[:, lo:hi], k.shape[2])
-        probs = _probs(rows, keys[..., :hi], mask[:, lo:hi, :hi], scale, values.dtype)
-        outs.append(_from_rows(jnp.einsum("bkqs,bksh->bkqh", probs, values[:, :, :hi]), hi - lo))
+        probs = _probs(rows, keys[..., :end], mask[:, lo:hi, :end], scale, values.dtype)
+        outs.append(_from_rows(jnp.einsum("bkqs,bksh->bkqh", probs, values[:, :, :end]), hi - lo))
         saved.append((rows, probs))
     return jnp.concatenate(outs, axis=1).astype(q.dtype), (keys, values, tuple(saved))
 
@@ -153,21 +157,23 @@ def _causal_backward(scale: float, blocks: Blocks, saved: Saved,
                      d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, None]:
     """Per block, with p the probabilities and do the output gradient as query rows:
         dp = do @ values^T,  ds = scale * p * (dp - sum_s(dp * p)),
-        dq = ds @ keys^T,  dk^T += ds^T @ rows,  dv += p^T @ do   (keys [0, hi) of the block).
+        dq = ds @ keys^T,  dk^T += ds^T @ rows,  dv += p^T @ do   (keys [0, offset + hi) of the block).
     Accumulation in float32 (at least); the mask gets no gradient."""
     keys, values, per_block = saved
-    batch, kv_heads, seq, head_dim = values.shape
+    batch, kv_heads, n_keys, head_dim = values.shape
+    offset = n_keys - d_out.shape[1]
     acc = jnp.promote_types(values.dtype, jnp.float32)
     d_queries = []
-    d_keys = jnp.zeros((batch, kv_heads, seq, head_dim), acc)  # keys' gradient, stored like values
-    d_values = jnp.zeros((batch, kv_heads, seq, head_dim), acc)
+    d_keys = jnp.zeros((batch, kv_heads, n_keys, head_dim), acc)  # keys' gradient, stored like values
+    d_values = jnp.zeros((batch, kv_heads, n_keys, head_dim), acc)
     for (lo, hi), (rows, probs) in zip(blocks, per_block):
+        end = offset + hi
         d_rows = _query_rows(d_out[:, lo:hi].astype(values.dtype), kv_heads)
-        d_probs = jnp.einsum("bkqh,bksh->bkqs", d_rows, values[:, :, :hi], preferred_element_type=acc)
+        d_probs = jnp.einsum("bkqh,bksh->bkqs", d_rows, values[:, :, :end], preferred_element_type=acc)
         p = probs.astype(acc)
         d_scores = (p * (d_probs - jnp.sum(d_probs * p, axis=-1, keepdims=True)) * scale).astype(rows.dtype)
-        d_queries.append(_from_rows(jnp.einsum("bkqs,bkhs->bkqh", d_scores, keys[..., :hi]), hi - lo))
-        pad = ((0, 0), (0, 0), (0, seq - hi), (0, 0))
+        d_queries.append(_from_rows(jnp.einsum("bkqs,bkhs->bkqh", d_scores, keys[..., :end]), hi - lo))
+        pad = ((0, 0), (0, 0), (0, n_keys - end), (0, 0))
         d_keys += jnp.pad(jnp.einsum("bkqs,bkqh->bksh", d_scores, rows, preferred_element_type=acc), pad)
         d_values += jnp.pad(jnp.einsum("bkqs,bkqh->bksh", probs, d_rows, preferred_element_type=acc), pad)
     d_q = jnp.concatenate(d_queries, axis=1).astype(d_out.dtype)
@@ -176,6 +182,34 @@ def _causal_backward(scale: float, blocks: Blocks, saved: Saved,
 
 
 _causal_attention.defvjp(_causal_forward, _causal_backward)
+
+
+def shared_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, prompt_mask: jax.Array,
+                            completion_mask: jax.Array, scale: float) -> jax.Array:
+    """`causal_attention` over packed group rows: one prompt's `Tp` slots, then its `G` completions of `Tc`.
+
+    q `[P, Tp + G*Tc, heads, head_dim]`, k and v `[P, Tp + G*Tc, kv_heads, head_dim]`; prompt_mask
+    `[P, Tp, Tp]` (the prompt's causal mask), completion_mask `[P*G, Tc, Tp + Tc]` (a completion's queries
+    over its prompt's keys then its own). The prompt attends to itself once per group; each completion
+    reads the group's prompt keys and values (broadcast, so their gradients sum over the G completions)
+    followed by its own. Returns `[P, Tp + G*Tc, heads, head_dim]`, each completion's outputs equal to
+    scoring the row `prompt + completion` alone.
+    """
+    prompts, prompt_len = prompt_mask.shape[:2]
+    rows, completion_len = completion_mask.shape[:2]
+    group = rows // prompts
+
+    def completions(x: jax.Array) -> jax.Array:
+        return x[:, prompt_len:].reshape(rows, completion_len, *x.shape[2:])
+
+    def after_prompt(x: jax.Array) -> jax.Array:
+        shared = jnp.broadcast_to(x[:, None, :prompt_len], (prompts, group, prompt_len, *x.shape[2:]))
+        return jnp.concatenate([shared.reshape(rows, prompt_len, *x.shape[2:]), completions(x)], axis=1)
+
+    prompt_out = causal_attention(q[:, :prompt_len], k[:, :prompt_len], v[:, :prompt_len], prompt_mask, scale)
+    completion_out = causal_attention(completions(q), after_prompt(k), after_prompt(v), completion_mask, scale)
+    return jnp.concatenate([prompt_out, completion_out.reshape(prompts, group * completion_len, *q.shape[2:])],
+                           axis=1)
 
 
 def prefix_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale: float,

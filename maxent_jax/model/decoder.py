@@ -18,7 +18,7 @@ so padding rows never see an empty softmax).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from maxent_jax.model.attention import (
     grouped_attention,
     key_layout,
     prefix_causal_attention,
+    shared_prompt_attention,
     value_layout,
 )
 from maxent_jax.model.cache import KVCache
@@ -61,6 +62,23 @@ _INIT_STD = 0.02
 
 # The residual stream stays batch-sharded under FSDP (weights are gathered, activations are not).
 RESIDUAL_AXES = ("batch", "seq", "act_embed")
+
+
+class SharedPromptMasks(NamedTuple):
+    """The masks of `Decoder.score_groups`' packed rows (static sizes come from their shapes)."""
+
+    prompt: jax.Array  # [P, Tp, Tp]: each group's prompt, causal
+    completion: jax.Array  # [P*G, Tc, Tp + Tc]: a completion over its prompt's keys, then its own
+
+
+def visibility_mask(key_valid: jax.Array, query_slot: jax.Array) -> jax.Array:
+    """`[batch, queries, keys]`: the query in slot t sees key slots s <= t holding a real token, and itself.
+
+    key_valid `[batch, keys]` bool, query_slot `[queries]` int (the queries' slots among the keys).
+    """
+    key_slot = jnp.arange(key_valid.shape[1])
+    causal = key_slot[None, :] <= query_slot[:, None]
+    return (key_valid[:, None, :] & causal[None]) | (key_slot[None, :] == query_slot[:, None])[None]
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -148,7 +166,8 @@ class Attention(nnx.Module):
         """x `[batch, seq, embed]`, mask `[batch, seq, keys]` -> `[batch, seq, embed]`.
 
         Without a cache and with a fused `model.attention`, `mask` is instead each row's valid-prefix
-        length `[batch]` (see `Decoder._valid_first_forward`).
+        length `[batch]` (see `Decoder._valid_first_forward`); for packed group rows it is the
+        `SharedPromptMasks` of `Decoder.score_groups`.
 
         `kv` = (k, v, index): this layer's cache (layouts in `model.cache`) and the slot of the first new
         token; the updated (k, v) is returned.
@@ -159,6 +178,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, SharedPromptMasks):  # packed group rows (`Decoder.score_groups`)
+            return self.o_proj(shared_prompt_attention(q, k, v, mask.prompt, mask.completion, self.scale)), None
         if kv is None and self.implementation != "blocked":  # training / scoring, valid prefixes
             return self.o_proj(prefix_causal_attention(q, k, v, mask, self.scale, self.implementation)), None
         if kv is None:  # training / scoring: the mask is causal over the seq new tokens
@@ -300,10 +321,7 @@ class Decoder(nnx.Module):
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
             query_slot = cache.index + jnp.arange(seq)
-        key_slot = jnp.arange(key_valid.shape[1])
-        causal = key_slot[None, :] <= query_slot[:, None]
-        mask = (key_valid[:, None, :] & causal[None]) | (key_slot[None, :] == query_slot[:, None])[None]
-
+        mask = visibility_mask(key_valid, query_slot)
         if cache is None:
             return self._layers(x, cos, sin, mask), None
 
@@ -314,6 +332,41 @@ class Decoder(nnx.Module):
             values.append(v)
         new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=key_valid, index=cache.index + seq)
         return self.final_norm(x), new_cache
+
+    def score_groups(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array, *,
+                     group: int, prompt_len: int) -> jax.Array:
+        """The cache-free forward of score rows whose groups share a prompt, each prompt computed once.
+
+        Rows `[P*G, Tp + Tc]` in the score layout (`maxent_jax.scoring`: Tp = `prompt_len` prompt
+        columns, then the completion), every run of `group` consecutive rows with the same prompt
+        columns (the G completions of one prompt; the first row's are used). Returns the hidden states
+        `[P*G, Tp + Tc, embed]` that `__call__` gives for these rows, up to float rounding.
+
+        Why: a GRPO batch repeats each prompt G times, so scoring rows whole spends Tp / (Tp + Tc) of
+        every projection and MLP product, forward and backward, on identical copies. Here each group
+        is one packed row (its prompt, then its G completions: `[P, Tp + G*Tc]`) through the dense
+        layers, and attention lets each completion read the group's prompt keys
+        (`shared_prompt_attention`); gradients through the prompt sum over its completions as they
+        would over the copies. Needs `model.attention` 'blocked'.
+        """
+        rows, total = input_ids.shape
+        prompts, completion_len = rows // group, total - prompt_len
+
+        def pack(a: jax.Array) -> jax.Array:
+            a = a.reshape(prompts, group, total)
+            return jnp.concatenate([a[:, 0, :prompt_len], a[:, :, prompt_len:].reshape(prompts, -1)], axis=1)
+
+        valid = pack(attention_mask.astype(jnp.bool_))
+        prompt_valid = valid[:, :prompt_len]
+        key_valid = jnp.concatenate([jnp.repeat(prompt_valid, group, axis=0, total_repeat_length=rows),
+                                     valid[:, prompt_len:].reshape(rows, completion_len)], axis=1)
+        masks = SharedPromptMasks(visibility_mask(prompt_valid, jnp.arange(prompt_len)),
+                                  visibility_mask(key_valid, prompt_len + jnp.arange(completion_len)))
+        x, cos, sin = self._embed(pack(input_ids), pack(positions))
+        hidden = self._layers(x, cos, sin, masks)
+        shared = jnp.broadcast_to(hidden[:, None, :prompt_len], (prompts, group, prompt_len, hidden.shape[-1]))
+        return jnp.concatenate([shared.reshape(rows, prompt_len, -1),
+                                hidden[:, prompt_len:].reshape(rows, completion_len, -1)], axis=1)
 
     def _layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Every block without a cache (per-layer remat as configured), then the final norm."""

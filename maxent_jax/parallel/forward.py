@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from maxent_jax.errors import UserError
 from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
@@ -39,40 +40,49 @@ SCORE_KEYS = ("input_ids", "positions", "attention_mask", "completion_ids")
 
 
 def completion_logprobs_and_hidden(
-    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int
+    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int, group: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """(log p(completion_ids[i, j] | tokens before it) `[N, Tc]` float32, last hidden states `[N, Tp + Tc, D]`).
 
     Pure and differentiable: the building block of losses (the hidden states feed InfoSeed's
-    pooled representations).
+    pooled representations). `group` > 1: every `group` consecutive rows share their prompt, which
+    is then computed once per group (`Decoder.score_groups`, `model.score_prompt_once`).
     """
-    hidden, _ = model(batch["input_ids"], batch["positions"], batch["attention_mask"])
     completion_len = batch["completion_ids"].shape[1]
     prompt_len = batch["input_ids"].shape[1] - completion_len
+    tokens = (batch["input_ids"], batch["positions"], batch["attention_mask"])
+    if group > 1:
+        hidden = model.score_groups(*tokens, group=group, prompt_len=prompt_len)
+    else:
+        hidden, _ = model(*tokens)
     predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
     predicting = constrain_activation(predicting, ("batch", "seq", "act_embed"))
     return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size), hidden
 
 
-def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
+def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int,
+                        group: int = 1) -> jax.Array:
     """log p(completion_ids[i, j] | tokens before it) as `[N, Tc]` float32 (pure; differentiable)."""
-    return completion_logprobs_and_hidden(model, batch, chunk_size=chunk_size)[0]
+    return completion_logprobs_and_hidden(model, batch, chunk_size=chunk_size, group=group)[0]
 
 
-def _in_micro_batches(fn: Any, batch: dict[str, jax.Array], micro_batches: int) -> jax.Array:
-    """Apply `fn` to `micro_batches` strided slices of the rows, one after the other.
+def _in_micro_batches(fn: Any, batch: dict[str, jax.Array], micro_batches: int, group: int) -> jax.Array:
+    """Apply `fn` to `micro_batches` strided slices of whole groups of rows, one after the other.
 
-    Rows are split as [N] -> [N/m, m] (row i goes to slice i % m), which keeps each device's
-    block of rows on that device, so no data moves; only one slice's activations are live.
+    Groups of `group` rows are split as [N/G] -> [N/(G m), m] (group i goes to slice i % m), which
+    keeps each device's block of rows on that device, so no data moves; only one slice's
+    activations are live.
     """
     if micro_batches == 1:
         return fn(batch)
-    split = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1),
-        batch,
-    )
-    out = jax.lax.map(fn, split)  # [m, N/m, Tc]
-    return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // (group * micro_batches), micro_batches, group, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(micro_batches, -1, *x.shape[3:])
+
+    out = jax.lax.map(fn, jax.tree.map(split, batch))  # [m, N/m, Tc]
+    out = out.reshape(micro_batches, -1, group, *out.shape[2:]).swapaxes(0, 1)
+    return out.reshape(-1, *out.shape[3:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +95,17 @@ class LogprobFn:
 
     jitted: Any
     rest: nnx.State
-    divisor: int  # N must be a multiple of this
+    divisor: int  # N must be a multiple of this (the batch's devices)...
+    groups_divisor: int  # ...and of this (whole groups in every forward micro-batch)
     blocking: bool
 
     def __call__(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         batch = {k: batch[k] for k in SCORE_KEYS}
         check_batch(batch, self.divisor, micro_batched=False)
+        rows = batch["input_ids"].shape[0]
+        if rows % self.groups_divisor:
+            raise UserError(f"batch: {rows} rows are not whole groups; expected a multiple of {self.groups_divisor} "
+                            "(rows per prompt group times forward micro-batches)")
         out = self.jitted(params, self.rest, batch)
         return jax.block_until_ready(out) if self.blocking else out
 
@@ -104,6 +119,7 @@ def make_logprob_fn(
     *,
     chunk_size: int,
     micro_batches: int = 1,
+    group: int = 1,
 ) -> LogprobFn:
     """Compile-on-first-use sharded forward for reference / old-policy log-probs.
 
@@ -111,6 +127,8 @@ def make_logprob_fn(
     chunk_size: sequence positions per vocabulary-projection block.
     micro_batches: rows are processed in this many sequential slices to bound activation
         memory; N must be divisible by micro_batches x (devices of the batch axes).
+    group: every `group` consecutive rows share their prompt, computed once per group
+        (`completion_logprobs_and_hidden`); N must be divisible by micro_batches x group.
     """
     params_sh = tree_shardings(params, mesh, rules)
     rest_sh = tree_shardings(rest, mesh, rules)
@@ -118,10 +136,10 @@ def make_logprob_fn(
 
     def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         model = nnx.merge(graphdef, params, rest)
-        score = lambda b: completion_logprobs(model, b, chunk_size=chunk_size)  # noqa: E731
+        score = lambda b: completion_logprobs(model, b, chunk_size=chunk_size, group=group)  # noqa: E731
         with activation_sharding(mesh, rules):
-            return _in_micro_batches(score, batch, micro_batches).astype(jnp.float32)
+            return _in_micro_batches(score, batch, micro_batches, group).astype(jnp.float32)
 
     jitted = jax.jit(forward, in_shardings=(params_sh, rest_sh, rows), out_shardings=rows)
     blocking = mesh.devices.flat[0].platform == "cpu"
-    return LogprobFn(jitted, rest, batch_divisor(mesh, rules) * micro_batches, blocking)
+    return LogprobFn(jitted, rest, batch_divisor(mesh, rules) * micro_batches, group * micro_batches, blocking)

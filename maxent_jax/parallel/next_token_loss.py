@@ -17,10 +17,13 @@ from maxent_jax.parallel.forward import completion_logprobs
 
 
 def next_token_loss(
-    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int = 256
+    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int = 256, group: int = 1
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean negative log-likelihood of masked completion tokens; metrics: token count."""
-    logp = completion_logprobs(model, batch, chunk_size=chunk_size)
+    """Mean negative log-likelihood of masked completion tokens; metrics: token count.
+
+    `group` > 1: rows come in groups sharing a prompt, scored once per group (`completion_logprobs`).
+    """
+    logp = completion_logprobs(model, batch, chunk_size=chunk_size, group=group)
     mask = batch["completion_mask"].astype(jnp.float32)
     tokens = mask.sum()
     loss = -(logp * mask).sum() / jnp.maximum(tokens, 1.0)
