@@ -88,6 +88,20 @@ def test_infoseed_runs_and_reports_seed_metrics(tmp_path):
     assert last["train/loss/seed"] > 0 and last["train/seed/seed_aug_frac"] == pytest.approx(2 / 6)
 
 
+def test_scoring_each_prompt_once_leaves_the_step_unchanged(tmp_path):
+    """model.score_prompt_once on and off, MaxEnt with InfoSeed (groups of G + seed completions, the
+    InfoNCE term reading hidden states) on the 8-device mesh: the RL step's metrics agree."""
+    overrides = {"info_seed.enabled": True, "info_seed.num_seeds": 2, "info_seed.lambda_": 0.01,
+                 "train.max_steps": 1, "train.sft_warmup_steps": 0, "eval.do_eval": False,
+                 "checkpoint.export_final": False, "checkpoint.save_steps": 0}
+    steps = [_finite_train_metrics(run(tiny_config(**overrides, **{"model.score_prompt_once": once}),
+                                       tmp_path / str(once)))
+             for once in (False, True)]
+    for key in ("train/loss", "train/loss/seed", "train/kl", "train/weight_entropy", "train/grad_norm",
+                "train/reward"):
+        assert steps[1][key] == pytest.approx(steps[0][key], rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.slow
 def test_one_device_and_eight_devices_agree(tmp_path):
     """The same config and seed on a 1-device and an 8-device layout give the same metrics."""
