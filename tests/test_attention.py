@@ -101,14 +101,16 @@ def test_shared_prompt_attention_equals_attending_row_by_row():
     prompts, group, tp, tc = 2, 3, 4, 5
     keys = jax.random.split(jax.random.key(3), 4)
     packed = lambda key, heads: jax.random.normal(key, (prompts, tp + group * tc, heads, HEAD_DIM))  # noqa: E731
-    q, k, v, weight = packed(keys[0], HEADS), packed(keys[1], KV_HEADS), packed(keys[2], KV_HEADS), packed(keys[3], HEADS)
+    q, k, v = packed(keys[0], HEADS), packed(keys[1], KV_HEADS), packed(keys[2], KV_HEADS)
+    weight = packed(keys[3], HEADS)
     prompt_valid = np.array([[True] * 4, [False, True, True, True]])
     completion_valid = np.arange(tc)[None] < np.array([5, 4, 3, 5, 4, 3])[:, None]
 
     def mask(valid, first_query):
         slot = np.arange(valid.shape[1])
         query = first_query + np.arange(valid.shape[1] - first_query)
-        return jnp.asarray((valid[:, None] & (slot[None] <= query[:, None])[None]) | (slot[None] == query[:, None])[None])
+        causal = (valid[:, None] & (slot[None] <= query[:, None])[None]) | (slot[None] == query[:, None])[None]
+        return jnp.asarray(causal)
 
     row_valid = np.concatenate([np.repeat(prompt_valid, group, axis=0), completion_valid], axis=1)
     prompt_mask, completion_mask = mask(prompt_valid, 0), mask(row_valid, tp)

@@ -20,9 +20,10 @@ probabilities cast back to the values' dtype before the second matmul.
 
 `grouped_attention` serves the cached (sampler) steps; `causal_attention` is the same map for
 training and scoring (no cache, causal mask), computed in causal query blocks with a hand-written
-backward; `shared_prompt_attention` applies it to a group's prompt once and to each completion. `prefix_causal_attention` is the fused alternative for training and scoring
-(`model.attention` 'dot_product' or 'cudnn'): `jax.nn.dot_product_attention` over rows whose valid
-tokens lead, which on a GPU is cuDNN's flash attention: no score-sized tensor in memory.
+backward; `shared_prompt_attention` applies it to a group's prompt once and to each completion.
+`prefix_causal_attention` is the fused alternative for training and scoring (`model.attention`
+'dot_product' or 'cudnn'): `jax.nn.dot_product_attention` over rows whose valid tokens lead, which
+on a GPU is cuDNN's flash attention: no score-sized tensor in memory.
 """
 
 from __future__ import annotations
