@@ -112,6 +112,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # gen_top_k; 0 = off (the reference never sends it, Q3)
     c.rollout.stop_sequences = ()  # vllm_stop_sequences
     c.rollout.ignore_eos = False
+    # The in-process sampler's concurrent decode programs, each over a share of the prompts (same
+    # samples for any value). 0 = auto: 2 on a one-device CPU mesh (idle cores otherwise), else 1;
+    # more than 1 needs a one-device mesh.
+    c.rollout.decode_streams = 0
     # Push weights to the rollout server every N optimizer steps; 0 = never. The reference
     # never syncs (Q5), so its rollouts come from the initial model.
     c.rollout.sync_interval_steps = 1
@@ -312,6 +316,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.remat_policy", *_one_of(REMAT_POLICIES)),
     ("model.attention", *_one_of(ATTENTION_IMPLEMENTATIONS)),
     ("model.logprob_chunk_size", *_NONNEG_INT),
+    ("rollout.decode_streams", *_NONNEG_INT),
     ("model.tiny.hidden_size", *_POS_INT),
     ("model.tiny.num_layers", *_POS_INT),
     ("model.tiny.num_heads", *_POS_INT),
@@ -485,7 +490,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise _fail("checkpoint.resume", res, "'latest', 'none' or a checkpoint path")
 
     if device_count is not None:
-        validate_mesh_shape(tuple(config.mesh.shape), device_count)
+        shape = validate_mesh_shape(tuple(config.mesh.shape), device_count)
+        if config.rollout.decode_streams > 1 and math.prod(shape) > 1:
+            raise _fail("rollout.decode_streams", config.rollout.decode_streams,
+                        f"0 or 1 on a mesh of {math.prod(shape)} devices (concurrent decode programs need one device)")
 
 
 def validate_mesh_shape(shape: tuple[int, ...], device_count: int) -> tuple[int, ...]:

@@ -114,7 +114,8 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
         return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote)
-    sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0)
+    sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0,
+                      streams=decode_streams(config.rollout.decode_streams, mesh))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
 
     def generate(state: nnx.State, prompts: Sequence[Sequence[int]], sp: SamplingParams, key: jax.Array) -> Generation:
@@ -124,6 +125,14 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
         return ids, logps, out.stopped
 
     return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, generate)
+
+
+def decode_streams(configured: int, mesh: Mesh | None) -> int:
+    """`rollout.decode_streams` with 0 (auto) resolved: 2 on a one-device CPU mesh (at most the cores), else 1."""
+    if configured:
+        return configured
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    return min(2, os.cpu_count() or 1) if len(devices) == 1 and devices[0].platform == "cpu" else 1
 
 
 def _eos_ids(model_cfg: ModelConfig, tokenizer: Any) -> list[int]:

@@ -110,6 +110,26 @@ def test_mesh_must_fit_the_devices():
     assert config_lib.validate_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
 
 
+def test_decode_streams_need_a_one_device_mesh():
+    import os
+
+    import jax
+
+    from maxent_jax.parallel.mesh import make_mesh
+    from maxent_jax.run_setup import decode_streams
+
+    config = tiny_config()
+    config.rollout.decode_streams = 2
+    config.mesh.shape = (1, 1, 1)
+    config_lib.validate(config, device_count=1)
+    config.mesh.shape = (1, -1, 1)
+    with pytest.raises(UserError, match=r"rollout\.decode_streams=2 is invalid: 0 or 1 on a mesh of 8 devices"):
+        config_lib.validate(config, device_count=8)
+    assert decode_streams(3, None) == 3  # as configured
+    assert decode_streams(0, make_mesh((1, 1, 1), jax.devices()[:1])) == min(2, os.cpu_count())  # auto, one CPU device
+    assert decode_streams(0, make_mesh((1, -1, 1))) == 1  # auto, the 8-device mesh
+
+
 def test_defaults_and_recipes_validate():
     config_lib.validate(config_lib.get_base_config(), device_count=8)
     config_lib.validate(tiny_config(), device_count=1)

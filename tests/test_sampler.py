@@ -209,3 +209,34 @@ def test_stop_strings_are_cut_on_the_host_and_refused_without_a_decoder(tiny):
     _, sampler, state = tiny
     with pytest.raises(ValueError, match=r"stop strings \['x'\] need decode="):
         sampler.generate(state, PROMPTS, SamplingParams(stop=("x",)), jax.random.key(0))
+
+
+def test_decode_streams_give_the_one_program_samples(tiny):
+    """streams=2 (3 prompts split 1 + 2, two programs at once): the same tokens, lengths and stop flags,
+    log-probs within float32 rounding, with EOS stops, top-p filtering and stop strings on the host."""
+    model, sampler, state = tiny
+    streamed = Sampler(sampler.graphdef, eos_token_ids=sampler.eos_token_ids, streams=2)
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.3, top_p=0.95, stop=("7 7",))
+    for key in (0, 1):
+        want = sampler.generate(state, PROMPTS, params, jax.random.key(key), decode=decode)
+        got = streamed.generate(state, PROMPTS, params, jax.random.key(key), decode=decode)
+        assert got.tokens.shape == want.tokens.shape == (9, 12)
+        for field in ("tokens", "lengths", "stopped"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        for field in ("logprobs", "sampling_logprobs"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=1e-5, err_msg=field)
+    assert streamed.num_programs == 2  # one program per share size (1 and 2 prompts)
+
+
+def test_decode_streams_refuse_parameters_sharded_over_devices(tiny):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from maxent_jax.parallel.mesh import make_mesh
+
+    _, sampler, state = tiny
+    mesh = make_mesh((1, -1, 1))
+    spread = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())), state)
+    streamed = Sampler(sampler.graphdef, eos_token_ids=sampler.eos_token_ids, streams=2)
+    with pytest.raises(ValueError, match="streams=2 needs parameters on one device"):
+        streamed.generate(spread, PROMPTS, SamplingParams(n=1, max_tokens=2), jax.random.key(0))

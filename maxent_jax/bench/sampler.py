@@ -3,7 +3,8 @@
 Both sides get the same weights (ours, exported as an HF directory), the same prompts, G
 samples per prompt, the same number of new tokens (EOS ignored) and temperature 1 over the
 full vocabulary. Tokens/s = generated tokens / wall time of one whole generate call
-(prefill included), as a user of either would see it.
+(prefill included), as a user of either would see it. Ours runs with the trainer's decode
+streams (`rollout.decode_streams` auto: 2 on a one-device CPU, 1 elsewhere).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from maxent_jax.bench.timing import Run, alternate, timed
 OURS = "ours: sampler"
 
 
-def our_run(preset: Preset, model) -> Run:
+def our_run(preset: Preset, model, streams: int) -> Run:
     import jax
 
     from maxent_jax.rollout.backend import SamplingParams
     from maxent_jax.rollout.sampler import Sampler
 
-    sampler, state = Sampler.for_model(model)
+    sampler, state = Sampler.for_model(model, streams=streams)
     prompts = preset.prompt_ids()
     params = SamplingParams(n=preset.generations, max_tokens=preset.new_tokens, temperature=1.0, ignore_eos=True)
     calls = iter(range(1 << 30))
@@ -43,6 +44,7 @@ def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str |
 
     from maxent_jax.bench import peers
     from maxent_jax.model.decoder import Decoder
+    from maxent_jax.run_setup import decode_streams
 
     if vs not in (None, "transformers", "vllm"):
         from maxent_jax.errors import UserError
@@ -51,9 +53,11 @@ def run_sampler(preset: Preset, repeats: int, vs: str | None, vllm_python: str |
     if vs == "transformers":
         peers.require("transformers")
     python = peers.vllm_python(vllm_python) if vs == "vllm" else None
-    report = Report("sampler", preset.name, repeats, {**preset.describe(), "temperature": 1.0, "ignore_eos": True})
+    streams = decode_streams(0, None)
+    report = Report("sampler", preset.name, repeats, {**preset.describe(), "temperature": 1.0, "ignore_eos": True,
+                                                        "decode_streams": streams})
     model = Decoder(preset.model, rngs=nnx.Rngs(0))
-    runs = {"ours": our_run(preset, model)}
+    runs = {"ours": our_run(preset, model, streams)}
     units = {OURS: "tokens/s"}
     closer = None
     with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:

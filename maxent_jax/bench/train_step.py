@@ -100,6 +100,7 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
     from maxent_jax.bench import peers
     from maxent_jax.data.stream import BatchStream
     from maxent_jax.errors import UserError
+    from maxent_jax.run_setup import decode_streams
     from maxent_jax.trainer import Trainer
 
     if preset.name == "qwen2_5_1_5b":
@@ -115,7 +116,8 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
         report = Report("train-step", preset.name, repeats, {
             **preset.describe(), "prompt_len": f"{prompt_len:.1f} (mean, synthetic task)",
             "objective": "grpo" if config.objective.train_grpo_objective else "maxent",
-            "beta": config.objective.beta, "mesh": dict(trainer.mesh.shape)})
+            "beta": config.objective.beta, "mesh": dict(trainer.mesh.shape),
+            "decode_streams": decode_streams(config.rollout.decode_streams, trainer.mesh)})
         report.setup.pop("prompt_len", None)
         report.setup["prompt_tokens_mean"] = round(prompt_len, 1)
 

@@ -44,10 +44,14 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> 
     return x0, x1
 
 
-def row_keys(key: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
-    """One Threefry key pair per row, `([rows], [rows])` uint32, from a jax PRNG key (any implementation)."""
+def row_keys(key: jax.Array, rows: int, first_row: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+    """One Threefry key pair per row, `([rows], [rows])` uint32, from a jax PRNG key (any implementation).
+
+    The rows are `[first_row, first_row + rows)` of the call's batch, so a share of the batch decoded
+    on its own draws exactly the noise it would draw in the whole batch.
+    """
     root = jax.random.bits(key, (2,), jnp.uint32)
-    index = jnp.arange(rows, dtype=jnp.uint32)
+    index = jnp.asarray(first_row, jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32)
     return threefry2x32(root[0], root[1], index, jnp.zeros_like(index))
 
 

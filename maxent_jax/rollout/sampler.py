@@ -22,7 +22,13 @@ Returned per token:
                       (0 for greedy, whose distribution is a point mass).
 A row ends after a token in its stop set (EOS unless `ignore_eos`, plus `stop_token_ids`);
 that token is kept and counted. Randomness depends only on (key, row, step), so results are
-deterministic per key and independent of the padding buckets.
+deterministic per key and independent of the padding buckets and of `streams`.
+
+`streams` > 1 splits the prompts into that many contiguous shares, each decoded by its own
+program, run at once from a thread pool. On a CPU one small-batch decode leaves cores idle (each
+step is a chain of small matrix products whose latency the intra-op threads cannot hide); two
+concurrent programs keep both cores of the bench machine busy (docs/rollout.md). Only for
+parameters on one device: concurrent programs with collectives can deadlock XLA:CPU.
 
 Shapes are padded to buckets (powers of two: prompts, prompt length, max_tokens, stop-id
 count) so a run compiles a handful of programs; each new program is logged.
@@ -30,6 +36,7 @@ count) so a run compiles a handful of programs; each new program is logged.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -136,6 +143,7 @@ def _decode(
     live: jax.Array,
     stop_ids: jax.Array,
     key: jax.Array,
+    first_row: jax.Array,
     max_tokens: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
@@ -148,6 +156,8 @@ def _decode(
     pad_id: int,
 ) -> tuple[jax.Array, ...]:
     """The whole generation as one program; shapes: prompts `[P, T]`, live `[P*n]`, stop_ids `[S]` (-1 = unused).
+
+    `first_row`: the call-wide index of this program's first row (its rows' noise streams).
 
     Jitted at module level with the graph definition static, so samplers of equal architecture
     (e.g. two servers in one process) share compiled programs.
@@ -166,7 +176,7 @@ def _decode(
 
     cache = cache.map_rows(lambda x: repeat(x, 0))
     next_pos = repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), 0)
-    keys = row_keys(key, rows)
+    keys = row_keys(key, rows, first_row)
 
     def pick(logits: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         noise = None if greedy else gumbel_noise(keys, step, logits.shape[-1])
@@ -222,20 +232,26 @@ def _decode(
 class Sampler:
     """Generates from a Decoder's parameters as given (sharded or not; never copied)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, *, eos_token_ids: Sequence[int], pad_token_id: int = 0):
+    def __init__(self, graphdef: nnx.GraphDef, *, eos_token_ids: Sequence[int], pad_token_id: int = 0,
+                 streams: int = 1):
+        if streams < 1:
+            raise ValueError(f"streams={streams} must be >= 1")
         self.graphdef = graphdef
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.pad_token_id = int(pad_token_id)
+        self.streams = streams
+        self._pool = concurrent.futures.ThreadPoolExecutor(streams) if streams > 1 else None
         self._compiled: set[tuple] = set()
 
     @classmethod
-    def for_model(cls, model: Decoder, *, eos_token_ids: Sequence[int] | None = None) -> tuple["Sampler", nnx.State]:
+    def for_model(cls, model: Decoder, *, eos_token_ids: Sequence[int] | None = None,
+                  streams: int = 1) -> tuple["Sampler", nnx.State]:
         """A sampler for `model` and the model's parameter state (split once, outside the hot path)."""
         graphdef, state = nnx.split(model)
         cfg = model.cfg
         eos = eos_token_ids if eos_token_ids is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        return cls(graphdef, eos_token_ids=eos, pad_token_id=pad), state
+        return cls(graphdef, eos_token_ids=eos, pad_token_id=pad, streams=streams), state
 
     def generate(
         self,
@@ -259,6 +275,25 @@ class Sampler:
             raise ValueError("every prompt needs at least one token")
         if params.n < 1 or params.max_tokens < 1:
             raise ValueError(f"n={params.n} and max_tokens={params.max_tokens} must both be >= 1")
+        shares = min(self.streams, len(prompts))
+        if shares > 1 and any(isinstance(x, jax.Array) and len(x.devices()) > 1 for x in jax.tree.leaves(state)):
+            raise ValueError(f"streams={self.streams} needs parameters on one device; these span several")
+        edges = [len(prompts) * i // shares for i in range(shares + 1)]
+        parts = [(prompts[lo:hi], lo * params.n) for lo, hi in zip(edges[:-1], edges[1:])]
+        if shares == 1:
+            outputs = [self._decode_share(state, *parts[0], params, key)]
+        else:
+            outputs = list(self._pool.map(lambda part: self._decode_share(state, *part, params, key), parts))
+        batch = SampleBatch(*(np.concatenate(arrays) for arrays in zip(*(dataclasses.astuple(o) for o in outputs))))
+        if params.stop:
+            from maxent_jax.rollout.stop_strings import apply_stop_strings
+
+            batch, _ = apply_stop_strings(batch, params.stop, decode, self.pad_token_id)
+        return batch
+
+    def _decode_share(self, state: nnx.State | tuple[nnx.State, ...], prompts: Sequence[Sequence[int]],
+                      first_row: int, params: SamplingParams, key: jax.Array) -> SampleBatch:
+        """One program's generation for `prompts`, whose rows start at `first_row` of the call's batch."""
         num_prompts, n = len(prompts), params.n
         p_bucket = bucket(num_prompts)
         t_bucket = bucket(max(len(p) for p in prompts), _MIN_LEN_BUCKET)
@@ -293,6 +328,7 @@ class Sampler:
             live,
             stop_ids,
             key,
+            np.int32(first_row),
             np.int32(params.max_tokens),
             np.float32(params.temperature if not greedy else 1.0),
             np.int32(params.top_k),
@@ -305,18 +341,13 @@ class Sampler:
         )
         tokens, logprobs, sampling_lp, lengths, stopped = jax.device_get(outputs)
         rows, width = num_prompts * n, params.max_tokens
-        batch = SampleBatch(
+        return SampleBatch(
             tokens=tokens[:rows, :width],
             logprobs=logprobs[:rows, :width],
             sampling_logprobs=sampling_lp[:rows, :width],
             lengths=lengths[:rows],
             stopped=stopped[:rows],
         )
-        if params.stop:
-            from maxent_jax.rollout.stop_strings import apply_stop_strings
-
-            batch, _ = apply_stop_strings(batch, params.stop, decode, self.pad_token_id)
-        return batch
 
     @property
     def num_programs(self) -> int:
