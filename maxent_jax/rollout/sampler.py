@@ -281,10 +281,11 @@ class Sampler:
         edges = [len(prompts) * i // shares for i in range(shares + 1)]
         parts = [(prompts[lo:hi], lo * params.n) for lo, hi in zip(edges[:-1], edges[1:])]
         if shares == 1:
-            outputs = [self._decode_share(state, *parts[0], params, key)]
+            batch = self._decode_share(state, *parts[0], params, key)
         else:
             outputs = list(self._pool.map(lambda part: self._decode_share(state, *part, params, key), parts))
-        batch = SampleBatch(*(np.concatenate(arrays) for arrays in zip(*(dataclasses.astuple(o) for o in outputs))))
+            batch = SampleBatch(**{f.name: np.concatenate([getattr(o, f.name) for o in outputs])
+                                   for f in dataclasses.fields(SampleBatch)})
         if params.stop:
             from maxent_jax.rollout.stop_strings import apply_stop_strings
 
