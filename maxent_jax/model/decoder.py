@@ -28,8 +28,10 @@ from maxent_jax.model.attention import (
     causal_attention,
     grouped_attention,
     key_layout,
+    pack_groups,
     prefix_causal_attention,
     shared_prompt_attention,
+    unpack_groups,
     value_layout,
 )
 from maxent_jax.model.cache import KVCache
@@ -349,24 +351,12 @@ class Decoder(nnx.Module):
         (`shared_prompt_attention`); gradients through the prompt sum over its completions as they
         would over the copies. Needs `model.attention` 'blocked'.
         """
-        rows, total = input_ids.shape
-        prompts, completion_len = rows // group, total - prompt_len
-
-        def pack(a: jax.Array) -> jax.Array:
-            a = a.reshape(prompts, group, total)
-            return jnp.concatenate([a[:, 0, :prompt_len], a[:, :, prompt_len:].reshape(prompts, -1)], axis=1)
-
-        valid = pack(attention_mask.astype(jnp.bool_))
-        prompt_valid = valid[:, :prompt_len]
-        key_valid = jnp.concatenate([jnp.repeat(prompt_valid, group, axis=0, total_repeat_length=rows),
-                                     valid[:, prompt_len:].reshape(rows, completion_len)], axis=1)
-        masks = SharedPromptMasks(visibility_mask(prompt_valid, jnp.arange(prompt_len)),
-                                  visibility_mask(key_valid, prompt_len + jnp.arange(completion_len)))
-        x, cos, sin = self._embed(pack(input_ids), pack(positions))
-        hidden = self._layers(x, cos, sin, masks)
-        shared = jnp.broadcast_to(hidden[:, None, :prompt_len], (prompts, group, prompt_len, hidden.shape[-1]))
-        return jnp.concatenate([shared.reshape(rows, prompt_len, -1),
-                                hidden[:, prompt_len:].reshape(rows, completion_len, -1)], axis=1)
+        valid = pack_groups(attention_mask.astype(jnp.bool_), group, prompt_len)
+        key_valid = unpack_groups(valid, group, prompt_len)  # each row's own, as whole rows
+        masks = SharedPromptMasks(visibility_mask(valid[:, :prompt_len], jnp.arange(prompt_len)),
+                                  visibility_mask(key_valid, prompt_len + jnp.arange(input_ids.shape[1] - prompt_len)))
+        x, cos, sin = self._embed(pack_groups(input_ids, group, prompt_len), pack_groups(positions, group, prompt_len))
+        return unpack_groups(self._layers(x, cos, sin, masks), group, prompt_len)
 
     def _layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Every block without a cache (per-layer remat as configured), then the final norm."""
