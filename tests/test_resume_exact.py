@@ -4,7 +4,7 @@ For GRPO and for MaxEnt, both with controllers active (the KL controller moves b
 the tau controller chases a weight-entropy target): one uninterrupted `python -m maxent_jax.train`
 of 4 steps, and one killed with SIGKILL as soon as its step-1 checkpoint is committed, then
 started again with the same command (resume=latest). Every metric of every step must be equal,
-except wall-clock timings. Same device layout (8 host CPU devices) for all runs.
+except wall-clock timings, and finite (these are also the suite's plain GRPO training runs). Same device layout (8 host CPU devices) for all runs.
 
 The runs share a persistent XLA compilation cache, so only the first compiles.
 """
@@ -12,6 +12,7 @@ The runs share a persistent XLA compilation cache, so only the first compiles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -85,6 +86,9 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, env, vari
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert got == want
     first, last = want[0], want[-1]
+    train = [(r["step"], k, v) for r in want for k, v in r.items() if k.startswith("train/") and isinstance(v, float)]
+    assert train and all(math.isfinite(v) for _, _, v in train), [t for t in train if not math.isfinite(t[2])]
+    assert last["train/grpo_objective"] == float(variant == "grpo")
     assert last["train/beta"] != first["train/beta"]  # the KL controller acted
     if variant == "maxent":
         assert last["train/tau"] != first["train/tau"]  # the tau controller acted

@@ -71,13 +71,6 @@ def test_maxent_run_on_the_8_device_mesh_writes_everything(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
-def test_grpo_objective_runs(tmp_path):
-    records = run(tiny_config(**{"objective.train_grpo_objective": True, "eval.do_eval": False,
-                                 "checkpoint.export_final": False}), tmp_path)
-    last = _finite_train_metrics(records)
-    assert last["train/grpo_objective"] == 1.0
-
-
 def test_infoseed_runs_and_scoring_each_prompt_once_leaves_its_step_unchanged(tmp_path):
     """GRPO with InfoSeed (groups of G + seed completions, the InfoNCE term reading hidden states) on the
     8-device mesh reports its seed metrics; with model.score_prompt_once on and off the RL step's
