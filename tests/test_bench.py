@@ -205,13 +205,18 @@ def test_weight_sync_target_pushes_to_a_real_server():
 
 
 @pytest.mark.slow
-def test_train_step_target_runs_the_trainer():
-    from maxent_jax.bench.train_step import OURS, run_train_step
+def test_train_step_target_runs_the_trainer_and_trl():
+    """Ours and TRL's GRPOTrainer on the same exported weights and prompts, with full-length completions
+    on both sides (same token count per step) and the same activation recompute setting."""
+    from maxent_jax.bench.train_step import OURS, TRL, TRL_S, run_train_step
 
     overrides = {"train.per_device_train_batch_size": 8, "rollout.num_generations": 2,
                  "rollout.max_completion_length": 4}  # prompts split over the 8 forced devices
-    report = run_train_step(_toy(prompts=8, generations=2, config_overrides=overrides), repeats=1, vs=None)
+    report = run_train_step(_toy(prompts=8, generations=2, config_overrides=overrides), repeats=1, vs="trl")
     assert report.figure(OURS).median > 0
+    assert report.figure(TRL).median * report.figure(TRL_S).median == pytest.approx(8 * 2 * 4)
+    assert report.setup["remat"] is report.setup["trl_gradient_checkpointing"] is False
+    assert report.ratios["ours / trl (tokens/s)"] > 0
     assert 0 < report.ratios["ours: fraction of measured fp32 matmul rate"] < 10
     phases = [f for f in report.figures if f.name.startswith("ours phase: ")]
     assert len(phases) == 5 and sum(f.median for f in phases) <= report.figure("ours: RL step time").median * 1.05

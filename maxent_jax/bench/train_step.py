@@ -116,7 +116,7 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
         report = Report("train-step", preset.name, repeats, {
             **preset.describe(), "prompt_len": f"{prompt_len:.1f} (mean, synthetic task)",
             "objective": "grpo" if config.objective.train_grpo_objective else "maxent",
-            "beta": config.objective.beta, "mesh": dict(trainer.mesh.shape),
+            "beta": config.objective.beta, "remat": config.model.remat, "mesh": dict(trainer.mesh.shape),
             "decode_streams": decode_streams(config.rollout.decode_streams, trainer.mesh)})
         report.setup.pop("prompt_len", None)
         report.setup["prompt_tokens_mean"] = round(prompt_len, 1)
@@ -142,10 +142,12 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
                 scorer = RewardScorer(config.rewards.reward_funcs, config.rewards.reward_weights, num_workers=None)
                 peer = TrlPeer(model, [r["prompt"] for r in rows], [r["answer"] for r in rows], preset,
                                beta=config.objective.beta, learning_rate=config.optim.learning_rate,
-                               scorer=scorer, torch_threads=torch_threads)
+                               gradient_checkpointing=config.model.remat, scorer=scorer,
+                               torch_threads=torch_threads)
                 runs["trl"] = peer.run(TRL, TRL_S)
                 report.add_package_versions(["torch", "transformers", "trl"])
                 report.setup["torch_threads"] = _torch_threads()
+                report.setup["trl_gradient_checkpointing"] = peer.trainer.args.gradient_checkpointing
             for figure in alternate(runs, repeats, units):
                 report.add(figure)
         finally:

@@ -3,7 +3,9 @@
 Same model (our weights through the HF export), same tokenizer, the same prompt texts in the
 same order as our run's prompt stream, same G, completion length, prompts per step,
 temperature, beta, learning rate and reward function (our scorer, called from TRL's reward
-hook). EOS is kept out with `min_new_tokens`, so every completion has full length; vLLM,
+hook), and the same activation recompute: gradient checkpointing follows our `model.remat`
+(TRL's GRPOConfig turns it on by default, which re-runs every layer's forward in the backward:
+about 0.15 s of TRL's 0.8 s `small` step on the 2-core CPU). EOS is kept out with `min_new_tokens`, so every completion has full length; vLLM,
 logging, saving and dataset shuffling are off. It trains on the GPU when torch sees one (as ours
 does under jax), else on the CPU. One run = one optimizer step: a callback times
 the step from `on_step_begin` to `on_step_end` (generation, reward, reference forward, loss,
@@ -23,7 +25,8 @@ from maxent_jax.bench.timing import Run
 
 class TrlPeer:
     def __init__(self, model_dir: Path, prompts: Sequence[str], answers: Sequence[str], preset: Preset, *,
-                 beta: float, learning_rate: float, scorer: Any, torch_threads: int | None):
+                 beta: float, learning_rate: float, gradient_checkpointing: bool, scorer: Any,
+                 torch_threads: int | None):
         import torch
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
@@ -56,7 +59,7 @@ class TrlPeer:
             top_p=1.0, top_k=0, beta=beta, learning_rate=learning_rate, max_steps=1, num_iterations=1,
             generation_kwargs={"min_new_tokens": preset.new_tokens}, shuffle_dataset=False, use_vllm=False,
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(), gradient_checkpointing=gradient_checkpointing,
             bf16=False, seed=0, dataloader_num_workers=0, log_level="error",
         )
         hf_logging.disable_progress_bar()
