@@ -10,7 +10,7 @@ from flax import nnx
 
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import LOGICAL_AXES, Decoder, swiglu
-from maxent_jax.model.logprobs import token_logprobs
+from maxent_jax.model.logprobs import chunked_logprobs, token_logprobs
 from maxent_jax.model.rope import inverse_frequencies, rope_cos_sin
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -154,6 +154,31 @@ def test_chunked_logprob_gradients_and_remat_match_the_plain_forward():
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
         # absolute slack scaled to the tensor: float32 sums in another order differ by ~1e-7 of its largest entry
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3, 7])
+def test_logprob_blocks_with_and_without_recompute_match_autodiff_of_log_softmax(chunk_size):
+    """One block (0, or 7 >= seq: kept for the backward) and three blocks (recomputed) against autodiff of
+    the full log-softmax: values and the gradients reaching the hidden states and the head kernel,
+    with logits spread wide enough that some probabilities underflow."""
+    keys = jax.random.split(jax.random.key(5), 3)
+    hidden = jax.random.normal(keys[0], (2, 7, 6)) * 3.0
+    kernel = jax.random.normal(keys[1], (6, 11)) * 3.0
+    targets = jax.random.randint(keys[2], (2, 7), 0, 11)
+    weights = jnp.linspace(-1.0, 2.0, 14).reshape(2, 7)
+
+    def reference(h, k):
+        logp = jnp.take_along_axis(jax.nn.log_softmax(h @ k, axis=-1), targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * logp)
+
+    def blocked(h, k):
+        return jnp.sum(weights * chunked_logprobs(k, h, targets, chunk_size=chunk_size))
+
+    want, want_grads = jax.value_and_grad(reference, argnums=(0, 1))(hidden, kernel)
+    got, got_grads = jax.jit(jax.value_and_grad(blocked, argnums=(0, 1)))(hidden, kernel)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_params_and_compute_stay_close_to_float32():
