@@ -288,7 +288,7 @@ def _sample_fn(policy: Any, params: Any, config: Any, num_samples: int) -> Sampl
         # keyed by the batch's first problem, so a resumed evaluation draws the same samples for it
         key = jax.random.fold_in(base_key, zlib.crc32(batch[0]["problem"].encode("utf-8")) & 0x7FFFFFFF)
         ids, _, _ = policy.generate(params, [row["prompt_ids"] for row in batch], sampling, key)
-        texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = policy.decode(ids)
         return [texts[i * n:(i + 1) * n] for i in range(len(batch))]
 
     return sample

@@ -58,6 +58,17 @@ class Policy:
     def pad_id(self) -> int:
         return self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
 
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Completion texts without special tokens (what the rewards score): `batch_decode`'s result.
+
+        A fast tokenizer without space clean-up goes straight to its Rust backend: `batch_decode`
+        first type-checks every token id in Python, about 5 ms of the `tiny` preset's 0.1 s RL step.
+        """
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "is_fast", False) and not tokenizer.clean_up_tokenization_spaces:
+            return tokenizer.backend_tokenizer.decode_batch([list(row) for row in ids], skip_special_tokens=True)
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
 
 def _load_tokenizer(path: str) -> Any:
     import transformers

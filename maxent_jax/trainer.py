@@ -184,7 +184,7 @@ class Trainer:
             s_ids, s_logps, _ = self.generate([x[-c.rollout.max_prompt_length:] for x in encoded], 1)
             ids, logps = _interleave(ids, s_ids, n, self.seeds), _interleave(logps, s_logps, n, self.seeds)
         k = self.group
-        texts = self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = self.policy.decode(ids)
         answers = [r["answer"] for r in rows for _ in range(k)]
         utilities, parts = self.rewards(texts, answers, is_eval=False)
         completion_len = scoring.bucket(max(len(x) for x in ids), 8, c.rollout.max_completion_length)
@@ -383,7 +383,7 @@ class Trainer:
 
         def generate(rows: Sequence[dict[str, Any]]) -> list[str]:
             ids, _, _ = self.generate([r["prompt_ids"] for r in rows], 1)
-            return self.policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return self.policy.decode(ids)
 
         return evaluate_policy(generate, self.task.eval[: c.eval.max_eval_samples or None],
                                lambda texts, answers: self.eval_rewards(texts, answers, is_eval=True)[0],

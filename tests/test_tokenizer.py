@@ -67,3 +67,23 @@ def test_cached_after_first_use_and_deterministic(tok_dir, tmp_path, monkeypatch
     monkeypatch.setattr(offline, "_train", no_training)
     assert offline.build_offline_tokenizer(tmp_path / "other") == again
     assert [p.name for p in (tmp_path / "other").iterdir()] == [again.name]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_policy_decode_equals_batch_decode(tok_dir, clean_up):
+    """`Policy.decode` (the Rust backend directly, or batch_decode when spaces are cleaned up) gives
+    batch_decode's texts: special tokens dropped, tags kept, rows of any length including empty ones."""
+    import numpy as np
+
+    from maxent_jax.run_setup import Policy
+
+    tok = AutoTokenizer.from_pretrained(tok_dir, clean_up_tokenization_spaces=clean_up)
+    rng = np.random.default_rng(0)
+    rows = [tok("<think>1 + 2 = 3 , ok .</think><answer>3</answer><|im_end|>", add_special_tokens=False).input_ids,
+            [], [0, 1, 2], *(rng.integers(0, offline.VOCAB_SIZE, n).tolist() for n in (1, 7, 40))]
+    want = tok.batch_decode(rows, skip_special_tokens=True)
+    assert want[0] == "<think>1 + 2 = 3 , ok .</think><answer>3</answer>"
+    if not clean_up:  # the backend path must not fall back to batch_decode
+        tok.batch_decode = None
+    policy = Policy(*[None] * 4, tokenizer=tok, tokenizer_dir=str(tok_dir), generate=None)
+    assert policy.decode(rows) == want

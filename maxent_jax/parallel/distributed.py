@@ -170,6 +170,8 @@ def global_batch(
     mesh axes of the 'batch' rule. With one process this is a sharded `device_put`.
     """
     sharding = NamedSharding(mesh, batch_spec(rules, micro_batched))
+    if jax.process_count() == 1:  # one batched transfer (half the time of one call per array)
+        return jax.device_put({k: np.asarray(v) for k, v in local.items()}, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
