@@ -4,7 +4,8 @@ For GRPO and for MaxEnt, both with controllers active (the KL controller moves b
 the tau controller chases a weight-entropy target): one uninterrupted `python -m maxent_jax.train`
 of 4 steps, and one killed with SIGKILL as soon as its step-1 checkpoint is committed, then
 started again with the same command (resume=latest). Every metric of every step must be equal,
-except wall-clock timings, and finite (these are also the suite's plain GRPO training runs). Same device layout (8 host CPU devices) for all runs.
+except wall-clock timings, and finite (these are also the suite's plain GRPO training runs).
+Same device layout (8 host CPU devices) for all runs.
 
 The runs share a persistent XLA compilation cache, so only the first compiles.
 """

@@ -5,8 +5,9 @@ same order as our run's prompt stream, same G, completion length, prompts per st
 temperature, beta, learning rate and reward function (our scorer, called from TRL's reward
 hook), and the same activation recompute: gradient checkpointing follows our `model.remat`
 (TRL's GRPOConfig turns it on by default, which re-runs every layer's forward in the backward:
-about 0.15 s of TRL's 0.8 s `small` step on the 2-core CPU). EOS is kept out with `min_new_tokens`, so every completion has full length; vLLM,
-logging, saving and dataset shuffling are off. It trains on the GPU when torch sees one (as ours
+about 0.15 s of TRL's 0.8 s `small` step on the 2-core CPU). EOS is kept out with
+`min_new_tokens`, so every completion has full length; vLLM, logging, saving and dataset
+shuffling are off. It trains on the GPU when torch sees one (as ours
 does under jax), else on the CPU. One run = one optimizer step: a callback times
 the step from `on_step_begin` to `on_step_end` (generation, reward, reference forward, loss,
 backward and optimizer step all fall inside), and the reward hook counts the completion tokens.
