@@ -62,21 +62,22 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, env, variant):
-    straight = tmp_path / "straight"
-    done = subprocess.run(_command(straight, variant), cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
-    (tmp_path / "straight.log").write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(_command(killed, variant), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The uninterrupted run and the one to be killed start together (two processes, two workdirs).
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("straight", "killed")}
+    runs = {name: subprocess.Popen(_command(workdir, variant), cwd=tmp_path, env=env, stdout=logs[name],
+                                   stderr=subprocess.STDOUT)
+            for name, workdir in (("straight", straight), ("killed", killed))}
+    proc = runs["killed"]
     deadline = time.monotonic() + 900
     while 1 not in ckpt.list_steps(killed / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert len(_metrics(killed)) < STEPS  # it really was cut short
+    assert runs["straight"].wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    for log in logs.values():
+        log.close()
 
     resumed = subprocess.run(_command(killed, variant), cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
