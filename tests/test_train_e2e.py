@@ -93,17 +93,20 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     overrides = ["--config." + k + "=" + str(v) for k, v in SHORT.items()]
     overrides += ["--config.train.per_device_train_batch_size=8", "--config.eval.do_eval=False",
                   "--config.checkpoint.export_final=False", "--config.checkpoint.save_steps=0"]
-    records = {}
-    for devices, mesh in ((1, "(1,1,1)"), (8, "(1,8,1)")):
+    procs = {}
+    for devices, mesh in ((1, "(1,1,1)"), (8, "(1,8,1)")):  # both runs at once
         per_device = 8 // devices
         args = [a for a in overrides if "per_device_train_batch_size" not in a]
         args += [f"--config.train.per_device_train_batch_size={per_device}", f"--config.mesh.shape={mesh}"]
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        workdir = tmp_path / f"d{devices}"
-        proc = subprocess.run([sys.executable, "-m", "maxent_jax.train", f"--workdir={workdir}", *args],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        records[devices] = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        command = [sys.executable, "-m", "maxent_jax.train", f"--workdir={tmp_path / f'd{devices}'}", *args]
+        with open(tmp_path / f"d{devices}.log", "w") as log:  # a file, not a pipe: neither run can block on it
+            procs[devices] = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    records = {}
+    for devices, proc in procs.items():
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"d{devices}.log").read_text()[-2000:]
+        metrics = (tmp_path / f"d{devices}" / "metrics.jsonl").read_text().splitlines()
+        records[devices] = [json.loads(line) for line in metrics]
     for one, eight in zip(*(sorted((r for r in records[d] if "train/loss" in r), key=lambda r: r["step"]) for d in (1, 8))):
         for key in ("train/reward", "train/loss", "train/kl", "train/weight_entropy", "train/grad_norm"):
             assert one[key] == pytest.approx(eight[key], rel=1e-3, abs=1e-5), key
