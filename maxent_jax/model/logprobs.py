@@ -58,11 +58,10 @@ def chunked_logprobs(kernel: jax.Array, hidden: jax.Array, targets: jax.Array, *
     def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h, y = args
         logits = dense(h, kernel, 1, jnp.float32)
+        logp = target_logprobs(logits, y)
         if not return_entropy:
-            logp = target_logprobs(logits, y)
             return logp, jnp.zeros_like(logp)
         logp_all = jax.nn.log_softmax(logits, axis=-1)
-        logp = jnp.take_along_axis(logp_all, y[..., None], axis=-1)[..., 0]
         return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
     if num_chunks > 1:
