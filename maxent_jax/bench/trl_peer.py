@@ -7,10 +7,10 @@ hook), and the same activation recompute: gradient checkpointing follows our `mo
 (TRL's GRPOConfig turns it on by default, which re-runs every layer's forward in the backward:
 about 0.15 s of TRL's 0.8 s `small` step on the 2-core CPU). EOS is kept out with
 `min_new_tokens`, so every completion has full length; vLLM, logging, saving and dataset
-shuffling are off. It trains on the GPU when torch sees one (as ours
-does under jax), else on the CPU. One run = one optimizer step: a callback times
-the step from `on_step_begin` to `on_step_end` (generation, reward, reference forward, loss,
-backward and optimizer step all fall inside), and the reward hook counts the completion tokens.
+shuffling are off. It trains on the GPU when torch sees one (as ours does under jax), else on the
+CPU. One run = one optimizer step: a callback times the step from `on_step_begin` to
+`on_step_end` (generation, reward, reference forward, loss, backward and optimizer step all fall
+inside), and the reward hook counts the completion tokens.
 """
 
 from __future__ import annotations
