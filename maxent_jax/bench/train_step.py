@@ -59,9 +59,13 @@ def step_flops(preset: Preset, prompt_len: int) -> float:
     return rollout + reference + update
 
 
-# Trainer attributes timed as the step's phases (each is called once per RL step).
-PHASES = {"generate": "rollout: sampler", "rewards": "rewards", "reference_logprobs": "reference log-probs",
-          "rl_step": "update (jitted step)", "update_controllers": "controllers"}
+# Trainer attributes timed as the step's phases (each is called once per RL step): label, and
+# whether the result is device arrays to wait for. The others return host data (lists, numpy), which
+# are ready on return; walking their thousands of leaves to wait on them would cost milliseconds per
+# step and slow the very step being timed.
+PHASES = {"generate": ("rollout: sampler", False), "rewards": ("rewards", False),
+          "reference_logprobs": ("reference log-probs", False), "rl_step": ("update (jitted step)", True),
+          "update_controllers": ("controllers", True)}
 
 
 def time_phases(trainer) -> tuple[dict[str, list[float]], Callable[[], None]]:
@@ -71,14 +75,15 @@ def time_phases(trainer) -> tuple[dict[str, list[float]], Callable[[], None]]:
     """
     import jax
 
-    seconds: dict[str, list[float]] = {label: [] for label in PHASES.values()}
+    seconds: dict[str, list[float]] = {label: [] for label, _ in PHASES.values()}
     originals = {attr: getattr(trainer, attr) for attr in PHASES}
 
-    def wrap(attr: str, label: str):
+    def wrap(attr: str, label: str, on_device: bool):
         inner = getattr(trainer, attr)
+        call = (lambda *a, **k: jax.block_until_ready(inner(*a, **k))) if on_device else inner
 
         def timed_call(*args, **kwargs):
-            elapsed, out = timed(lambda: jax.block_until_ready(inner(*args, **kwargs)))
+            elapsed, out = timed(lambda: call(*args, **kwargs))
             seconds[label].append(elapsed)
             return out
 
@@ -88,8 +93,8 @@ def time_phases(trainer) -> tuple[dict[str, list[float]], Callable[[], None]]:
         for attr, value in originals.items():
             setattr(trainer, attr, value)
 
-    for attr, label in PHASES.items():
-        wrap(attr, label)
+    for attr, (label, on_device) in PHASES.items():
+        wrap(attr, label, on_device)
     return seconds, restore
 
 
