@@ -230,6 +230,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.num_train_epochs = 1
     c.train.per_device_train_batch_size = 2  # prompts per micro-batch per device of the ('data', 'fsdp') axes
     c.train.gradient_accumulation_steps = 1
+    # Compute each micro-batch's gradient in this many pieces of its prompts, one forward and backward
+    # at a time: the same gradient (up to float rounding) with a fraction of the live activations
+    # (faster on a CPU once they overflow the cache, less memory on a GPU). Divides
+    # per_device_train_batch_size; not with the InfoSeed loss.
+    c.train.gradient_chunks = 1
     # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
     # needs it: a random model cannot discover the answer format by RL alone).
     c.train.sft_warmup_steps = 0
@@ -403,6 +408,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.num_train_epochs", *_POS_INT),
     ("train.per_device_train_batch_size", *_POS_INT),
     ("train.gradient_accumulation_steps", *_POS_INT),
+    ("train.gradient_chunks", *_POS_INT),
     ("train.sft_warmup_steps", *_NONNEG_INT),
     ("train.sft_learning_rate", *_NONNEG),
     ("train.max_consecutive_nonfinite", *_POS_INT),
@@ -462,6 +468,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if s.enabled and s.lambda_ > 0 and s.loss_type == "ce":
         raise _fail("info_seed.loss_type", "ce", "'infonce' (the trainer has no seed classification head; the "
                     "reference's 'ce' path fails at runtime, Q22)")
+
+    t = config.train
+    if t.per_device_train_batch_size % t.gradient_chunks:
+        raise _fail("train.gradient_chunks", t.gradient_chunks,
+                    f"a divisor of train.per_device_train_batch_size={t.per_device_train_batch_size}")
+    if t.gradient_chunks > 1 and s.enabled and s.lambda_ > 0:
+        raise _fail("train.gradient_chunks", t.gradient_chunks,
+                    "1 while the InfoSeed loss is on (info_seed.lambda_ > 0): its InfoNCE term compares rows "
+                    "across the micro-batch, so the gradient cannot be taken a piece at a time")
 
     r = config.rewards
     if r.reward_weights and len(r.reward_weights) != len(r.reward_funcs):

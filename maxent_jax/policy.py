@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
+from maxent_jax.parallel.train_step import SplitLoss
 
 Array = jax.Array
 ScoreOutput = tuple[Array, Array]
@@ -56,9 +57,14 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     `batch["beta"]` is the step's beta, passed as a traced scalar (`scalars` of the train step),
     so a changing beta never recompiles the step. With InfoSeed's InfoNCE term on, the pooled last hidden
     states of each scored row enter the batch undetached, so the auxiliary loss trains the
-    policy (the reference detaches them, Q21).
+    policy (the reference detaches them, Q21); that term compares rows with each other, so only
+    without it is the loss a `SplitLoss` (row-separable, what `train.gradient_chunks` needs).
     """
     seed_loss = settings.info_seed.lambda_ > 0
+    if not seed_loss:  # the log-probs are the only way rows enter: separable, so `train.gradient_chunks` works
+        return SplitLoss(
+            score=lambda model, batch: completion_logprobs(model, batch, chunk_size, score_prompt_once)[0],
+            objective=lambda token_logp, batch: objective(token_logp, batch, {"beta": batch["beta"]}, settings))
 
     def loss_fn(model, batch):
         token_logp, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once)

@@ -103,7 +103,7 @@ class Trainer:
         self.rl_step = make_train_step(self.policy.graphdef, self.policy.rest, self.state, self.optimizer,
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
                                                c.info_seed.pooling, c.model.score_prompt_once),
-                                       self.mesh, self.rules)
+                                       self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks)
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
                                      self.rules, chunk_size=c.model.logprob_chunk_size,
                                      group=self.group if c.model.score_prompt_once else 1)

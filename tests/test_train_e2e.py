@@ -18,6 +18,7 @@ SHORT = {
     "train.sft_warmup_steps": 2,
     "train.max_steps": 2,
     "train.per_device_train_batch_size": 1,
+    "train.gradient_chunks": 1,
     "rollout.num_generations": 4,
     "rollout.max_completion_length": 16,
     "data.synthetic.num_train": 64,

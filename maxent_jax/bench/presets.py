@@ -90,7 +90,9 @@ def get_preset(name: str) -> Preset:
             prompt_len=40,
             config_overrides={**{f"model.tiny.{k}": v for k, v in shape.items()},
                               "train.per_device_train_batch_size": 2, "rollout.num_generations": 8,
-                              "rollout.max_completion_length": 64},
+                              "rollout.max_completion_length": 64,
+                              # one group per piece is slower here (180 -> 194 ms per gradient on the CPU)
+                              "train.gradient_chunks": 1},
         )
     if name == "qwen2_5_1_5b":
         model = ModelConfig(

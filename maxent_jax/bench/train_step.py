@@ -121,7 +121,8 @@ def run_train_step(preset: Preset, repeats: int, vs: str | None, torch_threads: 
         report = Report("train-step", preset.name, repeats, {
             **preset.describe(), "prompt_len": f"{prompt_len:.1f} (mean, synthetic task)",
             "objective": "grpo" if config.objective.train_grpo_objective else "maxent",
-            "beta": config.objective.beta, "remat": config.model.remat, "mesh": dict(trainer.mesh.shape),
+            "beta": config.objective.beta, "remat": config.model.remat,
+            "gradient_chunks": config.train.gradient_chunks, "mesh": dict(trainer.mesh.shape),
             "decode_streams": decode_streams(config.rollout.decode_streams, trainer.mesh)})
         report.setup.pop("prompt_len", None)
         report.setup["prompt_tokens_mean"] = round(prompt_len, 1)
