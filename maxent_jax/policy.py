@@ -38,16 +38,16 @@ def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, scor
     return logp.reshape(p, g, -1), hidden
 
 
-def sft_loss(chunk_size: int) -> Callable:
-    """Mean negative log-likelihood of the completion tokens (the supervised warm-up)."""
+def sft_loss(chunk_size: int) -> SplitLoss:
+    """Mean negative log-likelihood of the completion tokens (the supervised warm-up): a token sum over
+    a count of the batch's mask, so row-separable."""
 
-    def loss_fn(model, batch):
-        logp, _ = completion_logprobs(model, batch, chunk_size)
+    def nll(logp: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
         mask = batch["completion_mask"].astype(jnp.float32)
-        nll = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-        return nll, {"sft/nll": nll}
+        value = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return value, {"sft/nll": value}
 
-    return loss_fn
+    return SplitLoss(score=lambda model, batch: completion_logprobs(model, batch, chunk_size)[0], objective=nll)
 
 
 def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean",

@@ -357,7 +357,8 @@ class Trainer:
             c.train.sft_warmup_steps)
         state = init_train_state(self.state.params, opt, self.mesh, self.rules)
         step_fn = make_train_step(self.policy.graphdef, self.policy.rest, state, opt,
-                                  sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules)
+                                  sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules,
+                                  gradient_chunks=c.train.gradient_chunks)
         rows_per_step = self.num_prompts * self.group
         stream = BatchStream(self.task.train, rows_per_step, c.seed + 1)
         self.say(f"supervised warm-up: {c.train.sft_warmup_steps} steps of {rows_per_step} solutions")

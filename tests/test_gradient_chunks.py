@@ -25,7 +25,7 @@ from maxent_jax.objectives.grpo import prepare_grpo_batch
 from maxent_jax.objectives.maxent import prepare_maxent_batch
 from maxent_jax.parallel.mesh import make_mesh
 from maxent_jax.parallel.train_step import SplitLoss, init_train_state, make_train_step
-from maxent_jax.policy import rl_loss
+from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.scoring import build_score_batch
 
 P, G, T = 8, 4, 6
@@ -127,24 +127,34 @@ def _gradients(model_parts, loss, mesh, chunks: int, batch) -> tuple[dict, dict]
     return jax.tree.map(np.asarray, state.opt_state), {k: float(v) for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("name,prompt_once", [("maxent", True), ("grpo", False)])
+@pytest.mark.parametrize("name,prompt_once", [("maxent", True), ("grpo", False), ("sft", False)])
 def test_chunked_step_equals_the_whole_micro_batch(model_parts, name, prompt_once):
-    """Gradients, loss and metrics with 2 and 4 pieces on one device, and 2 on the 8-device (2, 2, 2) mesh."""
+    """Gradients, loss and metrics in 2 pieces; for MaxEnt also in 4, on the 8-device (2, 2, 2) mesh,
+    and in each of two accumulated micro-batches (against those micro-batches unsplit)."""
     settings = ObjectiveSettings(clip_objective_coef=1.0, importance_sampling_level="sequence")
-    loss = rl_loss(get_objective(name), settings, chunk_size=0, score_prompt_once=prompt_once)
+    loss = (sft_loss(chunk_size=0) if name == "sft"
+            else rl_loss(get_objective(name), settings, chunk_size=0, score_prompt_once=prompt_once))
     assert isinstance(loss, SplitLoss)
     one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     batch = _step_batch(8)
-    grads, metrics = _gradients(model_parts, loss, one, 1, batch)
-    assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
-    runs = [(one, 2), (one, 4), (make_mesh((2, 2, 2)), 2)]
-    for mesh, chunks in runs:
-        chunked_grads, chunked_metrics = _gradients(model_parts, loss, mesh, chunks, batch)
-        for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(grads)):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7)
-        assert chunked_metrics.keys() == metrics.keys()
-        for key, value in metrics.items():
-            assert chunked_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, mesh.shape, chunks)
+    two_micro = {k: v.reshape(2, 4, *v.shape[2:]) for k, v in batch.items()}
+    cases = [(batch, [(one, 2)])]
+    if name == "maxent":  # each compile costs seconds: the layouts once, on the default objective
+        cases = [(batch, [(one, 2), (one, 4), (make_mesh((2, 2, 2)), 2)]), (two_micro, [(one, 2)])]
+    for whole, runs in cases:
+        grads, metrics = _gradients(model_parts, loss, one, 1, whole)
+        assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
+        for mesh, chunks in runs:
+            _assert_same(_gradients(model_parts, loss, mesh, chunks, whole), (grads, metrics), (mesh.shape, chunks))
+
+
+def _assert_same(chunked, whole, where) -> None:
+    (chunked_grads, chunked_metrics), (grads, metrics) = chunked, whole
+    for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-7, err_msg=str(where))
+    assert chunked_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert chunked_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, where)
 
 
 def test_a_loss_that_is_not_split_or_rows_that_do_not_divide_are_refused(model_parts):
