@@ -8,12 +8,9 @@ metrics on one device and on the 8-device mesh.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -27,6 +24,7 @@ from maxent_jax.parallel.mesh import make_mesh
 from maxent_jax.parallel.train_step import SplitLoss, init_train_state, make_train_step
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.scoring import build_score_batch
+from tests.test_parallel_step import record_gradients
 
 P, G, T = 8, 4, 6
 
@@ -82,14 +80,6 @@ def test_objectives_are_row_separable(case, chunks):
 CFG = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=8)
 PROMPT, COMPLETION = 5, 6
-
-
-def record_gradients() -> optax.GradientTransformation:
-    """State = the last gradient; update = 0 * gradient (params stay put unless it is not finite)."""
-    return optax.GradientTransformation(
-        lambda params: jax.tree.map(jnp.zeros_like, params),
-        lambda grads, state, params=None: (jax.tree.map(lambda g: 0.0 * g, grads), grads),
-    )
 
 
 def _step_batch(prompts: int) -> dict[str, np.ndarray]:
@@ -161,7 +151,10 @@ def test_a_loss_that_is_not_split_or_rows_that_do_not_divide_are_refused(model_p
     graphdef, params, rest = model_parts
     one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     state = init_train_state(params, record_gradients(), one)
-    plain = functools.partial(lambda model, batch: (jnp.zeros(()), {}))
+
+    def plain(model, batch):
+        return jnp.zeros(()), {}
+
     with pytest.raises(ValueError, match="SplitLoss"):
         make_train_step(graphdef, rest, state, record_gradients(), plain, one, gradient_chunks=2)
     loss = rl_loss(get_objective("maxent"), ObjectiveSettings(), chunk_size=0)

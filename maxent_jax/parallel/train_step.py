@@ -162,15 +162,15 @@ def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.S
     preset's update: about 50 -> 40 ms with two, docs/benchmarks.md); on a GPU it lowers peak memory.
     """
 
-    def piece_of(micro_batch: Batch, c: jax.Array) -> Batch:
-        def take(x: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_index_in_dim(x.reshape(-1, chunks, *x.shape[1:]), c, axis=1, keepdims=False)
+    def strided(x: jax.Array) -> jax.Array:  # [rows, ...] -> [rows / chunks, chunks, ...]: piece c is [:, c]
+        return x.reshape(-1, chunks, *x.shape[1:])
 
-        return {**{k: take(x) for k, x in micro_batch.items()}, **scalars}
+    def piece_of(micro_batch: Batch, c: jax.Array) -> Batch:
+        pieces = {k: jax.lax.dynamic_index_in_dim(strided(x), c, axis=1, keepdims=False) for k, x in micro_batch.items()}
+        return {**pieces, **scalars}
 
     def put(full: jax.Array, part: jax.Array, c: jax.Array) -> jax.Array:
-        strided = full.reshape(-1, chunks, *full.shape[1:])
-        return jax.lax.dynamic_update_index_in_dim(strided, part, c, axis=1).reshape(full.shape)
+        return jax.lax.dynamic_update_index_in_dim(strided(full), part, c, axis=1).reshape(full.shape)
 
     def value_and_grad(params: nnx.State, micro_batch: Batch) -> tuple[tuple[jax.Array, Metrics], nnx.State]:
         batch = {**micro_batch, **scalars}
