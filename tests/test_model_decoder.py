@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +97,10 @@ def test_left_and_right_padding_give_identical_logprobs_and_chunking_is_exact():
         np.testing.assert_allclose(left_h[WIDTH - n:], right_h[:n - 1], rtol=1e-5, atol=1e-6)
 
 
-def test_cached_prefill_and_decode_steps_equal_the_full_forward():
+@pytest.mark.parametrize("kv_heads", [2, 1])  # one kv head: the cache drops that axis (model.cache)
+def test_cached_prefill_and_decode_steps_equal_the_full_forward(kv_heads):
+    cfg = dataclasses.replace(CFG, num_kv_heads=kv_heads)
+    graphdef, state = nnx.split(_random_model(cfg))
     prompts = _sequences((3, 5), CFG.vocab_size, seed=1)
     continuation = np.random.default_rng(2).integers(1, CFG.vocab_size, size=(2, 4)).astype(np.int32)
     prompt_len, steps = 5, continuation.shape[1]
@@ -103,7 +108,7 @@ def test_cached_prefill_and_decode_steps_equal_the_full_forward():
 
     @jax.jit
     def decode(state, ids, pos, mask, continuation):
-        model = nnx.merge(GRAPHDEF, state)
+        model = nnx.merge(graphdef, state)
         cache = model.init_cache(ids.shape[0], prompt_len + steps)
         hidden, cache = model(ids, pos, mask, cache)
         last_pos = pos[:, -1]
@@ -118,14 +123,15 @@ def test_cached_prefill_and_decode_steps_equal_the_full_forward():
         cache, out = jax.lax.fori_loop(0, steps, step, (cache, out))
         return jnp.concatenate([hidden, out], axis=1), cache
 
-    cached_hidden, cache = decode(STATE, ids, pos, mask, continuation)
+    cached_hidden, cache = decode(state, ids, pos, mask, continuation)
     assert int(cache.index) == prompt_len + steps
+    assert cache.k[0].shape == ((2, kv_heads) if kv_heads > 1 else (2,)) + (CFG.head_dim, prompt_len + steps)
     np.testing.assert_array_equal(np.asarray(cache.valid), np.concatenate([mask, np.ones((2, steps), bool)], 1))
 
     full_ids = np.concatenate([ids, continuation], axis=1)
     full_mask = np.concatenate([mask, np.ones((2, steps), bool)], axis=1)
     full_pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0).astype(np.int32)
-    full_hidden, _ = jax.jit(lambda s, *a: nnx.merge(GRAPHDEF, s)(*a))(STATE, full_ids, full_pos, full_mask)
+    full_hidden, _ = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, full_ids, full_pos, full_mask)
     np.testing.assert_allclose(np.asarray(cached_hidden)[full_mask], np.asarray(full_hidden)[full_mask],
                                rtol=1e-5, atol=1e-5)
 

@@ -74,13 +74,16 @@ def _from_rows(rows: jax.Array, seq: int) -> jax.Array:
 
 
 def _probs(rows: jax.Array, keys: jax.Array, mask: jax.Array, scale: float, dtype: jnp.dtype) -> jax.Array:
-    """Softmax probabilities `[batch, kv_heads, group*seq, keys]` in `dtype`, scores in float32 (at least)."""
+    """Softmax probabilities `[batch, kv_heads, group*seq, keys]` in `dtype`, scores in float32 (at least).
+
+    Without the kv-head axis on rows and keys (one kv head, see `grouped_attention`): `[batch, group*seq, keys]`.
+    """
     batch, seq, n_keys = mask.shape
-    group = rows.shape[2] // seq
+    group = rows.shape[-2] // seq
     score_dtype = jnp.promote_types(rows.dtype, jnp.float32)
-    scores = jnp.einsum("bkqh,bkhs->bkqs", rows, keys, preferred_element_type=score_dtype)
-    visible = jnp.broadcast_to(mask[:, None, None], (batch, 1, group, seq, n_keys))
-    visible = visible.reshape(batch, 1, group * seq, n_keys)
+    scores = jnp.einsum("...qh,...hs->...qs", rows, keys, preferred_element_type=score_dtype)
+    visible = jnp.broadcast_to(mask[:, None], (batch, group, seq, n_keys))
+    visible = visible.reshape(batch, *(1,) * (rows.ndim - 3), group * seq, n_keys)
     scores = jnp.where(visible, scores * jnp.asarray(scale, score_dtype), -jnp.inf)
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
 
@@ -88,12 +91,16 @@ def _probs(rows: jax.Array, keys: jax.Array, mask: jax.Array, scale: float, dtyp
 def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """q `[batch, seq, heads, head_dim]`, keys/values as above, mask `[batch, seq, keys]` bool.
 
+    Keys `[batch, head_dim, keys]` and values `[batch, keys, head_dim]` (no kv-head axis) are the
+    layout of a one-kv-head model's KV cache (`model.cache`), read in place the same way.
     Returns `[batch, seq, heads, head_dim]` in q's dtype. Every query row needs at least one true mask
     entry (the decoder always lets a slot see itself).
     """
-    rows = _query_rows(q, keys.shape[1])
-    probs = _probs(rows, keys, mask, scale, values.dtype)
-    return _from_rows(jnp.einsum("bkqs,bksh->bkqh", probs, values), q.shape[1]).astype(q.dtype)
+    one_kv_head = keys.ndim == 3
+    rows = _query_rows(q, 1 if one_kv_head else keys.shape[1])
+    rows = rows[:, 0] if one_kv_head else rows
+    out = jnp.einsum("...qs,...sh->...qh", _probs(rows, keys, mask, scale, values.dtype), values)
+    return _from_rows(out[:, None] if one_kv_head else out, q.shape[1]).astype(q.dtype)
 
 
 def causal_blocks(seq: int, block: int = CAUSAL_BLOCK, max_blocks: int = MAX_CAUSAL_BLOCKS) -> Blocks:

@@ -187,8 +187,12 @@ class Attention(nnx.Module):
         if kv is None:  # training / scoring: the mask is causal over the seq new tokens
             return self.o_proj(causal_attention(q, k, v, mask, self.scale)), None
         k_cache, v_cache, index = kv
-        k = jax.lax.dynamic_update_slice(k_cache, key_layout(k).astype(k_cache.dtype), (0, 0, 0, index))
-        v = jax.lax.dynamic_update_slice(v_cache, value_layout(v).astype(v_cache.dtype), (0, 0, index, 0))
+        k, v = key_layout(k), value_layout(v)
+        if k_cache.ndim == 3:  # one kv head: the cache has no kv-head axis (see `model.cache`)
+            k, v = k[:, 0], v[:, 0]
+        lead = (0,) * (k_cache.ndim - 2)
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (*lead, 0, index))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (*lead, index, 0))
         out = grouped_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask, self.scale)
         return self.o_proj(out), (k, v)
 
