@@ -80,25 +80,23 @@ def resolve_weights(names: Sequence[str], weights: Sequence[float]) -> list[floa
 
 
 def score_one(fn: RewardFn, text: str, answer: str, is_eval: bool, timeout_s: float | None) -> tuple[float, str | None]:
-    """One guarded call: (value, None) or (0.0, reason) on exception / timeout / non-finite."""
-    timer = bool(timeout_s) and threading.current_thread() is threading.main_thread()
-    previous: Any = None
-    if timer:
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+    """One guarded call: (value, None) or (0.0, reason) on exception / timeout / non-finite.
+
+    A `timeout_s` arms the interval timer, whose SIGALRM handler (`_on_alarm`) the caller has
+    installed (`score_chunk`, once per chunk: installing it per call cost more than a cheap reward).
+    """
     try:
         try:
+            if timeout_s:
+                signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
             value = float(fn(text, answer, is_eval=is_eval))
         finally:
-            if timer:
+            if timeout_s:
                 signal.setitimer(signal.ITIMER_REAL, 0.0)
     except _RewardTimeout:
         return 0.0, f"timed out after {timeout_s}s"
     except Exception as err:  # a reward must never kill the run: score 0 and report
         return 0.0, f"raised {type(err).__name__}: {err}"
-    finally:
-        if timer:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
     if not math.isfinite(value):
         return 0.0, f"returned non-finite {value}"
     return value, None
@@ -107,12 +105,21 @@ def score_one(fn: RewardFn, text: str, answer: str, is_eval: bool, timeout_s: fl
 def score_chunk(
     fns: Sequence[RewardFn], texts: Sequence[str], answers: Sequence[str], is_eval: bool, timeout_s: float | None
 ) -> list[tuple[list[float], list[str | None]]]:
-    """Score a chunk of completions with every reward: per item (values, failure reasons)."""
-    out = []
-    for text, answer in zip(texts, answers):
-        results = [score_one(fn, text, answer, is_eval, timeout_s) for fn in fns]
-        out.append(([v for v, _ in results], [e for _, e in results]))
-    return out
+    """Score a chunk of completions with every reward: per item (values, failure reasons).
+
+    Calls are timed only in a main thread (the only one that receives signals).
+    """
+    timed = bool(timeout_s) and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if timed else None
+    try:
+        out = []
+        for text, answer in zip(texts, answers):
+            results = [score_one(fn, text, answer, is_eval, timeout_s if timed else None) for fn in fns]
+            out.append(([v for v, _ in results], [e for _, e in results]))
+        return out
+    finally:
+        if timed:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
 
 
 class RewardScorer:
