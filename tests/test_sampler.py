@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,7 @@ from flax import nnx
 from scipy import stats
 
 from maxent_jax.model import Decoder, ModelConfig
+from maxent_jax.rollout import sampler as sampler_module
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.sampler import Sampler, bucket, filter_logits
 
@@ -241,3 +245,34 @@ def test_decode_streams_refuse_parameters_sharded_over_devices(tiny):
     streamed = Sampler(sampler.graphdef, eos_token_ids=sampler.eos_token_ids, streams=2)
     with pytest.raises(ValueError, match="streams=2 needs parameters on one device"):
         streamed.generate(spread, PROMPTS, SamplingParams(n=1, max_tokens=2), jax.random.key(0))
+
+
+def _loop_bodies(hlo: str) -> list[str]:
+    """The body computations of every while loop in a compiled module's text."""
+    computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)^\}", hlo, re.S | re.M))
+    return [computations[name] for name in re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_decode_loop_updates_the_kv_cache_in_place(kv_heads, monkeypatch):
+    """An XLA:CPU regression guard (`model.cache`): no decode step copies a KV-cache array.
+
+    With a one-kv-head cache that kept its size-1 axis, XLA:CPU fused each cache update twice and
+    copied every cache array on every step (16 copies per step in the bench's `tiny` preset).
+    """
+    cfg = ModelConfig.tiny(num_kv_heads=kv_heads, hidden_size=64, num_heads=2, intermediate_size=128)
+    sampler, state = Sampler.for_model(Decoder(cfg, rngs=nnx.Rngs(0)))
+    calls = []
+    real = sampler_module._decode
+    monkeypatch.setattr(sampler_module, "_decode", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    sampler.generate(state, PROMPTS, SamplingParams(n=2, max_tokens=4), jax.random.key(0))
+    (args, kwargs), = calls
+    hlo = real.lower(*args, **kwargs).compile().as_text()
+    step = max(_loop_bodies(hlo), key=len)  # the decode loop (the others are RoPE and noise helpers)
+    assert step.count(" dot(") + step.count("fusion(") > 10  # it is the model's step
+    rows = bucket(len(PROMPTS)) * 2
+    max_len = args[2].shape[1] + kwargs["max_new"]
+    cache_elements = rows * kv_heads * cfg.head_dim * max_len
+    copied = [shape for shape in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(", step)
+              if math.prod(int(d) for d in shape.split(",")) == cache_elements]
+    assert copied == []
