@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from maxent_jax.model.config import ModelConfig
-from maxent_jax.model.decoder import LOGICAL_AXES, Decoder, swiglu
+from maxent_jax.model.decoder import LOGICAL_AXES, Decoder, swiglu, tied_head
 from maxent_jax.model.logprobs import chunked_logprobs, token_logprobs
 from maxent_jax.model.rope import inverse_frequencies, rope_cos_sin
 
@@ -362,3 +362,15 @@ def test_scoring_each_prompt_once_gives_the_whole_rows_log_probs_hidden_states_a
     np.testing.assert_allclose(np.asarray(hidden)[tokens], np.asarray(want_hidden)[tokens], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_tied_head_is_the_transposed_embedding_with_its_gradient():
+    embedding = jax.random.normal(jax.random.key(0), (97, 16))
+    hidden = jax.random.normal(jax.random.key(1), (3, 7, 16))
+
+    def loss(head_of):
+        return lambda e: jnp.sum(jnp.sin(jnp.einsum("bte,ev->btv", hidden, head_of(e))))
+
+    np.testing.assert_array_equal(np.asarray(tied_head(embedding)), np.asarray(embedding.T))
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss(tied_head)))(embedding)),
+                               np.asarray(jax.jit(jax.grad(loss(lambda e: e.T)))(embedding)), rtol=1e-5, atol=1e-6)

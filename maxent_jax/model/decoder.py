@@ -291,6 +291,30 @@ def _block_forward(block: Block, x: jax.Array, cos: jax.Array, sin: jax.Array, m
     return block(x, cos, sin, mask, None)[0]
 
 
+@jax.custom_vjp
+def tied_head(embedding: jax.Array) -> jax.Array:
+    """The tied output projection `[embed, vocab]`: the embedding `[vocab, embed]` transposed.
+
+    Why a custom VJP: with a plain transpose XLA folds it into the head's weight-gradient matmul,
+    which then writes `[vocab, embed]` (tokens contracted on both operands, the vocabulary as
+    rows): on XLA:CPU about half as fast as the `[embed, vocab]` product (1.6 vs 0.8 ms for the
+    tiny preset's 1,536 tokens). The backward keeps that gradient `[embed, vocab]` behind an
+    optimization barrier and transposes it on its own (a copy of the embedding's size).
+    """
+    return embedding.T
+
+
+def _tied_head_forward(embedding: jax.Array) -> tuple[jax.Array, None]:
+    return embedding.T, None
+
+
+def _tied_head_backward(_: None, d_kernel: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.optimization_barrier(d_kernel).T,)
+
+
+tied_head.defvjp(_tied_head_forward, _tied_head_backward)
+
+
 class Decoder(nnx.Module):
     """The language model: `model(input_ids, positions, attention_mask, cache) -> (hidden, cache)`."""
 
@@ -403,7 +427,7 @@ class Decoder(nnx.Module):
     def lm_head_kernel(self) -> jax.Array:
         """The output projection `[embed, vocab]` (the transposed embedding when tied)."""
         if self.lm_head is None:
-            return self.embedding[...].T
+            return tied_head(self.embedding[...])
         return self.lm_head[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
