@@ -60,19 +60,18 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     policy (the reference detaches them, Q21); that term compares rows with each other, so only
     without it is the loss a `SplitLoss` (row-separable, what `train.gradient_chunks` needs).
     """
-    seed_loss = settings.info_seed.lambda_ > 0
-    if not seed_loss:  # the log-probs are the only way rows enter: separable, so `train.gradient_chunks` works
+    def objective_of(token_logp: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        return objective(token_logp, batch, {"beta": batch["beta"]}, settings)
+
+    if settings.info_seed.lambda_ <= 0:  # the log-probs are the only way rows enter: separable
         return SplitLoss(
             score=lambda model, batch: completion_logprobs(model, batch, chunk_size, score_prompt_once)[0],
-            objective=lambda token_logp, batch: objective(token_logp, batch, {"beta": batch["beta"]}, settings))
+            objective=objective_of)
 
     def loss_fn(model, batch):
         token_logp, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once)
-        if seed_loss:
-            p, g = batch["input_ids"].shape[:2]
-            pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
-            batch = {**batch, "seed_hidden": pooled.reshape(p, g, -1)}
-        coefs = {"beta": batch["beta"]}
-        return objective(token_logp, batch, coefs, settings)
+        p, g = batch["input_ids"].shape[:2]
+        pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
+        return objective_of(token_logp, {**batch, "seed_hidden": pooled.reshape(p, g, -1)})
 
     return loss_fn
