@@ -15,6 +15,13 @@ from typing import Any, Sequence
 
 from maxent_jax.errors import UserError, exit_on_user_error
 from maxent_jax.rollout.backend import RolloutBackend
+from maxent_jax.rollout.limits import (
+    DEFAULT_MAX_COMPLETIONS,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_SEQUENCES_PER_REQUEST,
+    RequestLimits,
+)
 from maxent_jax.rollout.server import DEFAULT_MAX_REQUEST_BYTES, RolloutServer
 
 BACKENDS = ("jax", "vllm")
@@ -30,6 +37,20 @@ def _engine_arg(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a {kind.__name__} > 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m maxent_jax.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="jax", help="generation engine (default: jax)")
@@ -37,7 +58,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = pick a free one)")
     parser.add_argument("--token-file", help="file holding the bearer token that POST /weights must present; without it weight pushes are refused")
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest /generate body accepted")
+    parser.add_argument("--max-request-bytes", type=_positive(int), default=DEFAULT_MAX_REQUEST_BYTES, help="largest /generate body accepted")
+    parser.add_argument("--max-completions-per-request", type=_positive(int), default=None,
+                        help=f"prompts x n one /generate may ask for (default {DEFAULT_MAX_COMPLETIONS})")
+    parser.add_argument("--max-request-tokens", type=_positive(int), default=None,
+                        help="n x sum(prompt tokens + max_tokens) one /generate may ask for "
+                             f"(default {DEFAULT_SEQUENCES_PER_REQUEST} x max_model_len)")
+    parser.add_argument("--max-queued-requests", type=_positive(int), default=DEFAULT_MAX_QUEUED,
+                        help="requests waiting for the engine before more get 429 "
+                             f"(default {DEFAULT_MAX_QUEUED}; weight pushes always wait)")
+    parser.add_argument("--read-timeout", type=_positive(float), default=DEFAULT_READ_TIMEOUT_S,
+                        help=f"seconds a socket read may stall before the connection is closed (default {DEFAULT_READ_TIMEOUT_S:g})")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="jax backend: parameter and compute dtype")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence (default: the model's max positions)")
     parser.add_argument("--seed", type=int, default=0, help="jax backend: PRNG seed for requests without one")
@@ -81,8 +112,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
-    server = RolloutServer(build_backend(args), host=args.host, port=args.port, token=token,
-                           max_request_bytes=args.max_request_bytes)
+    backend = build_backend(args)
+    limits = RequestLimits.for_model(
+        int(backend.info()["max_model_len"]), max_completions_per_request=args.max_completions_per_request,
+        max_request_tokens=args.max_request_tokens, max_queued_requests=args.max_queued_requests)
+    server = RolloutServer(backend, host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
+                           limits=limits, read_timeout=args.read_timeout)
     # Everything alive now lives as long as the process: keep it out of the cyclic collector's
     # scans, so the collection the jax backend runs after a native weight push takes milliseconds.
     gc.collect()

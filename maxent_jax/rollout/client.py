@@ -5,9 +5,11 @@ What it adds over a bare HTTP call, following REFERENCE_SPEC 3.4-3.5 and fixing 
 - a client_tag in the payload and the `X-VLLM-Client-Tag` header; results carrying another
   tag are dropped and counted, and a server that echoes no tag at all is an error (not a
   silent run on someone else's completions) unless `require_tag_echo=False`;
-- retries with exponential backoff on connection errors, timeouts and 5xx; 4xx and
-  malformed responses fail at once (retrying cannot fix them); the final error names the
-  URL, the attempts and the last status;
+- retries with exponential backoff on connection errors, timeouts, 5xx and 429 (server
+  busy); other 4xx and malformed responses fail at once (retrying cannot fix them); the
+  final error names the URL, the attempts and the last status;
+- a request over the server's limits (a 413 that carries them, see rollout/limits.py) is
+  split into pieces that fit, and later requests are split before they are sent;
 - prompts clipped by characters, completions regrouped per prompt, behaviour log-probs
   attached, latency and weight-staleness metrics;
 - weight pushes streamed tensor by tensor (chunked HTTP body; see weights.py for framing), in
@@ -33,6 +35,7 @@ import numpy as np
 
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.limits import RequestLimits, limits_from_json, piece_seed, split_request
 from maxent_jax.rollout.protocol import (
     CLIENT_TAG_HEADER,
     HF_LAYOUT,
@@ -54,6 +57,21 @@ class RolloutError(RuntimeError):
 
 class ClientTagError(RolloutError):
     """Results missing our client_tag echo, or all of them tagged for another client."""
+
+
+class _OverLimits(RolloutError):
+    """The server refused a request for its size and said its limits (the client then splits)."""
+
+    def __init__(self, message: str, limits: RequestLimits):
+        super().__init__(message)
+        self.limits = limits
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
 
 
 def resolve_client_tag(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> str:
@@ -184,6 +202,7 @@ class RolloutClient:
         self.token = token
         self.char_limit = prompt_char_limit(max_prompt_length, env)
         self.dropped_foreign = 0  # results/outputs with another client's tag, over this client's life
+        self.server_limits: RequestLimits | None = None  # learnt from the server's first 413 that names them
 
     @classmethod
     def from_config(cls, config: Any) -> "RolloutClient":
@@ -253,7 +272,7 @@ class RolloutClient:
             except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout
                 last = f"{type(err).__name__}: {err}"
             else:
-                if reply.status < 500:
+                if reply.status < 500 and reply.status != 429:  # 429: busy now, may not be later
                     return reply, attempt
                 last = f"HTTP {reply.status}: {reply.body[:300].decode('utf-8', 'replace')}"
             if attempt < attempts:
@@ -305,9 +324,48 @@ class RolloutClient:
         *,
         current_step: int | None = None,
     ) -> RolloutBatch:
-        """`params.n` completions per prompt; prompts are strings (clipped) or token-id lists."""
+        """`params.n` completions per prompt; prompts are strings (clipped) or token-id lists.
+
+        A request the server's limits refuse is sent again as pieces that fit (`split_request`;
+        each piece after the first gets its own seed, `piece_seed`), and the groups are joined.
+        """
         if not prompts:
             raise ValueError("generate needs at least one prompt")
+        if self.server_limits is None:
+            try:
+                return self._generate_once(prompts, params, current_step)
+            except _OverLimits as err:
+                self.server_limits = err.limits
+                log.info("rollout server %s limits %s: splitting requests to fit", self.url, err.limits)
+        # Token counts of text prompts are not known here: their UTF-8 bytes (+ a few special
+        # tokens) bound them for byte-level tokenizers.
+        lengths = [len(p) if not isinstance(p, str) else len(p[: self.char_limit].encode("utf-8")) + 8 for p in prompts]
+        try:
+            pieces = split_request(lengths, params.n, params.max_tokens, self.server_limits)
+        except ValueError as err:
+            raise RolloutError(f"rollout server {self.url}/generate: {err}") from None
+        if len(pieces) == 1:
+            return self._generate_once(prompts, params, current_step)
+        groups: list[list[Sample]] = [[] for _ in prompts]
+        totals: dict[str, float] = {}
+        versions = []
+        for index, (start, end, n) in enumerate(pieces):
+            part = self._generate_once(prompts[start:end], dataclasses.replace(params, n=n, seed=piece_seed(params.seed, index)), None)
+            for group, extra in zip(groups[start:end], part.groups):
+                group.extend(extra)
+            for key, value in part.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+            versions.append(part.weight_version)
+        version = min(versions)
+        metrics = {**totals, "rollout/weight_version": float(version), "rollout/request_pieces": float(len(pieces)),
+                   "rollout/partial_prompts": float(sum(0 < len(g) < params.n for g in groups)),
+                   "rollout/empty_prompts": float(sum(not g for g in groups))}
+        if current_step is not None:
+            metrics["rollout/weight_staleness_steps"] = float(current_step - version)
+        return RolloutBatch(groups=groups, weight_version=version, metrics=metrics)
+
+    def _generate_once(self, prompts: Sequence, params: SamplingParams, current_step: int | None) -> RolloutBatch:
+        """One /generate request; `_OverLimits` when the server refuses it for its size and says its limits."""
         payload, n_clipped = self._payload(prompts, params)
         group_id = hashlib.sha256("|".join(map(str, payload.get("prompts") or payload["prompt_token_ids"])).encode()).hexdigest()
         headers = {"Content-Type": "application/json", CLIENT_TAG_HEADER: self.client_tag, "X-VLLM-Group-Request-ID": group_id}
@@ -317,6 +375,11 @@ class RolloutClient:
         raw = json.dumps(payload).encode("utf-8")
         reply, attempts = self._call("POST", "/generate", lambda: raw, headers)
         latency = time.perf_counter() - start
+        if reply.status == 413:
+            refusal = _json_or_none(reply.body)
+            limits = limits_from_json(refusal)
+            if limits is not None:
+                raise _OverLimits(f"rollout server {self.url}/generate refused (HTTP 413): {refusal.get('error')}", limits)
         body = self._json(reply, "/generate")
         groups, version, dropped = self._parse(body, len(prompts), params)
         metrics = {

@@ -10,7 +10,9 @@ something else than it says.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import reprlib
 import urllib.parse
 from typing import Any, Sequence
 
@@ -29,12 +31,45 @@ NATIVE_LAYOUT = "native"
 WEIGHT_LAYOUTS = (HF_LAYOUT, NATIVE_LAYOUT)
 
 
-class ProtocolError(ValueError):
-    """A request the server refuses; `status` is the HTTP status, the message names the field."""
+# Integers reach numpy and jax as fixed-width ints: token ids, n, max_tokens, top_k and
+# best_of must fit in int32, a seed in int64 (and be >= 0: numpy's SeedSequence takes no
+# negative entropy). A larger JSON integer was a 500 OverflowError deep in the engine.
+INT32_LIMIT = 2**31
+SEED_LIMIT = 2**63
 
-    def __init__(self, message: str, status: int = 400):
+# Values echoed in an error message are shown this small (a 16 MB list is not repeated back,
+# and a deeply nested one is not walked to the bottom).
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxlist, _PREVIEW.maxdict = 2, 6, 6
+_PREVIEW.maxstring, _PREVIEW.maxother, _PREVIEW.maxlong = 60, 60, 40
+
+
+class ProtocolError(ValueError):
+    """A request the server refuses; `status` is the HTTP status, the message names the field.
+
+    `details` are extra fields of the JSON error body (e.g. the server's `limits`, so a client
+    can split a request that was too large).
+    """
+
+    def __init__(self, message: str, status: int = 400, details: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.details = details or {}
+
+
+def preview(value: Any) -> str:
+    """A short repr of a request value for an error message."""
+    return _PREVIEW.repr(value)
+
+
+def decode_json(raw: bytes) -> Any:
+    """The JSON value of a request body; a body that is not JSON, or nests too deep, is a ProtocolError."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # not UTF-8, not JSON, or an integer of more digits than Python parses
+        raise ProtocolError(f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("request body nests JSON arrays/objects too deeply; a /generate request needs at most 3 levels") from None
 
 
 def parse_weight_layout(query: str, offered: Sequence[str], backend: str) -> str:
@@ -107,7 +142,7 @@ def _check_type(field: str, value: Any, types: tuple[type, ...]) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ProtocolError(f"field {field!r}: expected {names}, got {type(value).__name__} {value!r:.80}")
+        raise ProtocolError(f"field {field!r}: expected {names}, got {type(value).__name__} {preview(value)}")
 
 
 def _merged_sampling(payload: dict) -> dict:
@@ -130,10 +165,36 @@ def _merged_sampling(payload: dict) -> dict:
 
 def _int_list(field: str, value: Any) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ProtocolError(f"field {field!r}: expected a list of integers, got {value!r:.80}")
-    if any(v < 0 for v in value):
-        raise ProtocolError(f"field {field!r}: token ids must be >= 0, got {value!r:.80}")
+        raise ProtocolError(f"field {field!r}: expected a list of integers, got {preview(value)}")
+    bad = [v for v in value if not 0 <= v < INT32_LIMIT]
+    if bad:
+        raise ProtocolError(f"field {field!r}: token ids must be in [0, 2**31), got {preview(bad[0])}")
     return list(value)
+
+
+def _text(field: str, value: str) -> str:
+    """`value` if it is text the tokenizer can take: a lone surrogate (JSON "\\ud800") is not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ProtocolError(f"field {field!r}: not valid Unicode text ({err.reason} at character {err.start})") from None
+    return value
+
+
+def _as_float(field: str, value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(f"field {field!r}: {preview(value)} is too large for a float") from None
+
+
+def _check_int_ranges(s: dict) -> None:
+    """Bounds every integer sampling field, so no value overflows a fixed-width int downstream."""
+    for name in ("n", "max_tokens", "top_k", "best_of"):
+        if s[name] is not None and not -INT32_LIMIT <= s[name] < INT32_LIMIT:
+            raise ProtocolError(f"field {name!r}: must fit in a 32-bit integer, got {preview(s[name])}")
+    if s["seed"] is not None and not 0 <= s["seed"] < SEED_LIMIT:
+        raise ProtocolError(f"field 'seed': must be in [0, 2**63), got {preview(s['seed'])}")
 
 
 def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateRequest:
@@ -156,7 +217,8 @@ def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateReque
     if has_text:
         texts = payload["prompts"]
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise ProtocolError(f"field 'prompts': expected a non-empty list of strings, got {texts!r:.80}")
+            raise ProtocolError(f"field 'prompts': expected a non-empty list of strings, got {preview(texts)}")
+        texts = [_text(f"prompts[{i}]", t) for i, t in enumerate(texts)]
     else:
         raw = payload["prompt_token_ids"]
         if not raw:
@@ -166,11 +228,12 @@ def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateReque
         if empty:
             raise ProtocolError(f"field 'prompt_token_ids[{empty[0]}]': a prompt needs at least one token")
 
+    _check_int_ranges(s)
     if s["n"] < 1:
         raise ProtocolError(f"field 'n': must be >= 1, got {s['n']}")
     if s["max_tokens"] < 1:
         raise ProtocolError(f"field 'max_tokens': must be >= 1, got {s['max_tokens']}")
-    if not (math.isfinite(s["temperature"]) and s["temperature"] >= 0):
+    if not (math.isfinite(_as_float("temperature", s["temperature"])) and s["temperature"] >= 0):
         raise ProtocolError(f"field 'temperature': must be finite and >= 0, got {s['temperature']}")
     if not 0 < s["top_p"] <= 1:
         raise ProtocolError(f"field 'top_p': must be in (0, 1], got {s['top_p']}")
@@ -192,7 +255,8 @@ def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateReque
     stop = s["stop"]
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(x, str) and x for x in stop):
-        raise ProtocolError(f"field 'stop': expected non-empty strings, got {list(stop)!r:.80}")
+        raise ProtocolError(f"field 'stop': expected non-empty strings, got {preview(list(stop))}")
+    stop = tuple(_text("stop", x) for x in stop)
     stop_ids = tuple(_int_list("stop_token_ids", s["stop_token_ids"] or []))
     want_logprobs = bool(payload.get("return_logprobs", True)) and bool(s["logprobs"] is None or s["logprobs"])
     params = SamplingParams(

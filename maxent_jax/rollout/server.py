@@ -2,8 +2,12 @@
 
 Built on the standard library's ThreadingHTTPServer so it runs unchanged in the trainer's
 environment and in the vLLM environment (which has no jax): this module imports neither.
-One lock serialises every call into the backend, which is what makes a weight push atomic
-for generation: a generate call runs entirely under the old or entirely under the new weights.
+One engine turn (`fair_queue.FairQueue`) serialises every call into the backend, which is what
+makes a weight push atomic for generation: a generate call runs entirely under the old or
+entirely under the new weights. The turn passes round-robin between clients and its queue is
+bounded; `limits.RequestLimits` bounds the work of one request; every socket read has a timeout.
+Whatever a request holds, the answer is a JSON body: 2xx, a 4xx naming what is wrong, or a 500
+for a backend failure.
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ import functools
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
 from maxent_jax.rollout.backend import RolloutBackend
+from maxent_jax.rollout.fair_queue import FairQueue
+from maxent_jax.rollout.limits import DEFAULT_READ_TIMEOUT_S, RequestLimits
 from maxent_jax.rollout.protocol import HF_LAYOUT, ProtocolError
 from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, expected_nbytes, read_stream
 
@@ -28,6 +36,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 _FRAME_OVERHEAD_BYTES = 4096  # generous per-frame allowance for the safetensors header
+# Request limits of a backend that reports no max_model_len (the token bound's default scales with it).
+_FALLBACK_MAX_MODEL_LEN = 1 << 16
+# Methods the server answers; any other is a 405 naming these.
+_METHODS = ("GET", "POST")
+# A decimal integer header (Content-Length, X-Weight-Version): ASCII digits only, as HTTP says;
+# Python's int() would also take "-5", "1_0", " 12" and non-ASCII digits.
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+# Queue key of weight pushes: their own client in the rotation, never refused for a full queue.
+_PUSH_CLIENT = ("weights",)
 
 
 class _Body:
@@ -46,10 +63,9 @@ class _Body:
             length = headers.get("Content-Length")
             if length is None:
                 raise ProtocolError("request has no body length: send Content-Length or Transfer-Encoding: chunked", 411)
-            try:
-                self._remaining = int(length)
-            except ValueError:
-                raise ProtocolError(f"bad Content-Length header {length!r}") from None
+            if not _DECIMAL.fullmatch(length.strip()):
+                raise ProtocolError(f"bad Content-Length header {protocol.preview(length)}: expected a byte count")
+            self._remaining = int(length)
             if self._remaining > limit:
                 raise ProtocolError(f"request body of {self._remaining} bytes exceeds the limit of {limit} bytes", 413)
 
@@ -69,10 +85,12 @@ class _Body:
 
     def _next_chunk(self) -> None:
         line = self._rfile.readline(1024).strip()
-        try:
-            size = int(line.split(b";")[0], 16)
-        except ValueError:
-            raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+        digits = line.split(b";")[0].strip()
+        if not re.fullmatch(rb"[0-9a-fA-F]{1,16}", digits):
+            raise ProtocolError(f"bad chunk size line {line[:40]!r}")
+        size = int(digits, 16)
+        if self._consumed + size > self._limit:  # refused before anything is allocated for it
+            raise ProtocolError(f"request body exceeds the limit of {self._limit} bytes", 413)
         if size == 0:
             while self._rfile.readline(1024).strip():  # trailers
                 pass
@@ -152,15 +170,27 @@ class RolloutServer:
         port: int = 8000,
         token: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        limits: RequestLimits | None = None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_S,
     ):
+        """`limits` None: `RequestLimits.for_model` of the backend's max_model_len.
+
+        `read_timeout`: seconds one socket read (or write) may wait, so a client that stalls
+        mid-request releases its thread instead of holding it forever.
+        """
         self.backend = backend
         self.token = token
         self.max_request_bytes = max_request_bytes
+        self.read_timeout = read_timeout
         self.weight_version = 0
-        self.engine_lock = threading.Lock()
         self.receive_buffers = ReceiveBuffers()
         self.weight_layouts = tuple(getattr(backend, "weight_layouts", (HF_LAYOUT,)))
-        self._info = {**backend.info(), "weight_layouts": list(self.weight_layouts)}
+        backend_info = backend.info()
+        self.limits = limits or RequestLimits.for_model(int(backend_info.get("max_model_len") or _FALLBACK_MAX_MODEL_LEN))
+        self.engine = FairQueue(self.limits.max_queued_requests)
+        self._info = {**backend_info, "weight_layouts": list(self.weight_layouts),
+                      "limits": {**self.limits.as_json(), "max_request_bytes": max_request_bytes,
+                                 "read_timeout_s": read_timeout}}
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -191,23 +221,38 @@ class RolloutServer:
 
     # -- endpoint logic (no HTTP details below this line) ---------------------------------
 
-    def generate(self, payload: Any, header_tag: str | None) -> dict:
+    def generate(self, payload: Any, header_tag: str | None, peer: str = "") -> dict:
+        """Validate, check the limits, wait for this client's engine turn, generate.
+
+        Token-id requests are checked against the limits before they queue; text requests are
+        checked on a lower bound (a prompt is at least one token) before, exactly after encoding.
+        """
         request = protocol.parse_generate(payload, header_tag)
+        params = request.params
         encode = getattr(self.backend, "encode", None)
         if request.texts is not None and encode is None:
             raise ProtocolError(f"the {self._info.get('backend')} backend takes prompt_token_ids only, not text prompts")
-        with self.engine_lock:  # also serialises the tokenizer, which is not safe to share across threads
+        self.limits.check([len(ids) for ids in request.token_ids] if request.texts is None else [1] * request.num_prompts,
+                          params.n, params.max_tokens)
+        # Fair between clients by tag; untagged callers by address.
+        with self.engine.hold(request.client_tag or peer):  # also serialises the tokenizer, which is not thread-safe
             prompt_ids = request.token_ids if request.texts is None else [list(ids) for ids in encode(request.texts)]
-            self._check_lengths(prompt_ids, request.params.max_tokens)
+            self._check_lengths(prompt_ids, params)
+            self.limits.check([len(ids) for ids in prompt_ids], params.n, params.max_tokens)
             version = self.weight_version
-            completions = self.backend.generate(prompt_ids, request.params)
+            completions = self.backend.generate(prompt_ids, params)
         return protocol.generate_response(request, prompt_ids, completions, version, str(self._info.get("model")))
 
-    def _check_lengths(self, prompt_ids: list[list[int]], max_tokens: int) -> None:
+    def _check_lengths(self, prompt_ids: list[list[int]], params) -> None:
+        max_tokens = params.max_tokens
         max_prompt = self._info.get("max_prompt_len")
         max_total = self._info.get("max_model_len")
         vocab = self._info.get("vocab_size")
+        if vocab is not None and params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ProtocolError(f"field 'stop_token_ids': token id {max(params.stop_token_ids)} is outside the vocabulary (size {vocab})")
         for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ProtocolError(f"prompt {i} is empty after tokenization; a prompt needs at least one token")
             if max_prompt is not None and len(ids) > max_prompt:
                 raise ProtocolError(f"prompt {i} has {len(ids)} tokens; this server accepts at most max_prompt_len={max_prompt}")
             if max_total is not None and len(ids) + max_tokens > max_total:
@@ -262,7 +307,7 @@ class RolloutServer:
             pool.shutdown(wait=True, cancel_futures=True)  # a refused push drops what was queued
         received = time.perf_counter()
         nbytes = expected_nbytes({name: expected[name] for name in tensors})
-        with self.engine_lock:
+        with self.engine.hold(_PUSH_CLIENT, bounded=False):
             if version is not None and version < self.weight_version:
                 raise ProtocolError(
                     f"header {protocol.WEIGHT_VERSION_HEADER}: {version} is older than the current weight version {self.weight_version}",
@@ -282,8 +327,8 @@ class RolloutServer:
         return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
                 "receive_seconds": received - start, "apply_seconds": applied - locked, "layout": layout}
 
-    def reset_prefix_cache(self) -> dict:
-        with self.engine_lock:
+    def reset_prefix_cache(self, peer: str = "") -> dict:
+        with self.engine.hold(peer):
             self.backend.reset_prefix_cache()
         return {"ok": True}
 
@@ -291,6 +336,7 @@ class RolloutServer:
 def _handler_class(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         rollout = server
+        timeout = server.read_timeout  # per socket read/write (StreamRequestHandler.setup)
 
     return Handler
 
@@ -306,40 +352,68 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
 
-    def _send_json(self, status: int, obj: Any, close: bool = False) -> None:
+    def _send_json(self, status: int, obj: Any, close: bool = False, headers: dict | None = None) -> None:
         raw = json.dumps(obj).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(raw)
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(raw)
 
-    def _error(self, status: int, message: str, close: bool = False) -> None:
-        self._send_json(status, {"error": message, "status": status}, close=close)
+    def _error(self, status: int, message: str, close: bool = False, details: dict | None = None,
+               headers: dict | None = None) -> None:
+        self._send_json(status, {"error": message, "status": status, **(details or {})}, close=close, headers=headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (request line, headers, a method with no handler) as JSON 4xx too.
+
+        It answers a method it has no `do_<METHOD>` for with 501 and an HTTP version it does not
+        speak with 505; both are the request's fault, so they are 405 and 400 here.
+        """
+        headers = None
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": ", ".join(_METHODS)}
+            message = f"method {self.command!r} is not allowed; this server answers {' and '.join(_METHODS)} (see /openapi.json)"
+        elif code >= 500:
+            code = HTTPStatus.BAD_REQUEST
+        self._error(int(code), message or explain or HTTPStatus(code).phrase, close=True, headers=headers)
 
     def _run(self, fn: Callable[[], Any], body: _Body | None = None) -> None:
         """Call an endpoint; map refusals to 4xx JSON and backend failures to 500, keep serving."""
         try:
             self._send_json(200, fn())
         except ProtocolError as err:
-            self._refuse(err.status, str(err), body)
+            self._refuse(err.status, str(err), body, err.details)
         except WeightStreamError as err:
             self._refuse(400, f"weight push refused, nothing applied: {err}", body)
+        except TimeoutError:
+            self._timed_out()
         except Exception as err:  # a backend failure must not take the server down
             log.exception("%s %s failed", self.command, self.path)
             self._error(500, f"{type(err).__name__}: {err}", close=True)
 
-    def _refuse(self, status: int, message: str, body: _Body | None) -> None:
+    def _refuse(self, status: int, message: str, body: _Body | None, details: dict | None = None) -> None:
         close = status in (411, 413)
         if body is not None and not close:
             try:
                 body.drain()
             except (ProtocolError, WeightStreamError, OSError):
                 close = True
-        self._error(status, message, close=close)
+        self._error(status, message, close=close, details=details)
+
+    def _timed_out(self) -> None:
+        """A client that stopped sending mid-body: answer if it still reads, and free the thread."""
+        try:
+            self._error(int(HTTPStatus.REQUEST_TIMEOUT), f"request body stalled: no bytes for {self.rollout.read_timeout:g} s "
+                        "(read_timeout_s in GET /info)", close=True)
+        except OSError:
+            self.close_connection = True
 
     def _path(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -369,16 +443,15 @@ class _Handler(BaseHTTPRequestHandler):
         except (ProtocolError, WeightStreamError) as err:
             self._error(getattr(err, "status", 400), str(err), close=True)
             return
-        if path == "/reset_prefix_cache":
-            self._run(self.rollout.reset_prefix_cache)
+        except TimeoutError:
+            self._timed_out()
             return
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self._error(400, f"request body is not valid JSON: {err}")
+        peer = self.client_address[0]
+        if path == "/reset_prefix_cache":
+            self._run(lambda: self.rollout.reset_prefix_cache(peer))
             return
         tag = self.headers.get(protocol.CLIENT_TAG_HEADER)
-        self._run(lambda: self.rollout.generate(payload, tag))
+        self._run(lambda: self.rollout.generate(protocol.decode_json(raw), tag, peer))
 
     def _post_weights(self) -> None:
         # The body is drained (within the size bound) before any refusal, so a client streaming
@@ -407,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw_version = self.headers.get(protocol.WEIGHT_VERSION_HEADER)
         version = None
         if raw_version is not None:
-            version = int(raw_version) if raw_version.strip().isdigit() else None
+            version = int(raw_version) if _DECIMAL.fullmatch(raw_version.strip()) else None
             if version is None:
                 self._refuse(400, f"header {protocol.WEIGHT_VERSION_HEADER}: expected an integer >= 0, got {raw_version!r}", body)
                 return

@@ -1,0 +1,79 @@
+"""The rollout server's engine turn: one caller at a time, taken in turn by client, a bounded wait.
+
+The server lets one request at a time into its backend (that is what makes a weight push atomic
+for generation). A plain lock lets whoever grabs it first go next, so one client sending
+requests back to back can keep another waiting for as long as it likes. Here callers wait in one
+queue per client and the turn passes round-robin between clients that are waiting: a request
+waits for at most one request of each other waiting client before it runs (and the request
+limits, `rollout/limits.py`, bound how long one request runs). The number of waiting callers is
+bounded; one more is refused at once (HTTP 429) instead of holding a thread without limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from typing import Hashable, Iterator
+
+from maxent_jax.rollout.protocol import ProtocolError
+
+
+class FairQueue:
+    """A lock whose waiters are served round-robin by client key; `hold(client)` is the critical section."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queues: collections.OrderedDict[Hashable, collections.deque] = collections.OrderedDict()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._waiting
+
+    @contextlib.contextmanager
+    def hold(self, client: Hashable, *, bounded: bool = True) -> Iterator[None]:
+        """Wait for this client's turn, run the body, pass the turn on.
+
+        `bounded=False` (weight pushes, already authenticated) waits even when the queue is full,
+        so a flood of generate requests cannot lock the trainer out of its own server.
+        """
+        with self._cond:
+            if self._busy or self._waiting:
+                if bounded and self._waiting >= self.max_waiting:
+                    raise ProtocolError(
+                        f"server busy: {self._waiting} requests are already waiting for the engine "
+                        f"(max_queued_requests={self.max_waiting}, --max-queued-requests); retry later", 429)
+                ticket = object()
+                self._queues.setdefault(client, collections.deque()).append(ticket)
+                self._waiting += 1
+                try:
+                    self._cond.wait_for(lambda: not self._busy and self._head() is ticket)
+                finally:
+                    self._waiting -= 1
+                    self._leave(client, ticket)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _head(self) -> object | None:
+        """The ticket whose turn is next: the oldest of the client first in the rotation."""
+        for queue in self._queues.values():
+            return queue[0]
+        return None
+
+    def _leave(self, client: Hashable, ticket: object) -> None:
+        """Take `ticket` out; a client served moves to the back of the rotation (or leaves it)."""
+        queue = self._queues[client]
+        queue.remove(ticket)
+        if queue:
+            self._queues.move_to_end(client)
+        else:
+            del self._queues[client]
