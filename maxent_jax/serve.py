@@ -62,8 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-completions-per-request", type=_positive(int), default=None,
                         help=f"prompts x n one /generate may ask for (default {DEFAULT_MAX_COMPLETIONS})")
     parser.add_argument("--max-request-tokens", type=_positive(int), default=None,
-                        help="n x sum(prompt tokens + max_tokens) one /generate may ask for "
-                             f"(default {DEFAULT_SEQUENCES_PER_REQUEST} x max_model_len)")
+                        help="n x sum(prompt tokens + max_tokens) one /generate may ask for (default: "
+                             f"max_model_len x {DEFAULT_SEQUENCES_PER_REQUEST} for the jax backend, x 1024 for vllm)")
     parser.add_argument("--max-queued-requests", type=_positive(int), default=DEFAULT_MAX_QUEUED,
                         help="requests waiting for the engine before more get 429 "
                              f"(default {DEFAULT_MAX_QUEUED}; weight pushes always wait)")
@@ -113,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
     backend = build_backend(args)
-    limits = RequestLimits.for_model(
-        int(backend.info()["max_model_len"]), max_completions_per_request=args.max_completions_per_request,
+    limits = RequestLimits.for_backend(
+        backend, max_completions_per_request=args.max_completions_per_request,
         max_request_tokens=args.max_request_tokens, max_queued_requests=args.max_queued_requests)
     server = RolloutServer(backend, host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
                            limits=limits, read_timeout=args.read_timeout)

@@ -94,14 +94,18 @@ def start_rollout_server(
     subprocess_mode: bool = False,
     max_request_bytes: int | None = None,
     tmp_dir: Path | None = None,
+    **server_kwargs,
 ) -> Iterator[tuple[str, object]]:
-    """Yield (base url, handle): the RolloutServer (thread mode) or the Popen (subprocess mode)."""
+    """Yield (base url, handle): the RolloutServer (thread mode) or the Popen (subprocess mode).
+
+    `server_kwargs` (thread mode) go to RolloutServer: `limits=`, `read_timeout=`.
+    """
     if not subprocess_mode:
         from maxent_jax.rollout.server import DEFAULT_MAX_REQUEST_BYTES, RolloutServer
 
         server = RolloutServer(
             _build_backend(backend, model_dir), port=0, token=token,
-            max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+            max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, **server_kwargs,
         )
         server.start()
         try:

@@ -46,7 +46,7 @@ class FairQueue:
                 if bounded and self._waiting >= self.max_waiting:
                     raise ProtocolError(
                         f"server busy: {self._waiting} requests are already waiting for the engine "
-                        f"(max_queued_requests={self.max_waiting}, --max-queued-requests); retry later", 429)
+                        f"(this server allows max_queued_requests={self.max_waiting} (--max-queued-requests)); retry later", 429)
                 ticket = object()
                 self._queues.setdefault(client, collections.deque()).append(ticket)
                 self._waiting += 1

@@ -13,8 +13,13 @@ allocate 16.6 GB. Two numbers bound a request:
 - tokens: n x sum over prompts of (prompt tokens + max_tokens), the positions the engine
   may have to hold and compute (what the KV cache is sized by).
 
-Their defaults scale with the model's own limit, `max_model_len` (one sequence): 64 full-length
-sequences' worth of tokens per request, at most 4096 completions.
+The token bound's default scales with the model's own limit, `max_model_len` (one sequence),
+times how many full-length sequences the backend takes in one request
+(`default_request_sequences`): 64 for the jax backend, which allocates a request's whole KV
+cache at once; 1024 for vLLM, whose paged cache and scheduler keep memory bounded whatever
+the request, and which needs big requests to keep its batch full (the shipped recipes send
+thousands of completions per step: split into pieces of about 1024 sequences, each still fills
+vLLM's default 256 running sequences). Completions: at most 8192.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import numpy as np
 
 from maxent_jax.rollout.protocol import SEED_LIMIT, ProtocolError
 
-DEFAULT_MAX_COMPLETIONS = 4096
+DEFAULT_MAX_COMPLETIONS = 8192
 DEFAULT_SEQUENCES_PER_REQUEST = 64
 DEFAULT_MAX_QUEUED = 64
 DEFAULT_READ_TIMEOUT_S = 60.0
+# The token bound of a backend that reports no max_model_len.
+_FALLBACK_MAX_MODEL_LEN = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,18 +54,20 @@ class RequestLimits:
                 raise ValueError(f"{field.name}={value!r}: must be an integer >= 1")
 
     @classmethod
-    def for_model(
+    def for_backend(
         cls,
-        max_model_len: int,
+        backend: Any,
         *,
         max_completions_per_request: int | None = None,
         max_request_tokens: int | None = None,
         max_queued_requests: int | None = None,
     ) -> "RequestLimits":
-        """The defaults for a model whose sequences hold at most `max_model_len` tokens; None keeps one."""
+        """A backend's defaults (from its `max_model_len` and `default_request_sequences`); a value given wins."""
+        max_model_len = int(backend.info().get("max_model_len") or _FALLBACK_MAX_MODEL_LEN)
+        sequences = int(getattr(backend, "default_request_sequences", DEFAULT_SEQUENCES_PER_REQUEST))
         return cls(
             max_completions_per_request=max_completions_per_request or DEFAULT_MAX_COMPLETIONS,
-            max_request_tokens=max_request_tokens or DEFAULT_SEQUENCES_PER_REQUEST * max_model_len,
+            max_request_tokens=max_request_tokens or sequences * max_model_len,
             max_queued_requests=max_queued_requests or DEFAULT_MAX_QUEUED,
         )
 

@@ -36,6 +36,10 @@ WEIGHT_LAYOUTS = (HF_LAYOUT, NATIVE_LAYOUT)
 # negative entropy). A larger JSON integer was a 500 OverflowError deep in the engine.
 INT32_LIMIT = 2**31
 SEED_LIMIT = 2**63
+# Stop strings and stop token ids per request: each is checked on every generated token (ids in
+# the decode loop, strings on decoded text), so their number is work the token limit does not
+# see. The reference client sends three.
+MAX_STOPS = 64
 
 # Values echoed in an error message are shown this small (a 16 MB list is not repeated back,
 # and a deeply nested one is not walked to the bottom).
@@ -258,6 +262,9 @@ def parse_generate(payload: Any, header_tag: str | None = None) -> GenerateReque
         raise ProtocolError(f"field 'stop': expected non-empty strings, got {preview(list(stop))}")
     stop = tuple(_text("stop", x) for x in stop)
     stop_ids = tuple(_int_list("stop_token_ids", s["stop_token_ids"] or []))
+    for name, values in (("stop", stop), ("stop_token_ids", stop_ids)):
+        if len(values) > MAX_STOPS:
+            raise ProtocolError(f"field {name!r}: {len(values)} entries; at most {MAX_STOPS} are accepted")
     want_logprobs = bool(payload.get("return_logprobs", True)) and bool(s["logprobs"] is None or s["logprobs"])
     params = SamplingParams(
         n=s["n"],

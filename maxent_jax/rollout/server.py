@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 _FRAME_OVERHEAD_BYTES = 4096  # generous per-frame allowance for the safetensors header
-# Request limits of a backend that reports no max_model_len (the token bound's default scales with it).
-_FALLBACK_MAX_MODEL_LEN = 1 << 16
 # Methods the server answers; any other is a 405 naming these.
 _METHODS = ("GET", "POST")
 # A decimal integer header (Content-Length, X-Weight-Version): ASCII digits only, as HTTP says;
@@ -173,7 +171,7 @@ class RolloutServer:
         limits: RequestLimits | None = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
     ):
-        """`limits` None: `RequestLimits.for_model` of the backend's max_model_len.
+        """`limits` None: the backend's defaults, `RequestLimits.for_backend`.
 
         `read_timeout`: seconds one socket read (or write) may wait, so a client that stalls
         mid-request releases its thread instead of holding it forever.
@@ -186,7 +184,7 @@ class RolloutServer:
         self.receive_buffers = ReceiveBuffers()
         self.weight_layouts = tuple(getattr(backend, "weight_layouts", (HF_LAYOUT,)))
         backend_info = backend.info()
-        self.limits = limits or RequestLimits.for_model(int(backend_info.get("max_model_len") or _FALLBACK_MAX_MODEL_LEN))
+        self.limits = limits or RequestLimits.for_backend(backend)
         self.engine = FairQueue(self.limits.max_queued_requests)
         self._info = {**backend_info, "weight_layouts": list(self.weight_layouts),
                       "limits": {**self.limits.as_json(), "max_request_bytes": max_request_bytes,
@@ -376,6 +374,9 @@ class _Handler(BaseHTTPRequestHandler):
         It answers a method it has no `do_<METHOD>` for with 501 and an HTTP version it does not
         speak with 505; both are the request's fault, so they are 405 and 400 here.
         """
+        # A request line it could not read leaves the version at HTTP/0.9, which has no status
+        # line or headers: the refusal would arrive as a bare body no HTTP/1 client can read.
+        self.request_version = self.protocol_version
         headers = None
         if code == HTTPStatus.NOT_IMPLEMENTED:
             code, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": ", ".join(_METHODS)}

@@ -108,6 +108,12 @@ class VLLMBackend:
     are those of the weights the trainer holds.
     """
 
+    # Full-length sequences' worth of tokens one request may ask for by default
+    # (rollout/limits.py): vLLM's paged KV cache and scheduler bound its memory whatever the
+    # request, and a trainer step's request is split into pieces this large, each still more
+    # than the engine's default 256 running sequences, so its batch stays full.
+    default_request_sequences = 1024
+
     def __init__(self, model_dir: str, **engine_kwargs: Any):
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise UserError(f"--model {model_dir!r}: no config.json; expected a Hugging Face model directory")
