@@ -37,17 +37,17 @@ def _engine_arg(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def _positive(kind: type) -> Any:
+def _positive(kind: type, noun: str) -> Any:
+    """An argparse type: a finite `kind` > 0, else a message naming the value and what is valid."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a {kind.__name__} > 0")
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {noun} > 0")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in its message
     return parse
 
 
@@ -58,16 +58,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = pick a free one)")
     parser.add_argument("--token-file", help="file holding the bearer token that POST /weights must present; without it weight pushes are refused")
-    parser.add_argument("--max-request-bytes", type=_positive(int), default=DEFAULT_MAX_REQUEST_BYTES, help="largest /generate body accepted")
-    parser.add_argument("--max-completions-per-request", type=_positive(int), default=None,
+    parser.add_argument("--max-request-bytes", type=_positive(int, "an integer"), default=DEFAULT_MAX_REQUEST_BYTES, help="largest /generate body accepted")
+    parser.add_argument("--max-completions-per-request", type=_positive(int, "an integer"), default=None,
                         help=f"prompts x n one /generate may ask for (default {DEFAULT_MAX_COMPLETIONS})")
-    parser.add_argument("--max-request-tokens", type=_positive(int), default=None,
+    parser.add_argument("--max-request-tokens", type=_positive(int, "an integer"), default=None,
                         help="n x sum(prompt tokens + max_tokens) one /generate may ask for (default: "
                              f"max_model_len x {DEFAULT_SEQUENCES_PER_REQUEST} for the jax backend, x 1024 for vllm)")
-    parser.add_argument("--max-queued-requests", type=_positive(int), default=DEFAULT_MAX_QUEUED,
+    parser.add_argument("--max-queued-requests", type=_positive(int, "an integer"), default=DEFAULT_MAX_QUEUED,
                         help="requests waiting for the engine before more get 429 "
                              f"(default {DEFAULT_MAX_QUEUED}; weight pushes always wait)")
-    parser.add_argument("--read-timeout", type=_positive(float), default=DEFAULT_READ_TIMEOUT_S,
+    parser.add_argument("--read-timeout", type=_positive(float, "a number of seconds"), default=DEFAULT_READ_TIMEOUT_S,
                         help=f"seconds a socket read may stall before the connection is closed (default {DEFAULT_READ_TIMEOUT_S:g})")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="jax backend: parameter and compute dtype")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence (default: the model's max positions)")

@@ -248,3 +248,30 @@ def test_client_from_config(tmp_path):
     client = RolloutClient.from_config(config)
     assert (client.url, client.client_tag, client.token, client.max_retries) == ("http://127.0.0.1:9001", "tag-x", "s3cret", 3)
     assert client.char_limit == max(2048, 4 * config.rollout.max_prompt_length)
+
+
+def test_429_server_busy_is_retried(scripted):
+    server = scripted((429, {"error": "server busy", "status": 429}, 0), (200, _body([[_output("me")] * 2]), 0))
+    batch = _client(server.url, max_retries=2).generate(["a"], PARAMS)
+    assert batch.metrics["rollout/attempts"] == 2.0 and len(server.requests) == 2
+
+
+def test_a_request_over_the_servers_limits_is_split_and_later_ones_before_sending(scripted):
+    from maxent_jax.rollout.limits import piece_seed
+
+    limits = {"max_completions_per_request": 2, "max_request_tokens": 1000, "max_queued_requests": 4}
+    refusal = {"error": "request asks for 4 completions", "status": 413, "limits": limits}
+    piece = _body([[_output("me", ids=(7,)), _output("me", ids=(8,))]])
+    server = scripted((413, refusal, 0), (200, piece, 0), (200, piece, 0), (200, piece, 0), (200, piece, 0))
+    client = _client(server.url)
+    params = dataclasses.replace(PARAMS, seed=5)
+    batch = client.generate([[1, 2], [3]], params)
+    sent = [payload for _, payload in server.requests]
+    assert [p["prompt_token_ids"] for p in sent] == [[[1, 2], [3]], [[1, 2]], [[3]]]
+    assert [p["seed"] for p in sent] == [5, 5, piece_seed(5, 1)] and piece_seed(5, 1) != 5
+    assert [[s.token_ids.tolist() for s in g] for g in batch.groups] == [[[7], [8]], [[7], [8]]]
+    assert batch.metrics["rollout/request_pieces"] == 2 and batch.metrics["rollout/completions"] == 4
+    client.generate([[1, 2], [3]], params)  # known limits: split at once, no refused attempt
+    assert len(server.requests) == 5
+    with pytest.raises(RolloutError, match=r"refused \(HTTP 413\): too big"):  # a 413 without limits: no split
+        _client(scripted((413, {"error": "too big", "status": 413}, 0)).url).generate([[1]], PARAMS)

@@ -178,10 +178,11 @@ def _run_in_turns(queue: FairQueue, arrivals: list[str], hold_s: float = 0.05) -
 
 
 def test_the_engine_turn_passes_round_robin_between_clients():
-    # Client a queues five requests before b queues one: b runs second, not sixth. A plain lock
-    # (the server before) ran them in whatever order the threads woke up.
+    # While a runs, a queues five more requests, then b two and c one: b and c go next, then a and
+    # b alternate, not a six times first. A plain lock (the server before) ran them in whatever
+    # order the threads woke up.
     order = _run_in_turns(FairQueue(max_waiting=16), ["a", "a", "a", "a", "a", "a", "b", "c", "b"])
-    assert order == ["a", "a", "b", "c", "a", "b", "a", "a", "a"]
+    assert order == ["a", "b", "c", "a", "b", "a", "a", "a", "a"]
 
 
 def test_a_full_queue_refuses_with_429_but_a_weight_push_still_waits():
@@ -225,3 +226,18 @@ def test_stop_lists_are_bounded():
         with pytest.raises(ProtocolError, match=f"field '{name}': 65 entries; at most 64"):
             parse_generate({"prompt_token_ids": [[1]], name: value})
     parse_generate({"prompt_token_ids": [[1]], "stop": ["x"] * 64, "stop_token_ids": [1] * 64})
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--max-request-tokens", "0", "'0': expected an integer > 0"),
+     ("--max-completions-per-request", "many", "'many': expected an integer > 0"),
+     ("--read-timeout", "nan", "'nan': expected a number of seconds > 0")],
+)
+def test_serve_refuses_bad_limit_flags(tmp_path, flag, value, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "maxent_jax.serve", "--model", str(tmp_path), flag, value],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: {message}")

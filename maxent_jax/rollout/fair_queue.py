@@ -20,13 +20,25 @@ from maxent_jax.rollout.protocol import ProtocolError
 
 
 class FairQueue:
-    """A lock whose waiters are served round-robin by client key; `hold(client)` is the critical section."""
+    """A lock whose waiters are served by client in turn; `hold(client)` is the critical section.
+
+    Each waiting client has a place in the rotation: the number of turns granted when it
+    arrived, or, when it is being served (or arrives while it is), half a turn later, behind
+    everyone who arrives during that turn. The client with the earliest place goes next (its
+    oldest request). So a client that keeps many requests queued gets one turn, then waits
+    behind every client that arrived meanwhile, and a client that only just arrived cannot jump
+    ahead of those already waiting (a flood of new client tags is served in arrival order, not
+    before the clients it found waiting).
+    """
 
     def __init__(self, max_waiting: int):
         self.max_waiting = max_waiting
         self._cond = threading.Condition()
         self._busy = False
-        self._queues: collections.OrderedDict[Hashable, collections.deque] = collections.OrderedDict()
+        self._turns = 0  # turns granted so far
+        self._running: Hashable | None = None  # the client of the current (or last) turn
+        self._place: dict[Hashable, float] = {}  # client -> its place in the rotation
+        self._queues: dict[Hashable, collections.deque] = {}
         self._waiting = 0
 
     @property
@@ -48,13 +60,18 @@ class FairQueue:
                         f"server busy: {self._waiting} requests are already waiting for the engine "
                         f"(this server allows max_queued_requests={self.max_waiting} (--max-queued-requests)); retry later", 429)
                 ticket = object()
-                self._queues.setdefault(client, collections.deque()).append(ticket)
+                if client not in self._queues:
+                    self._queues[client] = collections.deque()
+                    self._place[client] = self._turns + (0.5 if client == self._running and self._busy else 0)
+                self._queues[client].append(ticket)
                 self._waiting += 1
                 try:
                     self._cond.wait_for(lambda: not self._busy and self._head() is ticket)
                 finally:
                     self._waiting -= 1
                     self._leave(client, ticket)
+            self._turns += 1
+            self._running = client
             self._busy = True
         try:
             yield
@@ -64,16 +81,17 @@ class FairQueue:
                 self._cond.notify_all()
 
     def _head(self) -> object | None:
-        """The ticket whose turn is next: the oldest of the client first in the rotation."""
-        for queue in self._queues.values():
-            return queue[0]
-        return None
+        """The ticket whose turn is next: the oldest of the client with the earliest place."""
+        if not self._queues:
+            return None
+        client = min(self._queues, key=self._place.__getitem__)  # dicts keep arrival order: ties go to the first
+        return self._queues[client][0]
 
     def _leave(self, client: Hashable, ticket: object) -> None:
-        """Take `ticket` out; a client served moves to the back of the rotation (or leaves it)."""
+        """Take `ticket` out as its turn starts; the client's other requests go behind this turn's arrivals."""
         queue = self._queues[client]
         queue.remove(ticket)
-        if queue:
-            self._queues.move_to_end(client)
+        if queue:  # arrivals during the turn about to start get place _turns + 1
+            self._place[client] = self._turns + 1.5
         else:
-            del self._queues[client]
+            del self._queues[client], self._place[client]
