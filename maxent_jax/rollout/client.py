@@ -357,7 +357,7 @@ class RolloutClient:
                 totals[key] = totals.get(key, 0.0) + value
             versions.append(part.weight_version)
         version = min(versions)
-        metrics = {**totals, "rollout/weight_version": float(version), "rollout/request_pieces": float(len(pieces)),
+        metrics = {**totals, "rollout/weight_version": float(version),  # request_pieces: 1 per piece, summed
                    "rollout/partial_prompts": float(sum(0 < len(g) < params.n for g in groups)),
                    "rollout/empty_prompts": float(sum(not g for g in groups))}
         if current_step is not None:
@@ -391,6 +391,7 @@ class RolloutClient:
             "rollout/partial_prompts": float(sum(0 < len(g) < params.n for g in groups)),
             "rollout/empty_prompts": float(sum(not g for g in groups)),
             "rollout/clipped_prompts": float(n_clipped),
+            "rollout/request_pieces": 1.0,
         }
         if current_step is not None:
             metrics["rollout/weight_staleness_steps"] = float(current_step - version)

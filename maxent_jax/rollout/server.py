@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
-from maxent_jax.rollout.backend import RolloutBackend
+from maxent_jax.rollout.backend import RolloutBackend, SamplingParams
 from maxent_jax.rollout.fair_queue import FairQueue
 from maxent_jax.rollout.limits import DEFAULT_READ_TIMEOUT_S, RequestLimits
 from maxent_jax.rollout.protocol import HF_LAYOUT, ProtocolError
@@ -241,7 +241,7 @@ class RolloutServer:
             completions = self.backend.generate(prompt_ids, params)
         return protocol.generate_response(request, prompt_ids, completions, version, str(self._info.get("model")))
 
-    def _check_lengths(self, prompt_ids: list[list[int]], params) -> None:
+    def _check_lengths(self, prompt_ids: list[list[int]], params: SamplingParams) -> None:
         max_tokens = params.max_tokens
         max_prompt = self._info.get("max_prompt_len")
         max_total = self._info.get("max_model_len")
