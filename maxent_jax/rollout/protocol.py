@@ -362,7 +362,8 @@ def openapi_schema() -> dict:
                     "summary": "sample n completions per prompt",
                     "parameters": [{"name": CLIENT_TAG_HEADER, "in": "header", "schema": {"type": "string"}}],
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
-                    "responses": {"200": {"description": "one result per prompt", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateResponse"}}}}, "400": error, "413": error},
+                    "responses": {"200": {"description": "one result per prompt", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateResponse"}}}},
+                                  "400": error, "408": error, "413": error, "429": error},
                 }
             },
             "/weights": {
@@ -375,7 +376,7 @@ def openapi_schema() -> dict:
                          "description": "tensor layout of the push; only one listed in weight_layouts of GET /info"},
                     ],
                     "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                    "responses": {"200": ok_json, "400": error, "401": error, "403": error, "413": error},
+                    "responses": {"200": ok_json, "400": error, "401": error, "403": error, "408": error, "409": error, "413": error},
                 }
             },
             "/reset_prefix_cache": {"post": {"summary": "forget cached attention", "responses": {"200": ok_json}}},
@@ -419,7 +420,8 @@ def openapi_schema() -> dict:
                         "metadata": {"type": "object"},
                     },
                 },
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
+                                           "limits": {"type": "object", "description": "with a 413 for a request over the work limits: those of GET /info"}}},
             },
         },
     }
