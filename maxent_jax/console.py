@@ -88,11 +88,10 @@ def next_steps(workdir: pathlib.Path, config: ml_collections.ConfigDict, config_
     else:
         steps = checkpoint_lib.list_steps(workdir / checkpoint_lib.CHECKPOINTS_DIR)
         checkpoint = workdir / checkpoint_lib.CHECKPOINTS_DIR / str(steps[-1]) if steps else None
-    lines = ["next:", f"  python -m maxent_jax.plot {here}                  # curves -> {here}/plots"]
+    lines = ["next:", f"  python -m maxent_jax.plot {here}"]
     if checkpoint is not None:
         with_config = f" --config={shlex.quote(config_path)}" if config_path and not _is_default(config_path) else ""
-        lines.append(f"  python -m maxent_jax.evaluate --checkpoint={shlex.quote(str(checkpoint))}{with_config}"
-                     "   # accuracy on the eval split")
+        lines.append(f"  python -m maxent_jax.evaluate --checkpoint={shlex.quote(str(checkpoint))}{with_config}")
     return "\n".join(lines)
 
 
