@@ -31,6 +31,7 @@ import ml_collections
 from maxent_jax import checkpoint as checkpoint_lib
 from maxent_jax import config as config_lib
 from maxent_jax import workdir as workdir_lib
+from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
 
 # How a checkpoint compares with the parameters: params + Adam's two moments + the reference
@@ -215,8 +216,13 @@ def _server_notes(config: ml_collections.ConfigDict) -> list[str]:
         urllib.request.urlopen(health, timeout=3).close()
         return [f"the rollout server answers at {health}"]
     except (urllib.error.URLError, OSError) as err:
-        return [f"no rollout server answers at {health} yet ({getattr(err, 'reason', err)}): start it before the run "
-                "(python -m maxent_jax.serve, or the launcher does it)"]
+        notes = [f"no rollout server answers at {health} yet ({getattr(err, 'reason', err)}): start it before the run "
+                 "(python -m maxent_jax.serve, or the launcher does it)"]
+    vllm_python = pathlib.Path(os.environ.get("VLLM_PYTHON") or REPO_ROOT / ".venv-vllm" / "bin" / "python")
+    if not (vllm_python.exists() or shutil.which(str(vllm_python))):
+        notes.append(f"no vLLM environment at {vllm_python} (make vllm-env builds it; VLLM_PYTHON names another): "
+                     "a vLLM rollout server cannot be started from here")
+    return notes
 
 
 def wandb_plan(config: ml_collections.ConfigDict) -> str:

@@ -164,5 +164,14 @@ def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
     return cli.validated(config)
 
 
+def _main() -> None:
+    """main, with Ctrl-C before training starts (loading, compiling) as one line and status 130."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first step; nothing saved: rerun the same command to start", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(_main)

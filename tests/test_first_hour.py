@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,10 @@ def test_dry_run_catches_what_the_run_would_fail_on(tmp_path, monkeypatch):
         plan("--config.mesh.shape=(1,8,1)", device_count=4)
     notes = plan("--config.mesh.shape=(1,3,1)", device_count=3).notes
     assert notes == ["model dimension embed=64 is not divisible by mesh fsdp=3: it is replicated on every device"]
+    server = ("--config.rollout.backend=server", "--config.vllm.url=http://127.0.0.1:9/generate")
+    with pytest.raises(UserError, match=r"config field vllm.token_file='.*nope' is not a readable file"):
+        plan(*server, f"--config.vllm.token_file={tmp_path / 'nope'}")
+    assert plan(*server).notes[0].startswith("no rollout server answers at http://127.0.0.1:9/health yet")
     usage = ckpt.shutil.disk_usage(tmp_path)
     monkeypatch.setattr("maxent_jax.dry_run.shutil.disk_usage", lambda _: usage._replace(free=3 * 2**20))
     with pytest.raises(UserError, match=r"has 3.0 MiB free but the run needs about \d+\.\d MiB"):
@@ -174,6 +179,30 @@ def test_resolve_config_has_help():
 def test_sizes_show_their_unit():
     assert [ckpt.format_bytes(n) for n in (512, 5 * 2**20, 0.01 * 2**30, 3 * 2**30)] == \
         ["512 B", "5.0 MiB", "10.2 MiB", "3.0 GiB"]
+
+
+def test_make_setup_shows_progress():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    proc = subprocess.run(["make", "-n", "-B", "setup"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    steps = [line for line in proc.stdout.splitlines() if line.startswith('echo "setup [')]
+    installs = [line for line in proc.stdout.splitlines() if "pip install" in line and "constraints.txt" in line]
+    assert len(steps) == 3 and installs and " -q " not in installs[0], proc.stdout
+
+
+def test_readme_demo_figures_come_from_the_script(tmp_path):
+    from maxent_jax import demo_report
+
+    records = [{"step": 1, "train/initial_reward": 0.0}] + [
+        {"step": s, "train/reward": s / 100} for s in range(1, 101)] + [{"step": 100, "eval/mean_reward": 0.4}]
+    values = demo_report.figures(records)
+    assert values["RL steps 41-50"] == pytest.approx(0.455) and values[demo_report.HELD_OUT] == 0.4
+    block = demo_report.render(values, wall_s=33.2, cpu_s=44.9, sha="abc1234", date="2026-12-06", machine="a box", load=0.1)
+    readme = demo_report.README.read_text()
+    rewritten = demo_report.rewrite(readme, block)
+    assert demo_report.read_table(rewritten) == pytest.approx(values)
+    assert "code `abc1234`" in rewritten and rewritten.replace(block, "") == readme.replace(demo_report._block(readme), "")
+    assert set(demo_report.read_table(readme)) == set(values)  # README carries the script's block
 
 
 # ---------------------------------------------------------------------------------------
