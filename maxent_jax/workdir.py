@@ -99,6 +99,7 @@ class Existing:
     """What a workdir already holds, read before anything is written."""
 
     fields: dict[str, Any]  # the stored config.json, flattened
+    fingerprint: str  # run.json's hash of the config ('' without run.json)
     status: str  # 'running', 'interrupted', 'finished', or 'unknown' (no run.json)
     step: int
     total_steps: int
@@ -121,11 +122,12 @@ def read(workdir: pathlib.Path) -> Existing | None:
         run = json.loads((workdir / RUN_FILE).read_text())
     except (OSError, ValueError):
         run = {}
-    return Existing(fields, str(run.get("status", "unknown")), int(run.get("step", 0)),
-                    int(run.get("total_steps", 0)))
+    return Existing(fields, str(run.get("fingerprint", "")), str(run.get("status", "unknown")),
+                    int(run.get("step", 0)), int(run.get("total_steps", 0)))
 
 
-def check_reuse(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, accept_changes: bool) -> tuple[Existing | None, list[Change]]:
+def check_reuse(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
+                accept_changes: bool) -> tuple[Existing | None, list[Change]]:
     """Decide whether this command may use `workdir`, before anything is written to it.
 
     Returns (the existing run or None, the accepted changes). Raises UserError (one line, every
@@ -134,7 +136,10 @@ def check_reuse(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, acc
     existing = read(workdir)
     if existing is None:
         return None, []
-    changes = diff(existing.fields, config_fields(config))
+    fields = config_fields(config)
+    if existing.fingerprint == fingerprint(fields):
+        return existing, []
+    changes = diff(existing.fields, fields)
     if not changes:
         return existing, []
     listed = "; ".join(str(c) for c in changes)
