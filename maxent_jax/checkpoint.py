@@ -232,20 +232,36 @@ def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, e
     except OSError as err:
         raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
     existing = len(list_steps(ckpt_dir))
-    slots = max(1, (keep + 1 if keep > 0 else 2) - existing)
-    needed = int((slots * checkpoint_bytes + extra_bytes) * 1.05)
+    slots = _slots(keep, existing)
+    needed = bytes_needed(checkpoint_bytes, keep=keep, existing=existing, extra_bytes=extra_bytes)
     free = shutil.disk_usage(ckpt_dir).free
     if free < needed:
         raise UserError(
-            f"--workdir={workdir} has {_gib(free)} free but the run needs about {_gib(needed)} "
-            f"({slots} checkpoint(s) of {_gib(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
-            f"{f', plus {_gib(extra_bytes)} for the final export' if extra_bytes else ''}): free space or "
+            f"--workdir={workdir} has {format_bytes(free)} free but the run needs about {format_bytes(needed)} "
+            f"({slots} checkpoint(s) of {format_bytes(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
+            f"{f', plus {format_bytes(extra_bytes)} for the final export' if extra_bytes else ''}): free space or "
             "lower checkpoint.save_total_limit"
         )
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _slots(keep: int, existing: int) -> int:
+    return max(1, (keep + 1 if keep > 0 else 2) - existing)
+
+
+def bytes_needed(checkpoint_bytes: int, *, keep: int, existing: int, extra_bytes: int = 0) -> int:
+    """Disk a run needs for its checkpoints: the ones kept at once (`keep` plus the one being written;
+    2 when `keep` is 0 = keep all, the least a run needs) less those already there, plus
+    `extra_bytes` (the final export), with a 5% margin."""
+    return int((_slots(keep, existing) * checkpoint_bytes + extra_bytes) * 1.05)
+
+
+def format_bytes(n: float) -> str:
+    """A size in the largest binary unit that keeps it >= 1 (`12.3 MiB`, not `0.01 GiB`)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@ that every user mistake (unknown field, wrong type, bad value) becomes one line 
 
 from __future__ import annotations
 
+import ast
+import difflib
 import pathlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import flags
@@ -33,6 +35,8 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
     """Define the flags and parse argv; unknown flags or config fields, wrong types and unloadable
     config files all become UserError. (ml_collections reads `--config.*` overrides while the
     flag is being defined, so definition is inside the guard too.)"""
+    check_overrides(argv)
+    flag_values: flags.FlagValues | None = None
     try:
         flag_values = define()
         rest = flag_values(list(argv))
@@ -42,6 +46,8 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
         config.to_dict()  # materialise the lazily loaded file so its errors surface here
     except UserError:
         raise
+    except flags.UnrecognizedFlagError as err:
+        raise UserError(_unknown_flag(err.flagname, flag_values)) from None
     except flags.Error as err:
         raise UserError(_one_line(err)) from None
     except (KeyError, AttributeError) as err:
@@ -64,6 +70,96 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
     return flag_values, rest
 
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a tuple such as (1,-1,1) or ('a','b')"}
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Every `--config.a.b=v` names a real field and carries a value of its type; else one UserError.
+
+    Checked against the base config (every recipe and configs/*.py starts from it), before
+    ml_collections parses them, so the message names the flag, the value and what is valid.
+    """
+    base = config_lib.get_base_config()
+    args = list(argv[1:])
+    for i, arg in enumerate(args):
+        if not arg.startswith("--config."):
+            continue
+        name, has_value, text = arg[len("--config."):].partition("=")
+        if not has_value and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            text, has_value = args[i + 1], True
+        parts = name.split(".")
+        if not all(_FIELD_NAME.fullmatch(p) for p in parts):
+            hint = name.replace("-", "_")
+            fix = f" (did you mean --config.{hint}?)" if all(_FIELD_NAME.fullmatch(p) for p in hint.split(".")) else ""
+            raise UserError(f"flag --config.{name}: config field names use letters, digits and '_'{fix}")
+        node: Any = base
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise UserError(f"flag --config.{name}: unknown config field{_closest(name, base)}; "
+                                "see docs/configuration.md for every field")
+            if depth < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise UserError(f"flag --config.{name}: {name!r} is a section, not a field; set one of its fields, "
+                            f"e.g. --config.{name}.{next(iter(node[leaf].keys()))}=...")
+        kind = node.get_type(leaf)
+        if has_value and not _parses_as(kind, text):
+            raise UserError(f"flag --config.{name}={text}: config field {name} takes {_TYPE_WORDS.get(kind, kind.__name__)}")
+
+
+def _parses_as(kind: type, text: str) -> bool:
+    if kind is str:
+        return True
+    if kind is bool:
+        return text.lower() in ("true", "false", "t", "f", "1", "0")
+    if kind is float:
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return False
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _all_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _all_fields(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _closest(name: str, base: ml_collections.ConfigDict) -> str:
+    fields = _all_fields(base)
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if not close:  # a known field name in the wrong section ('train.learning_rate')
+        close = [f for f in fields if f.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:1]
+    return f" (did you mean --config.{close[0]}?)" if close else ""
+
+
+def _unknown_flag(name: str, flag_values: flags.FlagValues | None) -> str:
+    """An unknown flag, with the config field of that name when there is one (`--max_steps`)."""
+    fields = [f for f in _all_fields(config_lib.get_base_config()) if f.rsplit(".", 1)[-1] == name]
+    if fields:
+        return f"unknown flag --{name}: config fields are set as --config.SECTION.FIELD, here --config.{fields[0]}=VALUE"
+    known = ", ".join(f"--{n}" for n in sorted(flag_values) if n == flag_values[n].name and n not in _HIDDEN) \
+        if flag_values is not None else ""
+    return f"unknown flag --{name}" + (f"; the flags are {known} (and --config.SECTION.FIELD=VALUE)" if known else "")
+
+
 def validated(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:
     config_lib.validate(config, device_count)
     return config
@@ -73,6 +169,12 @@ def _one_line(err: BaseException) -> str:
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     text = str(text).strip()
     return " ".join(text.split()) or type(err).__name__
+
+
+# absl's own flags, not ours to list.
+_HIDDEN = ("help", "helpfull", "helpshort", "helpxml", "only_check_args", "pdb", "pdb_post_mortem", "run_with_pdb",
+           "run_with_profiling", "profile_file", "use_cprofile_for_profiling", "logtostderr", "alsologtostderr",
+           "log_dir", "verbosity", "v", "stderrthreshold", "showprefixforinfo", "logger_levels")
 
 
 def help_requested(argv: Sequence[str]) -> bool:
@@ -85,10 +187,7 @@ def print_help(flag_values: flags.FlagValues, program: str, summary: str) -> Non
     lines += [summary.strip(), "", "flags:"]
     for name in sorted(flag_values):
         flag = flag_values[name]
-        if name != flag.name or name in ("help", "helpfull", "helpshort", "helpxml", "only_check_args", "pdb",
-                                         "pdb_post_mortem", "run_with_pdb", "run_with_profiling", "profile_file",
-                                         "use_cprofile_for_profiling", "logtostderr", "alsologtostderr", "log_dir",
-                                         "verbosity", "v", "stderrthreshold", "showprefixforinfo", "logger_levels"):
+        if name != flag.name or name in _HIDDEN:
             continue
         default = flag.default_as_str if name != "config" else str(DEFAULT_CONFIG.relative_to(REPO_ROOT))
         lines.append(f"  --{name}: {flag.help} (default: {default})")

@@ -516,11 +516,22 @@ def validate_mesh_shape(shape: tuple[int, ...], device_count: int) -> tuple[int,
     fixed = math.prod(d for d in shape if d != -1)
     if -1 in shape:
         if device_count % fixed:
-            raise _fail("mesh.shape", shape, f"fixed axes must divide the {device_count} devices")
+            raise _fail("mesh.shape", shape, f"fixed axes must divide the {device_count} devices "
+                        f"(e.g. {_mesh_fix(shape, device_count)})")
         shape = tuple(device_count // fixed if d == -1 else d for d in shape)
     if math.prod(shape) != device_count:
-        raise _fail("mesh.shape", shape, f"a shape whose product is the device count ({device_count})")
+        raise _fail("mesh.shape", shape, f"a shape whose product is the device count ({device_count}), e.g. "
+                    f"{_mesh_fix(shape, device_count)}; -1 takes the rest of the devices")
     return shape
+
+
+def _mesh_fix(shape: tuple[int, ...], device_count: int) -> str:
+    """The given shape with its largest axis as -1 when the others divide the devices, else all on fsdp."""
+    largest = max(range(len(shape)), key=lambda i: shape[i])
+    fix = tuple(-1 if i == largest else (1 if d == -1 else d) for i, d in enumerate(shape))
+    if device_count % math.prod(d for d in fix if d != -1):
+        fix = (1, -1, 1)
+    return "--config.mesh.shape=(" + ",".join(map(str, fix)) + ")"
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

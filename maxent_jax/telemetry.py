@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence, TextIO
 import ml_collections
 
 from maxent_jax.config import to_json_dict
+from maxent_jax.console import CompileClock
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -171,6 +172,17 @@ class ProgressLine:
         self._tokens: tuple[float, float] | None = None  # (num_tokens, time) at the previous emission
         self.tokens_per_s: float | None = None
         self._drawn = False
+        # Seconds and count of the steps that did not compile: the ETA's rate (compiling steps
+        # would predict hours for a run of minutes).
+        self._steady = [0.0, 0]
+        self.compiling = False
+
+    def step_timed(self, seconds: float, compile_seconds: float) -> None:
+        """One optimizer step took `seconds`, `compile_seconds` of them compiling (or loading compiled code)."""
+        self.compiling = compile_seconds > 0.25 * seconds
+        if not self.compiling:
+            self._steady[0] += seconds
+            self._steady[1] += 1
 
     def format(self, step: int, now: float) -> str:
         done = step - self.first_step
@@ -178,7 +190,9 @@ class ProgressLine:
         parts = [f"step {step}/{self.total}" if self.total else f"step {step}"]
         if self.total and done > 0:
             parts[0] += f" ({100 * step / self.total:.0f}%)"
-            parts.append(f"{_clock(elapsed)}<{_clock(elapsed / done * (self.total - step))}")
+            steady_s, steady_n = self._steady
+            eta = _clock(steady_s / steady_n * (self.total - step)) if steady_n else "?"
+            parts.append(f"{_clock(elapsed)}<{eta}")
         for label, key, fmt in self.FIELDS:
             value = _as_number(self.metrics.get(key))
             if value is not None:
@@ -187,7 +201,7 @@ class ProgressLine:
             parts.append(f"{self.tokens_per_s:,.0f} tok/s")
         step_time = _as_number(self.metrics.get("time/step_s"))
         if step_time is not None:
-            parts.append(f"{step_time:.2f} s/step")
+            parts.append(f"{step_time:.2f} s/step" + (" (compiling)" if self.compiling else ""))
         return " | ".join(parts)
 
     def emitted(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -264,6 +278,7 @@ class Telemetry:
             _truncate_after(self.workdir / COMPLETIONS_FILE, resume_step)
         self._metrics_file = open(metrics_path, "a", encoding="utf-8")
         if config.logging.progress:
+            CompileClock.install()
             self.progress = ProgressLine(total_steps or config.train.max_steps, stream or sys.stdout,
                                          first_step=resume_step or 0)
         self._init_wandb(config)
@@ -295,6 +310,11 @@ class Telemetry:
 
     # -- train metrics -----------------------------------------------------------------
 
+    def steps_begin(self) -> None:
+        """The next step starts now: what ran before (warm-up, initial reward, eval) is not its time."""
+        self._step_started = time.monotonic()
+        CompileClock.take()
+
     def accumulate(self, metrics: Mapping[str, Any]) -> None:
         """Add one micro-step's (or step's) metrics to the averaging window."""
         if self.is_main:
@@ -311,9 +331,10 @@ class Telemetry:
             return None
         now = time.monotonic()
         self.window.add({"time/step_s": now - self._step_started})
-        self._step_started = now
         if self.progress is not None:
+            self.progress.step_timed(now - self._step_started, CompileClock.take())
             self.progress.tick(step)
+        self._step_started = now
         if not (force or step % self.logging_steps == 0):
             return None
         record = {**self.window.pop(), **(instant or {}), "train/global_step": step, **self.header}
@@ -332,7 +353,7 @@ class Telemetry:
         self._write(step, record)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        self._step_started = time.monotonic()  # the eval's time is not the next step's time
+        self.steps_begin()  # the eval's time (and compilation) is not the next step's
         if self.progress is not None:
             shown = ", ".join(f"{k} {v:.4g}" if _as_number(v) is not None else f"{k} {v}" for k, v in record.items())
             self.progress.message(f"eval at step {step}: {shown}")

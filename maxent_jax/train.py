@@ -8,8 +8,8 @@ config (the reference's defaults), not from the tiny demo.
 
 from __future__ import annotations
 
-import json
 import pathlib
+import signal
 import sys
 import time
 
@@ -17,13 +17,15 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from maxent_jax import cli, recipes
+from maxent_jax import cli, console, recipes
 from maxent_jax import config as config_lib
-from maxent_jax.config import to_json_dict
+from maxent_jax import workdir as workdir_lib
 from maxent_jax.errors import UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
-The resolved config is printed and written to WORKDIR/config.json before any compute."""
+The fields that differ from the defaults are printed; the whole config is written to
+WORKDIR/config.json. Rerunning the same command resumes the run; a different config is refused
+before anything in the workdir is touched (docs/training.md, "Workdirs")."""
 
 
 def define_flags() -> flags.FlagValues:
@@ -33,6 +35,15 @@ def define_flags() -> flags.FlagValues:
     flags.DEFINE_string(
         "recipe", None, "A reference-style flat YAML recipe to map onto the config (see docs/recipes.md).",
         flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "dry_run", False, "Make every check the run makes before compute (config, workdir, rewards, dataset, mesh, "
+        "rollout server, W&B, disk) without loading weights, print the plan and exit (0, or 2 with the problem).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "accept_changes", False, "Resume a workdir's run with the listed config changes (run length, logging, "
+        "eval and save cadence, infrastructure).", flag_values=fv,
     )
     return fv
 
@@ -46,7 +57,21 @@ def main(argv: list[str] | None = None) -> None:
     if len(rest) > 1:
         raise UserError(f"unexpected positional arguments: {' '.join(rest[1:])}")
     config = resolve_config(fv)
+    config_path = fv["config"].config_filename
+    if fv.dry_run:
+        from maxent_jax.dry_run import dry_run, print_plan
+
+        print_plan(dry_run(config, workdir_path(fv.workdir), accept_changes=fv.accept_changes))
+        return
     workdir = run_workdir(fv.workdir)
+    existing, changes = workdir_lib.check_reuse(workdir, config, accept_changes=fv.accept_changes)
+    if existing is not None and existing.finished and not any(c.field in LENGTH_FIELDS for c in changes):
+        print(f"{workdir} holds a finished run ({existing.step} of {existing.total_steps} steps): nothing to do")
+        print(console.next_steps(workdir, config, config_path))
+        return
+    from maxent_jax.dry_run import check_rewards
+
+    check_rewards(config)  # before the model loads
     import jax  # after validation: a bad config fails before any backend starts
 
     from maxent_jax.parallel.distributed import initialize_distributed
@@ -56,20 +81,37 @@ def main(argv: list[str] | None = None) -> None:
     cli.validated(config, device_count=jax.device_count())
     from maxent_jax.trainer import Trainer
 
-    print(f"workdir: {workdir}")
-    if jax.process_index() == 0:
-        print(config)
-        (workdir / "config.json").write_text(json.dumps(to_json_dict(config), indent=2, sort_keys=True) + "\n")
-    trainer = Trainer(config, workdir, config_path=fv["config"].config_filename)
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"workdir: {workdir}")
+        if changes:
+            print("resuming with changes: " + "; ".join(str(c) for c in changes))
+        print(console.describe_config(config, workdir), flush=True)
+    trainer = Trainer(config, workdir, config_path=config_path)
     try:
+        if main_process:  # the run is built (model, data, disk): now the workdir is this run's
+            workdir_lib.write_config(workdir, config)
+            workdir_lib.write_status(workdir, config, status="running", step=trainer.step,
+                                     total_steps=trainer.total_steps)
         last = trainer.run()
     finally:
         trainer.close()
+    stopped = trainer.stopped_by
+    if main_process:
+        workdir_lib.write_status(workdir, config, status="interrupted" if stopped else "finished",
+                                 step=trainer.step, total_steps=trainer.total_steps)
+    if stopped is not None:
+        print(f"interrupted at step {trainer.step}; saved; rerun the same command to resume", file=sys.stderr)
+        if stopped == signal.SIGINT:
+            raise SystemExit(128 + signal.SIGINT)  # 130, as a shell reports Ctrl-C
+        return  # SIGTERM (preemption): exit 0, the job's requeue resumes it
     if last:
-        print("final: " + ", ".join(f"{k}={last[k]:.4g}" for k in SUMMARY_KEYS if k in last))
+        print("final: " + console.summary(last, SUMMARY_KEYS))
+    print(console.next_steps(workdir, config, config_path))
 
 
 SUMMARY_KEYS = ("train/reward", "train/kl", "train/tau", "train/beta", "eval/mean_reward")
+LENGTH_FIELDS = ("train.max_steps", "train.num_train_epochs")  # a finished run given more steps goes on
 
 
 def enable_compilation_cache() -> None:
@@ -82,9 +124,15 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run_workdir(flag: str | None) -> pathlib.Path:
-    """--workdir, else a fresh var/runs/<UTC timestamp> under the current directory; must be writable."""
+def workdir_path(flag: str | None) -> pathlib.Path:
+    """--workdir, else a fresh var/runs/<UTC timestamp> under the current directory."""
     path = pathlib.Path(flag) if flag else pathlib.Path("var/runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return path.resolve()
+
+
+def run_workdir(flag: str | None) -> pathlib.Path:
+    """`workdir_path`, created; it must be writable."""
+    path = workdir_path(flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
@@ -116,5 +164,14 @@ def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
     return cli.validated(config)
 
 
+def _main() -> None:
+    """main, with Ctrl-C before training starts (loading, compiling) as one line and status 130."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first step; nothing saved: rerun the same command to start", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(_main)

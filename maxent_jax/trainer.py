@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
+import signal
 import time
 from typing import Any, Sequence
 
@@ -131,13 +132,14 @@ class Trainer:
         self.resume_point = checkpoint_lib.resolve_resume(c.checkpoint.resume, workdir)
         self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=self.total_steps,
                                    config_path=config_path,
-                                   resume_step=self.resume_point.step if self.resume_point else None)
+                                   resume_step=self.resume_point.step if self.resume_point else 0)
         checkpoint_lib.preflight(
             workdir, checkpoint_bytes=checkpoint_lib.state_nbytes(self._checkpoint_state()) * 2,
             keep=c.checkpoint.save_total_limit,
             extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
+        self.stopped_by: signal.Signals | None = None  # the signal that stopped run() early, if any
         r = c.rewards
         workers = r.num_workers or None  # config 0 = in-process
         self.rewards = RewardScorer(r.reward_funcs, r.reward_weights, num_workers=workers, item_timeout_s=r.timeout_s)
@@ -431,6 +433,7 @@ class Trainer:
                 self.reference_params = (
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
                     else jax.tree.map(jnp.copy, self.state.params))
+            self.telemetry.steps_begin()
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.telemetry.accumulate(metrics)
@@ -443,8 +446,10 @@ class Trainer:
                 if guard.should_stop():
                     self.save()
                     self.checkpoints.wait()
-                    self.say(f"preempted: saved step {self.step}; rerun the same command to resume")
+                    self.stopped_by = guard.received or signal.SIGTERM  # a peer host's signal
                     return last
+            if self.checkpoints.save_steps > 0 and self.checkpoints.latest_step() != self.step:
+                self.save()  # the last step is always saved, so a finished run never replays steps
             self.checkpoints.wait()
             self.export_final()
         return last

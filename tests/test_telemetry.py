@@ -122,11 +122,18 @@ def test_progress_line_plain_in_logs_and_redrawn_on_a_terminal(tmp_path):
                 assert part in lines[1]
 
 
-def test_progress_eta():
+def test_progress_eta_leaves_compiling_steps_out():
+    """A step that spent most of its time compiling is marked and does not enter the ETA (step 1 of a
+    run compiled for 95 s used to predict 2:38 h for a run of minutes)."""
     line = tm.ProgressLine(100, io.StringIO(), first_step=10)
     line.start -= 30.0
-    line.metrics = {"train/reward": 0.25}
-    assert line.format(20, line.start + 30.0) == "step 20/100 (20%) | 0:00:30<0:04:00 | reward 0.250"
+    line.metrics = {"train/reward": 0.25, "time/step_s": 95.0}
+    line.step_timed(95.0, 94.0)
+    assert line.format(11, line.start + 30.0) == "step 11/100 (11%) | 0:00:30<? | reward 0.250 | 95.00 s/step (compiling)"
+    for _ in range(9):
+        line.step_timed(2.0, 0.01)
+    line.metrics["time/step_s"] = 2.0
+    assert line.format(20, line.start + 30.0) == "step 20/100 (20%) | 0:00:30<0:02:40 | reward 0.250 | 2.00 s/step"
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,14 @@ def test_default_config_learns(tmp_path):
     first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
     assert initial == [pytest.approx(0.0, abs=0.05)]
     assert last >= 0.85 and last >= first + 0.05, (first, last)
+    # README's demo figures (written by python -m maxent_jax.demo_report) are this run's.
+    from maxent_jax import demo_report
+
+    published = demo_report.read_table(demo_report.README.read_text())
+    measured = demo_report.figures(records)
+    assert set(published) == set(measured)
+    for label, value in published.items():
+        assert measured[label] == pytest.approx(value, abs=0.05), (label, "rerun python -m maxent_jax.demo_report")
 
 
 def test_read_scalars_returns_every_metric_as_a_float_in_one_transfer():
