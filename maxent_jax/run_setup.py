@@ -195,6 +195,7 @@ def objective_settings(config: ml_collections.ConfigDict) -> ObjectiveSettings:
         clip_objective_coef=m.clip_objective_coef,
         clip_adv_baseline=m.clip_adv_baseline,
         kl_estimator=o.kl_estimator,
+        kl_bias_correction=o.kl_bias_correction,
         max_completion_length=config.rollout.max_completion_length,
         sampler_correction=o.sampler_correction,
         sampler_correction_max=o.sampler_correction_max,

@@ -91,9 +91,8 @@ class Trainer:
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-        # Optimizer steps of the run: max_steps, or fewer when num_train_epochs passes over the data first.
         steps_per_epoch = max(1, len(self.task.train) // (self.num_prompts * jax.process_count()))
-        self.total_steps = min(c.train.max_steps, steps_per_epoch * c.train.num_train_epochs)
+        self.total_steps = optimizer_lib.total_steps(c.train.max_steps, steps_per_epoch, c.train.num_train_epochs)
         self.optimizer, schedule = optimizer_lib.make_optimizer(c.optim, self.total_steps)
         self.lr_at = jax.jit(schedule)  # the learning rate at a step: one dispatch, not an eager op per term
         self.warmup = optimizer_lib.warmup_steps(self.total_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
