@@ -225,6 +225,9 @@ class Trainer:
                 ro.utilities, valid, ref_sum, lengths, self.controllers.tau, self.controllers.beta)
             extra = {"weights": np.asarray(weights)}
         stats = read_scalars(stats)
+        # Spec 5.3's reference statistics: mean summed reference log-prob and mean scored tokens per completion.
+        stats["ref_logp_mean"] = float(ref_sum.mean())
+        stats["avg_completion_tokens"] = float(lengths.mean())
         if not c.vllm.return_logprobs:  # ratio against the policy's own (stop-gradient) log-probs
             grouped.pop("behaviour_logp", None)
         arrays = {
@@ -290,11 +293,9 @@ class Trainer:
             **self._rollout_metrics(ro),
             "train/tau": used_tau,
             "train/beta": used_beta,
-            "train/kl_coeff": used_beta,
             "train/skipped_steps": float(skipped),
             "train/learning_rate": lr,
             "train/grpo_objective": float(c.objective.train_grpo_objective),
-            "train/global_step": float(self.step),
             **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),
         }
 

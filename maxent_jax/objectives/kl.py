@@ -94,7 +94,6 @@ def kl_diagnostics(
     region = jnp.maximum(low, high)
     out = {
         "kl": masked_mean(k, valid),
-        "clip_ratio": masked_mean(region, valid),
         "clip_ratio/low_mean": masked_mean(low, valid),
         "clip_ratio/low_min": masked_min(low, valid),
         "clip_ratio/high_mean": masked_mean(high, valid),

@@ -70,6 +70,5 @@ def total_loss(
     if settings.sampler_correction != "none" and "behaviour_logp" in batch:
         mask = jnp.broadcast_to(token_mask if correction.shape[-1] > 1 else valid[..., None], correction.shape)
         metrics["sampler_is/mean"] = masked_mean(correction, mask)
-    metrics["loss"] = loss
-    metrics["loss/total"] = loss
+    metrics["loss"] = loss  # the reference's train/loss/total is the same number
     return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
