@@ -553,3 +553,30 @@ def validate_mesh_shape(shape: tuple[int, ...], device_count: int) -> tuple[int,
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
     """Plain JSON-serialisable view (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
+
+
+def from_json_dict(data: dict, source: str = "config.json") -> ml_collections.ConfigDict:
+    """The inverse of `to_json_dict`: the base config with every field of `data` set (lists become
+    tuples), so a tool can rebuild a run's config from its WORKDIR/config.json. An unknown field
+    or a value of the wrong type is a UserError naming it (a config.json from another version)."""
+    config = get_base_config()
+
+    def fill(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            path = prefix + key
+            if key not in node:
+                raise UserError(f"{source}: field {path} is not a config field of this version")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                if not isinstance(value, dict):
+                    raise UserError(f"{source}: field {path} should be a section, got {value!r}")
+                fill(node[key], value, path + ".")
+                continue
+            try:
+                node[key] = tuple(value) if isinstance(value, list) else value
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: field {path}={value!r} has the wrong type "
+                                f"(expected {node.get_type(key).__name__})") from None
+
+    with config.unlocked():
+        fill(config, data, "")
+    return config
