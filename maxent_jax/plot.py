@@ -7,7 +7,6 @@ whose metric never appears in the file are left out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from maxent_jax import flag_spelling  # noqa: E402
 from maxent_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from maxent_jax.telemetry import METRICS_FILE  # noqa: E402
 
@@ -145,7 +145,7 @@ def plot_run(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m maxent_jax.plot", description=__doc__.splitlines()[0])
+    parser = flag_spelling.ArgumentParser(prog="python -m maxent_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/plots)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
