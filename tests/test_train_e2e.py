@@ -65,7 +65,7 @@ def test_maxent_run_on_the_8_device_mesh_writes_everything(tmp_path):
     for key in ("train/loss", "train/reward", "train/reward_std", "train/kl", "train/beta", "train/tau",
                 "train/weight_entropy", "train/grad_norm", "train/learning_rate", "train/num_tokens",
                 "train/completions/mean_length_sampled", "train/frac_reward_zero_std", "train/ref_logp_mean",
-                "train/avg_completion_tokens"):
+                "train/avg_completion_tokens", "train/entropy"):
         assert key in last, key
     # One key per quantity: none of the reference's copies (train/kl_coeff = beta, train/weighting/tau = tau, ...).
     copies = [k for k in last if k in ("train/kl_coeff", "train/loss/total", "train/clip_ratio")
