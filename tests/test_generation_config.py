@@ -40,6 +40,7 @@ def test_a_bad_generation_config_is_one_line(tmp_path):
         generation_eos_ids(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_training_sampler_stops_at_a_generation_config_eos(tmp_path):
     """A tiny offline model dir: greedy decoding ends at the first token once generation_config lists it."""
     model_dir = write_tiny_model(tmp_path / "model", seed=0)

@@ -15,6 +15,7 @@ from maxent_jax.policy import rl_loss
 from tests.test_gradient_chunks import CFG, COMPLETION, PROMPT, _step_batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [0, 4])
 def test_entropy_metric_is_the_masked_mean_token_entropy(chunk_size):
     model = Decoder(CFG, rngs=nnx.Rngs(3))
@@ -35,6 +36,7 @@ def test_entropy_metric_is_the_masked_mean_token_entropy(chunk_size):
     assert 0 < float(metrics["entropy"]) <= np.log(CFG.vocab_size)
 
 
+@pytest.mark.slow
 def test_entropy_does_not_change_the_gradient():
     """The entropy rides along as a constant: the loss's gradient is the log-probs' alone."""
     model = Decoder(CFG, rngs=nnx.Rngs(3))
