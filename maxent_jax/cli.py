@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from maxent_jax import config as config_lib
+from maxent_jax import flag_spelling
 from maxent_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def parse(define: Callable[[], flags.FlagValues], argv: Sequence[str]) -> tuple[
     flag_values: flags.FlagValues | None = None
     try:
         flag_values = define()
-        rest = flag_values(list(argv))
+        rest = flag_values(flag_spelling.normalize(argv, list(flag_values)))  # --num-samples = --num_samples
         config = flag_values.config
         if config is None:
             raise UserError("--config: the config file's get_config() returned None")

@@ -35,7 +35,7 @@ SEED_ENTROPY_MODES = ("abs", "reference_signed")
 REFERENCE_SOURCES = ("auto", "model", "policy", "rollout")
 META_METHODS = ("analytic", "first_order", "truncated_backprop")
 META_OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+LR_SCHEDULES = ("cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup")
 ROLLOUT_BACKENDS = ("sampler", "server")
 DTYPES = ("float32", "bfloat16")
 INFO_SEED_LOSSES = ("infonce", "ce")
@@ -155,6 +155,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.objective.epsilon_high = _placeholder(float)  # None = epsilon_low
     c.objective.negative_adv_rule = "standard_min"  # 'reference_max' reproduces Q12
     c.objective.kl_estimator = "sequence_k3"  # the reference's sequence-level k3; or token-level k1/k2/k3
+    # TRL's use_bias_correction_kl: the per-token KL is multiplied by the importance ratio
+    # pi_theta / pi_old before beta x KL (token-level estimators); off = the reference's formula.
+    c.objective.kl_bias_correction = False
     # Correction for sampler/trainer log-prob mismatch (TRL's vllm_importance_sampling_*):
     # 'none' uses the sampler's log-probs directly as the ratio denominator.
     c.objective.sampler_correction = "none"
@@ -222,11 +225,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.max_grad_norm = 1.0
     c.optim.lr_scheduler_type = "cosine"
+    # cosine_with_min_lr decays to min_lr_rate * learning_rate instead of 0 (HF's schedule of that name).
+    c.optim.min_lr_rate = 0.0
     c.optim.warmup_steps = 0
     c.optim.warmup_ratio = 0.0
 
     c.train = ml_collections.ConfigDict()
-    c.train.max_steps = 100  # optimizer steps
+    c.train.max_steps = 100  # optimizer steps; -1 = as many as num_train_epochs passes over the train split
     c.train.num_train_epochs = 1
     c.train.per_device_train_batch_size = 2  # prompts per micro-batch per device of the ('data', 'fsdp') axes
     c.train.gradient_accumulation_steps = 1
@@ -402,9 +407,11 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.weight_decay", *_NONNEG),
     ("optim.max_grad_norm", *_NONNEG),
     ("optim.lr_scheduler_type", *_one_of(LR_SCHEDULES)),
+    ("optim.min_lr_rate", *_UNIT),
     ("optim.warmup_steps", *_NONNEG_INT),
     ("optim.warmup_ratio", *_UNIT),
-    ("train.max_steps", *_POS_INT),
+    ("train.max_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
+     "an integer >= 1, or -1 (train for num_train_epochs)"),
     ("train.num_train_epochs", *_POS_INT),
     ("train.per_device_train_batch_size", *_POS_INT),
     ("train.gradient_accumulation_steps", *_POS_INT),
@@ -422,6 +429,19 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("eval.per_device_eval_batch_size", *_POS_INT),
     ("eval.max_eval_samples", *_NONNEG_INT),
 )
+
+
+def field_problems(config: ml_collections.ConfigDict, fields: Iterable[str]) -> list[tuple[str, str]]:
+    """(field, one-line error) for each of `fields` its own rule refuses: every problem at once
+    (validate() stops at the first, and also checks the rules across fields)."""
+    wanted, out = set(fields), []
+    for path, ok, valid in _FIELD_RULES:
+        if path in wanted:
+            try:
+                _check(config, path, ok, valid)
+            except UserError as err:
+                out.append((path, str(err)))
+    return out
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
@@ -453,6 +473,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             "config field maxent.target_weight_entropy is set but objective.train_grpo_objective=True: "
             "weight-entropy targets only apply to the MaxEnt objective"
         )
+    if config.objective.kl_bias_correction and config.objective.kl_estimator == "sequence_k3":
+        raise _fail("objective.kl_bias_correction", True, "False with objective.kl_estimator='sequence_k3' (the "
+                    "correction weights per-token KL); use kl_estimator k1, k2 or k3 (TRL's is k3)")
+    o = config.optim
+    if o.min_lr_rate > 0 and o.lr_scheduler_type != "cosine_with_min_lr":
+        raise _fail("optim.min_lr_rate", o.min_lr_rate,
+                    f"0 unless optim.lr_scheduler_type is 'cosine_with_min_lr' (here {o.lr_scheduler_type!r})")
     cm = config.controller_meta
     if cm.use_hessian and cm.method == "analytic":
         raise _fail(
@@ -537,3 +564,30 @@ def _mesh_fix(shape: tuple[int, ...], device_count: int) -> str:
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
     """Plain JSON-serialisable view (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
+
+
+def from_json_dict(data: dict, source: str = "config.json") -> ml_collections.ConfigDict:
+    """The inverse of `to_json_dict`: the base config with every field of `data` set (lists become
+    tuples), so a tool can rebuild a run's config from its WORKDIR/config.json. An unknown field
+    or a value of the wrong type is a UserError naming it (a config.json from another version)."""
+    config = get_base_config()
+
+    def fill(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            path = prefix + key
+            if key not in node:
+                raise UserError(f"{source}: field {path} is not a config field of this version")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                if not isinstance(value, dict):
+                    raise UserError(f"{source}: field {path} should be a section, got {value!r}")
+                fill(node[key], value, path + ".")
+                continue
+            try:
+                node[key] = tuple(value) if isinstance(value, list) else value
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: field {path}={value!r} has the wrong type "
+                                f"(expected {node.get_type(key).__name__})") from None
+
+    with config.unlocked():
+        fill(config, data, "")
+    return config

@@ -120,7 +120,7 @@ class ResultsFile:
                                  if (previous or {}).get(k) != self.settings.get(k))
                 raise UserError(
                     f"--output={self.path} holds results for other settings (differs in {', '.join(changed)}): "
-                    "pass another --output or delete the file"
+                    "pass another --output, or leave --output out (each setting then gets its own file)"
                 )
             self.records = {r["key"]: r for r in parsed[1:] if "key" in r}
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -184,8 +184,12 @@ def evaluate_problems(
 
 SUMMARY = """Accuracy and unbiased pass@k of a checkpoint on the config's eval set (data.eval_dataset_*,
 MATH-500 style problem/answer columns; the synthetic task's test split by default).
+A checkpoint inside a training run is evaluated with that run's own WORKDIR/config.json (no
+--config needed; --config.a.b=v overrides still apply); --config=FILE replaces it.
 Sampling follows the config's rollout section (e.g. --config.rollout.temperature=0.6).
-Per-problem results go to --output as JSONL; rerunning with the same settings resumes."""
+Per-problem results go to JSONL, by default WORKDIR/eval/<checkpoint>-n<N>-<settings>.jsonl
+(var/eval/... outside a run): each setting gets its own file, and rerunning with the same
+settings resumes."""
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
@@ -217,19 +221,20 @@ def _flags() -> Any:
     fv = flags.FlagValues()
     cli.define_config_flag(fv)
     flags.DEFINE_string("checkpoint", None, "HF model directory (e.g. WORKDIR/final_hf), Orbax step directory "
-                        "(WORKDIR/checkpoints/N, evaluated with the --config it was trained with) or run directory.",
-                        flag_values=fv)
+                        "(WORKDIR/checkpoints/N) or run directory; inside a run, its WORKDIR/config.json is the "
+                        "config unless --config is given.", flag_values=fv)
     flags.DEFINE_integer("num_samples", 1, "Completions per problem (n).", flag_values=fv)
     flags.DEFINE_list("k", ["1"], "pass@k values, comma-separated, each <= --num_samples.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Per-problem results JSONL, resumable (default: var/eval/<checkpoint>.jsonl).",
+    flags.DEFINE_string("output", None, "Per-problem results JSONL, resumable (default: WORKDIR/eval/"
+                        "<checkpoint>-n<num_samples>-<settings hash>.jsonl, var/eval/... outside a run).",
                         flag_values=fv)
     flags.DEFINE_integer("batch_size", 0, "Problems per generate call (0 = eval.per_device_eval_batch_size).",
                          flag_values=fv)
     return fv
 
 
-def _parse(argv: list[str]) -> tuple[Any, Any, list[int]]:
-    """(flag values, validated config, sorted k values); every mistake is a UserError."""
+def _parse(argv: list[str]) -> tuple[Any, list[int]]:
+    """(flag values, sorted k values); every mistake is a UserError."""
     from maxent_jax import cli
 
     fv, rest = cli.parse(_flags, argv)
@@ -244,7 +249,59 @@ def _parse(argv: list[str]) -> tuple[Any, Any, list[int]]:
     if fv.num_samples < 1 or not ks or ks[0] < 1 or ks[-1] > fv.num_samples:
         raise UserError(f"--k={','.join(map(str, ks))} with --num_samples={fv.num_samples} is invalid: "
                         "every k must lie in 1..num_samples")
-    return fv, cli.validated(fv.config), ks
+    return fv, ks
+
+
+def run_dir_of(kind: str, ckpt_path: pathlib.Path) -> pathlib.Path | None:
+    """The training run a checkpoint belongs to (WORKDIR of WORKDIR/checkpoints/N or WORKDIR/final_hf),
+    recognised by its run config.json; None for a model directory outside a run."""
+    from maxent_jax import checkpoint as checkpoint_lib
+
+    ckpt_path = ckpt_path.resolve()
+    if kind == "orbax" and ckpt_path.parent.name == checkpoint_lib.CHECKPOINTS_DIR:
+        run = ckpt_path.parent.parent
+    elif kind == "hf" and ckpt_path.name == checkpoint_lib.FINAL_EXPORT_DIR:
+        run = ckpt_path.parent
+    else:
+        return None
+    try:
+        data = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(data, dict) and "rollout" in data and "model" in data else None
+
+
+def resolve_config(fv: Any, run_dir: pathlib.Path | None) -> Any:
+    """--config=FILE if given; else the run's own config.json; else the default config file. Then the
+    --config.a.b=v overrides, and validation."""
+    from ml_collections import config_flags
+
+    from maxent_jax import cli
+    from maxent_jax import config as config_lib
+
+    if fv["config"].present or run_dir is None:
+        return cli.validated(fv.config)
+    path = run_dir / "config.json"
+    config = config_lib.from_json_dict(json.loads(path.read_text()), source=str(path))
+    for field, value in config_flags.get_override_values(fv["config"]).items():
+        *parents, leaf = field.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return cli.validated(config)
+
+
+def default_output(run_dir: pathlib.Path | None, kind: str, ckpt_path: pathlib.Path,
+                   settings: Mapping[str, Any]) -> pathlib.Path:
+    """Where results go without --output: under the run (else var/eval), one file per settings, so a
+    new --num_samples or temperature starts its own file and the same settings resume theirs."""
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:8]
+    label = f"step{ckpt_path.name}" if kind == "orbax" and ckpt_path.name.isdigit() else ckpt_path.name
+    name = f"{label}-n{settings['num_samples']}-{digest}.jsonl"
+    if run_dir is not None:
+        return run_dir / "eval" / name
+    return pathlib.Path("var/eval") / f"{ckpt_path.resolve().parent.name}-{name}"
 
 
 def _settings(config: Any, ckpt_path: pathlib.Path, num_samples: int) -> dict[str, Any]:
@@ -305,10 +362,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if cli.help_requested(argv):
         cli.print_help(_flags(), "maxent_jax.evaluate", SUMMARY)
         return {}
-    fv, config, ks = _parse(argv)
+    fv, ks = _parse(argv)
     kind, ckpt_path = resolve_checkpoint_arg(fv.checkpoint)
+    run_dir = run_dir_of(kind, ckpt_path)
+    config = resolve_config(fv, run_dir)
+    if run_dir is not None and not fv["config"].present:
+        print(f"config: {run_dir / 'config.json'} (the run's own)", flush=True)
     settings = _settings(config, ckpt_path, fv.num_samples)
-    output = pathlib.Path(fv.output or f"var/eval/{ckpt_path.resolve().parent.name}-{ckpt_path.name}.jsonl")
+    output = pathlib.Path(fv.output) if fv.output else default_output(run_dir, kind, ckpt_path, settings)
     results = ResultsFile(output, settings)  # before loading the model: a settings clash fails fast
     policy, params = _load(config, kind, ckpt_path)
     rows = run_setup.load_task(config, policy.tokenizer).eval[: config.eval.max_eval_samples or None]

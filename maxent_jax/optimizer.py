@@ -14,21 +14,32 @@ import jax.numpy as jnp
 import optax
 
 
+def total_steps(max_steps: int, steps_per_epoch: int, epochs: int) -> int:
+    """Optimizer steps of a run: max_steps, or fewer when num_train_epochs passes over the data
+    first; max_steps -1 means the epochs alone (HF's max_steps <= 0), still in optimizer steps (Q15)."""
+    epoch_steps = steps_per_epoch * epochs
+    return epoch_steps if max_steps < 0 else min(max_steps, epoch_steps)
+
+
 def warmup_steps(total: int, warmup_steps_cfg: int, warmup_ratio: float) -> int:
     steps = warmup_steps_cfg if warmup_steps_cfg > 0 else math.floor(warmup_ratio * total)
     return min(steps, total)
 
 
-def learning_rate_schedule(lr: float, total: int, warmup: int, kind: str) -> optax.Schedule:
-    """lr(s) = lr*s/W during warm-up, then cosine / linear decay over the rest, or constant."""
+def learning_rate_schedule(lr: float, total: int, warmup: int, kind: str, min_lr_rate: float = 0.0) -> optax.Schedule:
+    """lr(s) = lr*s/W during warm-up, then cosine / linear decay over the rest, or constant.
+
+    `cosine_with_min_lr` is HF's schedule of that name: the cosine decays to min_lr_rate * lr.
+    """
     decay = max(total - warmup, 1)
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
         warm = lr * s / max(warmup, 1)
         p = jnp.clip(s - warmup, 0, decay) / decay
-        if kind == "cosine":
-            after = 0.5 * lr * (1 + jnp.cos(jnp.pi * p))
+        if kind in ("cosine", "cosine_with_min_lr"):
+            floor = min_lr_rate if kind == "cosine_with_min_lr" else 0.0
+            after = lr * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * p)))
         elif kind == "linear":
             after = lr * (1 - p)
         else:  # constant, constant_with_warmup
@@ -51,7 +62,7 @@ def _decay_mask(params):
 def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o = optim_config
     warmup = warmup_steps(total_steps, o.warmup_steps, o.warmup_ratio)
-    schedule = learning_rate_schedule(o.learning_rate, total_steps, warmup, o.lr_scheduler_type)
+    schedule = learning_rate_schedule(o.learning_rate, total_steps, warmup, o.lr_scheduler_type, o.min_lr_rate)
     chain = []
     if o.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(o.max_grad_norm))

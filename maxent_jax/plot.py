@@ -7,7 +7,6 @@ whose metric never appears in the file are left out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -17,7 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
+from maxent_jax import flag_spelling  # noqa: E402
 from maxent_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from maxent_jax.telemetry import METRICS_FILE  # noqa: E402
 
@@ -63,6 +64,30 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+MIN_RELATIVE_SPAN = 0.1  # the y-axis spans at least this fraction of the series' magnitude
+
+
+def y_limits(values: list[float]) -> tuple[float, float] | None:
+    """Y-limits that do not blow a flat or nearly flat series up to full height, else None (matplotlib's).
+
+    A constant (tau, beta with the controllers off; equal up to float noise) is drawn mid-plot
+    on [v/2, 3v/2]; a series whose values differ by less than MIN_RELATIVE_SPAN of their
+    magnitude (two close points, a metric that barely moves) gets a window of that size around
+    its middle, so a 0.41 -> 0.42 step does not fill the axis like 0.1 -> 0.9 would.
+    """
+    lo, hi = min(values), max(values)
+    magnitude = max(abs(lo), abs(hi))
+    if magnitude == 0.0:
+        return None
+    middle = (lo + hi) / 2
+    if hi - lo <= 1e-6 * magnitude:
+        return middle - abs(middle) / 2, middle + abs(middle) / 2
+    if hi - lo < MIN_RELATIVE_SPAN * magnitude:
+        half = MIN_RELATIVE_SPAN * magnitude / 2
+        return middle - half, middle + half
+    return None
+
+
 def _draw(ax: plt.Axes, title: str, ylabel: str, key: str, steps: list[int], values: list[float]) -> None:
     """Raw curve; with many noisy points it is drawn faint under a trailing mean."""
     if len(steps) > 50 and max(values) > min(values):
@@ -72,6 +97,11 @@ def _draw(ax: plt.Axes, title: str, ylabel: str, key: str, steps: list[int], val
         ax.legend(fontsize=8)
     else:
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, linewidth=1.5)
+    limits = y_limits(values)
+    if limits is not None:
+        ax.set_ylim(*limits)
+    ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-8 + 5e-2" offset labels on a flat line
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_title(f"{title}\n{key}", fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -115,7 +145,7 @@ def plot_run(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m maxent_jax.plot", description=__doc__.splitlines()[0])
+    parser = flag_spelling.ArgumentParser(prog="python -m maxent_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/plots)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

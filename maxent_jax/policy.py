@@ -13,7 +13,9 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from maxent_jax.objectives.groups import masked_mean
 from maxent_jax.objectives.infoseed import pool_hidden
+from maxent_jax.objectives.total_loss import batch_masks
 from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
 from maxent_jax.parallel.train_step import SplitLoss
 
@@ -25,17 +27,23 @@ def _rows(x: Array) -> Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, score_prompt_once: bool = False
-                        ) -> ScoreOutput:
+def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, score_prompt_once: bool = False,
+                        with_entropy: bool = False) -> ScoreOutput:
     """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`).
 
     `score_prompt_once`: each group's shared prompt goes through the model once (`model.score_prompt_once`).
+    `with_entropy`: the first element is `[P, G, Tc, 2]`, the log-probs (differentiable) and the
+    entropy of the policy's distribution at each position (constant: a metric, TRL's `entropy`),
+    computed from the same logits block, so it costs one reduction and no second forward.
     """
     p, g = batch["input_ids"].shape[:2]
     rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
-    logp, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
-                                                  group=g if score_prompt_once else 1)
-    return logp.reshape(p, g, -1), hidden
+    scores, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
+                                                    group=g if score_prompt_once else 1, return_entropy=with_entropy)
+    if with_entropy:
+        logp, entropy = scores
+        return jnp.stack([logp, jax.lax.stop_gradient(entropy)], axis=-1).reshape(p, g, -1, 2), hidden
+    return scores.reshape(p, g, -1), hidden
 
 
 def sft_loss(chunk_size: int) -> SplitLoss:
@@ -60,18 +68,22 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     policy (the reference detaches them, Q21); that term compares rows with each other, so only
     without it is the loss a `SplitLoss` (row-separable, what `train.gradient_chunks` needs).
     """
-    def objective_of(token_logp: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
-        return objective(token_logp, batch, {"beta": batch["beta"]}, settings)
+    def objective_of(scores: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """scores `[P, G, Tc, 2]`: log-probs and the (constant) token entropy, mean-logged as `entropy`."""
+        token_logp, entropy = scores[..., 0], scores[..., 1]
+        loss, metrics = objective(token_logp, batch, {"beta": batch["beta"]}, settings)
+        _, token_mask = batch_masks(batch)
+        return loss, {**metrics, "entropy": masked_mean(entropy, token_mask)}
 
     if settings.info_seed.lambda_ <= 0:  # the log-probs are the only way rows enter: separable
         return SplitLoss(
-            score=lambda model, batch: completion_logprobs(model, batch, chunk_size, score_prompt_once)[0],
+            score=lambda model, batch: completion_logprobs(model, batch, chunk_size, score_prompt_once, True)[0],
             objective=objective_of)
 
     def loss_fn(model, batch):
-        token_logp, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once)
+        scores, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once, True)
         p, g = batch["input_ids"].shape[:2]
         pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
-        return objective_of(token_logp, {**batch, "seed_hidden": pooled.reshape(p, g, -1)})
+        return objective_of(scores, {**batch, "seed_hidden": pooled.reshape(p, g, -1)})
 
     return loss_fn

@@ -2,19 +2,15 @@
 
 The reference reads a flat YAML file into its script, training and model dataclasses and
 silently drops every key none of them declares (spec 13.1, quirk Q2), so a typo or a stale
-key changes a run without a word. Here every key of a recipe falls in exactly one class:
+key changes a run without a word. Here every key is mapped, read by a rule, ignored with a
+printed reason, accepted only at a neutral value, or unknown (the classes live in
+`recipe_keys.py`). Every problem of a recipe (unknown keys, refused values, values a field
+cannot take, keys that disagree) is collected and reported in ONE `UserError` line, so a
+user fixes a YAML in one pass instead of one error per run.
 
-* `FIELDS`: a reference key with a home in our config (`maxent_tau` -> `maxent.tau`);
-* a key read by one of the rules below `FIELDS` (KL aliases into `objective.beta`, vLLM
-  routing into `rollout.backend`/`vllm.url`, precision, eval/save strategies, resume, ...);
-* `IGNORED`: a key that is meaningful for the reference's PyTorch stack (DeepSpeed,
-  DataLoader workers, the Hub, TRL-trainer-only knobs) but not here; reported as a warning
-  with its reason;
-* `NEUTRAL_ONLY`: a key we accept only at the value that changes nothing (`use_peft: false`);
-* anything else is unknown: all unknown keys and refused values make ONE `UserError` line.
-
-The result is a `Recipe`: field updates plus warnings; `apply()` writes it onto a config,
-converting YAML scalars (PyYAML reads `1e-6` as a string) to each field's type.
+`load()`/`translate()` give a `Recipe`: field updates, warnings and the problems found so
+far; `apply()` writes it onto a config, converting YAML scalars (PyYAML reads `1e-6` as a
+string) to each field's type, checks each field it set, and raises once with every problem.
 """
 
 from __future__ import annotations
@@ -23,300 +19,16 @@ import dataclasses
 import difflib
 import json
 import pathlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import ml_collections
 import yaml
 
+from maxent_jax import config as config_lib
 from maxent_jax.errors import UserError
+from maxent_jax.recipe_keys import FIELDS, IGNORED, KL_ALIASES, NEUTRAL_ONLY, RULE_KEYS, TRL_KEYS, as_list, url
 
-_Q2 = "dropped by the reference's loader too (Q2)"
-_TRL_ONLY = "read only by TRL's GRPOTrainer, which the reference's custom loop (and maxent-jax) replaces (Q1)"
-_SHARDING = "DeepSpeed/Accelerate distribution setting; sharding comes from mesh.shape"
-_DATALOADER = "PyTorch DataLoader setting; prompts are read and tokenized on the host without workers"
-_HUB = "no Hub upload; checkpoint.export_final writes an HF directory you can upload"
-_PPO = "PPO critic setting; GRPO has no value function, and the reference dropped it too (Q2)"
-_UNUSED_SCRIPT = "declared by the reference but never read (Q6)"
-_SERVER_SIDE = "rollout-server setting: pass it to the launcher (VLLM_MEM_UTIL, --dp, --tp), see docs/launch.md"
-
-
-def _floats(value: Any) -> tuple[float, ...]:
-    return tuple(float(v) for v in _as_list(value))
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    return tuple(str(v) for v in _as_list(value))
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _top_k(value: Any) -> int:
-    """vLLM/TRL write 'no top-k' as -1 (or null); ours is 0."""
-    return 0 if value is None or int(value) < 0 else int(value)
-
-
-def _url(value: Any) -> str:
-    """The reference recipes write `.../generate/`; our server's route has no trailing slash."""
-    return str(value).rstrip("/")
-
-
-# Reference key -> (our field, converter or None). Several keys may share a field; they must agree.
-FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
-    "seed": ("seed", None),
-    # model (TRL ModelConfig)
-    "model_name_or_path": ("model.name_or_path", None),
-    "model_revision": ("model.revision", None),
-    "gradient_checkpointing": ("model.remat", None),
-    # data (script arguments)
-    "dataset_name": ("data.dataset_name", None),
-    "dataset_config": ("data.dataset_config", None),
-    "dataset_train_split": ("data.dataset_train_split", None),
-    "dataset_test_split": ("data.dataset_test_split", None),
-    "dataset_prompt_column": ("data.dataset_prompt_column", None),
-    "dataset_solution_column": ("data.dataset_solution_column", None),
-    "system_prompt": ("data.system_prompt", None),
-    "chat_template": ("data.chat_template", None),
-    "eval_dataset_name": ("data.eval_dataset_name", None),
-    "eval_dataset_config": ("data.eval_dataset_config", None),
-    "eval_dataset_split": ("data.eval_dataset_split", None),
-    "eval_dataset_prompt_column": ("data.eval_dataset_prompt_column", None),
-    "eval_dataset_solution_column": ("data.eval_dataset_solution_column", None),
-    # generation
-    "num_generations": ("rollout.num_generations", None),
-    "max_prompt_length": ("rollout.max_prompt_length", None),
-    "max_completion_length": ("rollout.max_completion_length", None),
-    "gen_temperature": ("rollout.temperature", None),
-    "gen_top_p": ("rollout.top_p", None),
-    # The reference never sent top-k (Q3: gen_top_k was dropped, vllm_top_k never read);
-    # we honour either.
-    "gen_top_k": ("rollout.top_k", _top_k),
-    "vllm_top_k": ("rollout.top_k", _top_k),
-    "vllm_stop_sequences": ("rollout.stop_sequences", _strings),
-    # vLLM client
-    "vllm_url": ("vllm.url", _url),
-    "vllm_server_timeout": ("vllm.server_timeout", None),
-    "vllm_request_timeout": ("vllm.server_timeout", None),  # dropped by the reference (Q2); honoured here
-    "vllm_max_completion_rounds": ("vllm.max_completion_rounds", None),
-    "vllm_retry_sleep": ("vllm.retry_sleep", None),
-    "vllm_return_logprobs": ("vllm.return_logprobs", None),
-    "vllm_request_logprobs": ("vllm.return_logprobs", None),  # dropped by the reference (Q2); honoured here
-    "vllm_client_tag_fail_fast": ("vllm.client_tag_fail_fast", None),
-    # rewards
-    "reward_funcs": ("rewards.reward_funcs", _strings),
-    "reward_weights": ("rewards.reward_weights", _floats),
-    "eval_reward_funcs": ("rewards.eval_reward_funcs", _strings),
-    "eval_reward_weights": ("rewards.eval_reward_weights", _floats),
-    # objective
-    "train_grpo_objective": ("objective.train_grpo_objective", None),
-    "clip_range": ("objective.clip_range", None),
-    # MaxEnt
-    "maxent_tau": ("maxent.tau", None),
-    "maxent_q_temperature": ("maxent.q_temperature", None),
-    "maxent_q_epsilon": ("maxent.q_epsilon", None),
-    "maxent_length_normalize_ref": ("maxent.length_normalize_ref", None),
-    "maxent_reference_logprobs_source": ("maxent.reference_logprobs_source", None),
-    "maxent_share_reference_model": ("maxent.share_reference_model", None),
-    "reference_model_name_or_path": ("maxent.reference_model_name_or_path", None),
-    "maxent_target_weight_entropy": ("maxent.target_weight_entropy", None),
-    "maxent_target_weight_entropy_start": ("maxent.target_weight_entropy_start", None),
-    "maxent_target_weight_entropy_final": ("maxent.target_weight_entropy_final", None),
-    "maxent_target_weight_entropy_horizon": ("maxent.target_weight_entropy_horizon", None),
-    "maxent_tau_lr": ("maxent.tau_lr", None),
-    "maxent_tau_min": ("maxent.tau_min", None),
-    "maxent_tau_max": ("maxent.tau_max", None),
-    "maxent_tau_warmup_steps": ("maxent.tau_warmup_steps", None),
-    "maxent_use_clip_objective": ("maxent.use_clip_objective", None),
-    "maxent_clip_objective_coef": ("maxent.clip_objective_coef", None),
-    "maxent_clip_adv_baseline": ("maxent.clip_adv_baseline", None),
-    # controllers
-    "kl_target": ("controllers.kl_target", None),
-    "kl_horizon": ("controllers.kl_horizon", None),
-    "kl_ctl_step_size": ("controllers.kl_ctl_step_size", None),
-    "controller_overwrite_from_config": ("controllers.overwrite_from_config", None),
-    "controller_meta_enabled": ("controller_meta.enabled", None),
-    "controller_meta_method": ("controller_meta.method", None),
-    "controller_meta_lr": ("controller_meta.lr", None),
-    "controller_meta_tau_lr": ("controller_meta.tau_lr", None),
-    "controller_meta_beta_lr": ("controller_meta.beta_lr", None),
-    "controller_meta_beta_grad_clip": ("controller_meta.beta_grad_clip", None),
-    "controller_meta_update_interval": ("controller_meta.update_interval", None),
-    "controller_meta_objective": ("controller_meta.objective", None),
-    "controller_meta_analytic_steps": ("controller_meta.analytic_steps", None),
-    "controller_meta_optimizer": ("controller_meta.optimizer", None),
-    "controller_meta_truncation_steps": ("controller_meta.truncation_steps", None),
-    "controller_meta_use_hessian": ("controller_meta.use_hessian", None),
-    # InfoSeed
-    "info_seed_enabled": ("info_seed.enabled", None),
-    "info_seed_num_seeds": ("info_seed.num_seeds", None),
-    "info_seed_lambda": ("info_seed.lambda_", None),
-    "info_seed_temperature": ("info_seed.temperature", None),
-    "info_seed_alpha_entropy": ("info_seed.alpha_entropy", None),
-    "info_seed_prompt_template": ("info_seed.prompt_template", None),
-    "info_seed_loss_type": ("info_seed.loss_type", None),
-    "info_seed_pooling": ("info_seed.pooling", None),
-    # optimizer and schedule
-    "learning_rate": ("optim.learning_rate", None),
-    "adam_beta1": ("optim.adam_beta1", None),
-    "adam_beta2": ("optim.adam_beta2", None),
-    "adam_epsilon": ("optim.adam_epsilon", None),
-    "weight_decay": ("optim.weight_decay", None),
-    "max_grad_norm": ("optim.max_grad_norm", None),
-    "lr_scheduler_type": ("optim.lr_scheduler_type", None),
-    "warmup_steps": ("optim.warmup_steps", None),
-    "warmup_ratio": ("optim.warmup_ratio", None),
-    # loop
-    "num_train_epochs": ("train.num_train_epochs", None),
-    "per_device_train_batch_size": ("train.per_device_train_batch_size", None),
-    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", None),
-    "save_total_limit": ("checkpoint.save_total_limit", None),
-    # logging and eval
-    "logging_steps": ("logging.logging_steps", None),
-    "log_completions": ("logging.log_completions", None),
-    "wandb_entity": ("logging.wandb_entity", None),
-    "wandb_project": ("logging.wandb_project", None),
-    "wandb_run_group": ("logging.wandb_run_group", None),
-    "run_name": ("logging.run_name", None),
-    "per_device_eval_batch_size": ("eval.per_device_eval_batch_size", None),
-}
-
-# Keys read by the rules in `_rules()` (several keys decide one field, or one key several).
-RULE_KEYS = frozenset({
-    "beta", "init_kl_coeff", "init_kl_coef", "kl_penalty_beta",
-    "bf16", "fp16", "torch_dtype",
-    "use_vllm", "vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
-    "vllm_sync_weights", "vllm_sync_interval_steps",
-    "do_eval", "eval_strategy", "evaluation_strategy", "eval_steps",
-    "save_strategy", "save_steps",
-    "report_to", "resume_from_checkpoint", "init_from_checkpoint", "output_dir",
-    "max_steps", "optim", "dataset_mixture", "reference_model_revision",
-})
-
-# Known keys that mean nothing in maxent-jax, with the reason (reported as a warning).
-IGNORED: dict[str, str] = {
-    "maxent_logprob_chunk_size": "scoring memory is bounded by model.logprob_chunk_size (positions per vocabulary block)",
-    "maxent_score_tail_tokens": "completions are always scored whole, with their prompt as context (the tail window "
-                                "dropped the context, Q7)",
-    "maxent_allow_empty_weight_fallback": "masked group math never yields an empty weight vector",
-    "force_custom_loop": "maxent-jax has one training loop for every objective",
-    "attn_implementation": "PyTorch kernels do not apply; model.attention picks 'blocked', 'dot_product' or 'cudnn' "
-                           "(flash attention on a GPU)",
-    "trust_remote_code": "models are built from maxent-jax's own Flax code",
-    "gradient_checkpointing_kwargs": "re-entrancy is a PyTorch notion; model.remat covers checkpointing",
-    "torch_compile": "XLA compiles every step",
-    "overwrite_output_dir": "a workdir resumes from its latest checkpoint; nothing is deleted (the reference "
-                            "deleted its controller state, Q19)",
-    "logging_dir": "metrics go to WORKDIR and W&B",
-    "logging_first_step": "every logged step is an optimizer step; there is no step-0 record",
-    "log_level": "use absl's --verbosity",
-    "log_like_grpo": "metrics are always means over all hosts",
-    "num_completions_to_print": "logging.log_completions writes completions to W&B and JSONL",
-    "wandb_log_unique_prompts": "logging.log_completions writes completions to W&B and JSONL",
-    "benchmarks": "run python -m maxent_jax.evaluate on a checkpoint",
-    "callbacks": "HF Trainer callbacks have no counterpart",
-    "maxent_allow_stale_reference_logprobs": "reference log-probs come from one forward per batch; nothing is stale",
-    "maxent_score_slice_prefetch": "throughput knob of the reference's PyTorch scorer",
-    "maxent_prompt_cache_size": "throughput knob of the reference's PyTorch scorer",
-    "maxent_clip_range": "never read by the reference either (Q13)",
-    "vllm_backfill_with_model": "no local back-fill: failed requests are retried, then fail with a clear error",
-    "vllm_logprob_fail_after": "missing server log-probs are an error at once",
-    "vllm_logprob_fallback": "missing server log-probs are an error at once",
-    "vllm_best_of": "never read by the reference (Q3); the server samples n independent completions",
-    "vllm_frequency_penalty": "never read by the reference (Q3)",
-    "vllm_presence_penalty": "never read by the reference (Q3)",
-    "gen_best_of": _Q2 + "; the server samples n independent completions",
-    "vllm_group_port": "weights reach the server over HTTP (POST /weights), not an NCCL group",
-    "vllm_gpu_memory_utilization": _SERVER_SIDE,
-    "vllm_tensor_parallel_size": _SERVER_SIDE,
-    "vllm_enable_sleep_mode": _SERVER_SIDE,
-    "vllm_guided_decoding_regex": _TRL_ONLY,
-    "disable_distributed_sampler": _Q2 + "; each host process reads its own slice of every global batch",
-    # Both spellings occur in the shipped reference recipes; neither is a field, so the reference
-    # clipped with clip_range (default 0.2) wherever clip_range itself was absent.
-    "ppo_clip_range": _Q2 + "; the loop clips with clip_range (default 0.2): set clip_range",
-    "ppo_ppo_clip_range": _Q2 + "; the loop clips with clip_range (default 0.2): set clip_range",
-    "dataloader_num_workers": _DATALOADER,
-    "dataloader_pin_memory": _DATALOADER,
-    "dataloader_prefetch_factor": _DATALOADER,
-    "dataloader_persistent_workers": _DATALOADER,
-    "dataloader_drop_last": _DATALOADER,
-    "remove_unused_columns": _DATALOADER,
-    "deepspeed": _SHARDING,
-    "zero3_save_16bit_model": _SHARDING,
-    "fsdp": _SHARDING,
-    "fsdp_config": _SHARDING,
-    "accelerator_config": _SHARDING,
-    "ddp_find_unused_parameters": _SHARDING,
-    "ddp_timeout": _SHARDING,
-    "ddp_backend": _SHARDING,
-    "local_rank": _SHARDING,
-    "ds3_gather_for_generation": _SHARDING,
-    "push_to_hub": _HUB,
-    "hub_model_id": _HUB,
-    "hub_strategy": _HUB,
-    "hub_private_repo": _HUB,
-    "hub_token": _HUB,
-    "hub_model_revision": _HUB,
-    "push_to_hub_revision": _HUB,
-    "overwrite_hub_revision": _HUB,
-    "save_safetensors": "checkpoints are Orbax; checkpoint.export_final writes safetensors",
-    "save_only_model": "checkpoints always hold params, optimizer, controllers and data position",
-    "logging_strategy": "metrics are logged every logging.logging_steps optimizer steps",
-    "temperature": _TRL_ONLY + "; the loop samples with gen_temperature",
-    "top_p": _TRL_ONLY + "; the loop samples with gen_top_p",
-    "top_k": _TRL_ONLY + "; the loop samples with gen_top_k",
-    "min_p": _TRL_ONLY,
-    "repetition_penalty": _TRL_ONLY,
-    "epsilon": _TRL_ONLY + "; the loop clips with clip_range",
-    "epsilon_high": _TRL_ONLY,
-    "delta": _TRL_ONLY,
-    "loss_type": _TRL_ONLY,
-    "scale_rewards": _TRL_ONLY,
-    "num_iterations": _TRL_ONLY,
-    "mask_truncated_completions": _TRL_ONLY,
-    "sync_ref_model": _TRL_ONLY,
-    "ref_model_mixup_alpha": _TRL_ONLY,
-    "ref_model_sync_steps": _TRL_ONLY,
-    "use_liger_loss": _TRL_ONLY,
-    "cache_implementation": _TRL_ONLY,
-    "generation_batch_size": _TRL_ONLY,
-    "steps_per_generation": _TRL_ONLY,
-    "shuffle_dataset": _TRL_ONLY,
-    "model_init_kwargs": _TRL_ONLY,
-    "disable_dropout": "the decoder has no dropout",
-    "lora_r": "LoRA is not implemented (use_peft must be false)",
-    "lora_alpha": "LoRA is not implemented (use_peft must be false)",
-    "lora_dropout": "LoRA is not implemented (use_peft must be false)",
-    "lora_target_modules": "LoRA is not implemented (use_peft must be false)",
-    "lora_modules_to_save": "LoRA is not implemented (use_peft must be false)",
-    "lora_task_type": "LoRA is not implemented (use_peft must be false)",
-    "bnb_4bit_quant_type": "bitsandbytes quantisation is not implemented",
-    "use_bnb_nested_quant": "bitsandbytes quantisation is not implemented",
-    "vf_coef": _PPO, "advantage_normalization": _PPO, "horizon": _PPO, "reward_normalization": _PPO,
-    "gamma": _PPO, "gae_lambda": _PPO, "log_grad_norm_after_clip": _PPO, "log_kl_per_token": _PPO,
-    "reward_clip": _PPO, "advantage_clip": _PPO, "clip_range_vf": _PPO,
-    "cosine_min_value_wrong": _UNUSED_SCRIPT, "cosine_max_value_wrong": _UNUSED_SCRIPT,
-    "cosine_min_value_correct": _UNUSED_SCRIPT, "cosine_max_value_correct": _UNUSED_SCRIPT,
-    "cosine_max_len": _UNUSED_SCRIPT, "repetition_n_grams": _UNUSED_SCRIPT,
-    "repetition_max_penalty": _UNUSED_SCRIPT, "max_completion_len": _UNUSED_SCRIPT,
-    "soft_punish_cache": _UNUSED_SCRIPT, "span_kl_target": _UNUSED_SCRIPT, "span_kl_beta0": _UNUSED_SCRIPT,
-    "span_kl_horizon": _UNUSED_SCRIPT,
-}
-
-# Known keys accepted only at a value that changes nothing: key -> (neutral?, why other values fail).
-NEUTRAL_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "use_peft": (lambda v: not v, "LoRA is not implemented"),
-    "load_in_8bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
-    "load_in_4bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
-    "lr_scheduler_kwargs": (lambda v: not v, "schedules take no extra arguments (cosine/linear/constant)"),
-    "data_seed": (lambda v: v is None, "the data order follows seed"),
-    "eval_on_start": (lambda v: not v, "evaluation runs every eval_steps after an optimizer step"),
-}
-
-KL_ALIASES = ("beta", "init_kl_coeff", "init_kl_coef", "kl_penalty_beta")
+KNOWN_KEYS = FIELDS.keys() | TRL_KEYS.keys() | RULE_KEYS | IGNORED.keys() | NEUTRAL_ONLY.keys()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,14 +39,7 @@ class Recipe:
     updates: dict[str, tuple[Any, str]]
     ignored: tuple[tuple[str, str], ...]  # (key, reason)
     notes: tuple[str, ...]  # values we changed or interpreted, and why
-    # Fields the recipe leaves without a usable value: field -> the error if no override sets it.
-    unresolved: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def check_overrides(self, overridden: Iterable[str]) -> None:
-        """Raise the first unresolved field's error unless a --config override sets it."""
-        missing = [message for field, message in self.unresolved.items() if field not in set(overridden)]
-        if missing:
-            raise UserError(f"recipe {self.source}: " + "; ".join(missing))
+    problems: tuple[str, ...] = ()  # everything wrong with the recipe; apply() reports them in one line
 
     def warnings(self) -> list[str]:
         """Lines to show the user: every ignored key with its reason, then every note."""
@@ -364,62 +69,76 @@ def load(path: str | pathlib.Path) -> Recipe:
 
 def translate(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Map a flat reference recipe onto our field paths (pure: no config is touched)."""
-    known = FIELDS.keys() | RULE_KEYS | IGNORED.keys() | NEUTRAL_ONLY.keys()
-    nested = sorted(str(k) for k, v in data.items() if k not in known and isinstance(v, dict))
-    unknown = sorted(str(k) for k, v in data.items() if k not in known and not isinstance(v, dict))
-    refused = [
-        f"{k}={data[k]!r} ({why})" for k, (neutral, why) in NEUTRAL_ONLY.items() if k in data and not neutral(data[k])
-    ]
-    problems = []
+    problems: list[str] = []
+    nested = sorted(str(k) for k, v in data.items() if k not in KNOWN_KEYS and isinstance(v, dict))
+    unknown = sorted(str(k) for k, v in data.items() if k not in KNOWN_KEYS and not isinstance(v, dict))
+    refused = [f"{k}={data[k]!r} ({why})" for k, (neutral, why) in NEUTRAL_ONLY.items()
+               if k in data and not _holds(neutral, data[k])]
     if unknown:
-        problems.append("unknown keys: " + ", ".join(_with_suggestion(k, known) for k in unknown))
+        problems.append("unknown keys: " + ", ".join(_with_suggestion(k) for k in unknown))
     if refused:
         problems.append("unsupported values: " + ", ".join(refused))
     if nested:
         problems.append("nested sections (a flat recipe has none): " + ", ".join(nested))
-    if problems:
-        raise UserError(f"recipe {source}: " + "; ".join(problems) + " (docs/recipes.md lists every key)")
 
     updates: dict[str, tuple[Any, str]] = {}
+    notes: list[str] = []
     for key, (field, convert) in FIELDS.items():
         if key in data and data[key] is not None:
-            value = data[key]
-            if convert is not None:
-                try:
-                    value = convert(value)
-                except (TypeError, ValueError):
-                    raise UserError(f"recipe {source}: key {key}={value!r} is invalid for {field}") from None
-            _put(updates, field, value, key, source)
-    notes: list[str] = []
-    unresolved: dict[str, str] = {}
-    _rules(data, updates, notes, unresolved, source)
+            _map(updates, problems, key, data[key], field, convert)
+    for key, (field, winners, convert) in TRL_KEYS.items():
+        if key not in data or data[key] is None:
+            continue
+        winner = next((w for w in winners if data.get(w) is not None), None)
+        if winner is None:
+            _map(updates, problems, key, data[key], field, convert)
+        elif data[key] != data[winner]:
+            notes.append(f"{key}={data[key]!r} is not used: {winner}={data[winner]!r} sets {field} "
+                         "(the reference's loop reads its own key)")
+    _rules(data, updates, notes, problems)
     ignored = tuple((k, IGNORED[k]) for k in data if k in IGNORED)
-    return Recipe(source=source, updates=updates, ignored=ignored, notes=tuple(notes), unresolved=unresolved)
+    return Recipe(source=source, updates=updates, ignored=ignored, notes=tuple(notes), problems=tuple(problems))
 
 
-def _with_suggestion(key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+def _holds(predicate: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(predicate(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _map(updates: dict, problems: list[str], key: str, value: Any, field: str,
+         convert: Callable[[Any], Any] | None) -> None:
+    if convert is not None:
+        try:
+            value = convert(value)
+        except (TypeError, ValueError):
+            problems.append(f"key {key}={value!r} is invalid for {field}")
+            return
+    _put(updates, problems, field, value, key)
+
+
+def _with_suggestion(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.8)
     return f"{key} (did you mean {close[0]}?)" if close else key
 
 
-def _put(updates: dict[str, tuple[Any, str]], field: str, value: Any, key: str, source: str) -> None:
+def _put(updates: dict[str, tuple[Any, str]], problems: list[str], field: str, value: Any, key: str) -> None:
     """Record `field = value`; two recipe keys that set one field must agree."""
     if field in updates and updates[field][0] != value:
         other_value, other_key = updates[field]
-        raise UserError(
-            f"recipe {source}: keys {other_key}={other_value!r} and {key}={value!r} both set {field}; "
-            "keep one of them or give them the same value"
-        )
+        problems.append(f"keys {other_key}={other_value!r} and {key}={value!r} both set {field}; "
+                        "keep one of them or give them the same value")
+        return
     updates[field] = (value, updates[field][1] + "+" + key if field in updates else key)
 
 
-def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: dict[str, str], source: str) -> None:
-    """The keys that need more than a rename (RULE_KEYS)."""
+def _rules(data: dict[str, Any], updates: dict, notes: list[str], problems: list[str]) -> None:
+    """The keys that need more than a rename (RULE_KEYS); refusals are appended to `problems`."""
     def put(field: str, value: Any, key: str) -> None:
-        _put(updates, field, value, key, source)
+        _put(updates, problems, field, value, key)
 
-    def refuse(message: str) -> UserError:
-        return UserError(f"recipe {source}: {message}")
+    refuse = problems.append
 
     # KL coefficient: every alias lands in objective.beta (spec 13.1).
     for key in KL_ALIASES:
@@ -439,7 +158,7 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
 
     # Rollouts: vLLM server mode -> the HTTP rollout server; colocate or no vLLM -> in-process sampler.
     if data.get("vllm_server_base_url"):
-        put("vllm.url", _url(data["vllm_server_base_url"]) + "/generate", "vllm_server_base_url")
+        put("vllm.url", url(data["vllm_server_base_url"]) + "/generate", "vllm_server_base_url")
     elif data.get("vllm_server_host") and "vllm_url" not in data:
         port = data.get("vllm_server_port") or 8000
         put("vllm.url", f"http://{data['vllm_server_host']}:{port}/generate", "vllm_server_host/port")
@@ -451,7 +170,7 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
             put("rollout.backend", "sampler", "use_vllm+vllm_mode")
             notes.append("vllm_mode=colocate: rollouts come from the in-process JAX sampler on the training mesh")
         elif data["use_vllm"]:
-            raise refuse(f"key vllm_mode={mode!r} is invalid: 'server' or 'colocate'")
+            refuse(f"key vllm_mode={mode!r} is invalid: 'server' or 'colocate'")
         else:
             put("rollout.backend", "sampler", "use_vllm")
 
@@ -469,12 +188,12 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
     # Evaluation: enabled by strategy 'steps', or by do_eval without a strategy (spec 10).
     strategies = {k: data[k] for k in ("eval_strategy", "evaluation_strategy") if data.get(k) is not None}
     if len(set(map(str, strategies.values()))) > 1:
-        raise refuse(f"keys eval_strategy and evaluation_strategy disagree ({strategies}); keep one")
+        refuse(f"keys eval_strategy and evaluation_strategy disagree ({strategies}); keep one")
     strategy = str(next(iter(strategies.values()))) if strategies else None
     if strategy == "epoch":
         notes.append("eval strategy 'epoch' is unsupported (as in the reference): evaluation is off")
     if strategy is not None and strategy not in ("no", "steps", "epoch"):
-        raise refuse(f"key eval_strategy={strategy!r} is invalid: 'no', 'steps' or 'epoch'")
+        refuse(f"key eval_strategy={strategy!r} is invalid: 'no', 'steps' or 'epoch'")
     do_eval = strategy == "steps" or (strategy is None and bool(data.get("do_eval")))
     put("eval.do_eval", do_eval, "do_eval/eval_strategy")
     eval_steps = data.get("eval_steps")
@@ -493,7 +212,7 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
 
     report_to = data.get("report_to")
     if report_to is not None:
-        targets = {str(t) for t in _as_list(report_to)}
+        targets = {str(t) for t in as_list(report_to)}
         put("logging.wandb", "auto" if targets & {"wandb", "all"} else "disabled", "report_to")
 
     # Resume: init_from_checkpoint wins over resume_from_checkpoint (spec 11).
@@ -507,28 +226,36 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
     max_steps = data.get("max_steps")
     if max_steps is not None:
         try:
-            max_steps = _coerce(max_steps, int)
+            steps = _coerce(max_steps, int)
         except (TypeError, ValueError):
-            raise refuse(f"key max_steps={max_steps!r} is invalid: an integer number of optimizer steps") from None
-        if max_steps <= 0:
-            unresolved["train.max_steps"] = (
-                f"key max_steps={max_steps!r} (train by epochs) is unsupported: give the number of optimizer "
-                "steps with --config.train.max_steps=N (the reference counted epochs in micro-batches, Q15)"
-            )
+            refuse(f"key max_steps={max_steps!r} is invalid: an integer number of optimizer steps, or -1")
         else:
-            put("train.max_steps", max_steps, "max_steps")
+            put("train.max_steps", -1 if steps <= 0 else steps, "max_steps")
+            if steps <= 0:
+                notes.append(f"max_steps={max_steps!r}: the run lasts num_train_epochs passes over the train split, "
+                             "counted in optimizer steps (the reference counted micro-batches there, Q15)")
+
+    _schedule_kwargs(data, put, refuse)
+
+    # TRL's use_bias_correction_kl weights its per-token k3 KL; the reference's sequence-level k3 has no tokens.
+    if data.get("use_bias_correction_kl") is not None:
+        put("objective.kl_bias_correction", data["use_bias_correction_kl"], "use_bias_correction_kl")
+        if data["use_bias_correction_kl"] is True:
+            put("objective.kl_estimator", "k3", "use_bias_correction_kl")
+            notes.append("use_bias_correction_kl=True: the KL is TRL's per-token k3 (objective.kl_estimator='k3'), "
+                         "weighted by the importance ratio")
 
     optim = data.get("optim")
     if optim is not None and (not str(optim).startswith("adamw") or any(s in str(optim) for s in ("8bit", "bnb"))):
-        raise refuse(f"key optim={optim!r} is unsupported: maxent-jax uses optax AdamW (any adamw_torch* value)")
+        refuse(f"key optim={optim!r} is unsupported: maxent-jax uses optax AdamW (any adamw_torch* value)")
 
     mixture = data.get("dataset_mixture")
-    if mixture is not None:
-        put("data.dataset_mixture", _mixture_json(mixture, refuse), "dataset_mixture")
+    if mixture is not None and (sources := _mixture_json(mixture, refuse)) is not None:
+        put("data.dataset_mixture", sources, "dataset_mixture")
 
     ref_revision = data.get("reference_model_revision")
     if ref_revision is not None and str(ref_revision) != str(data.get("model_revision", "main")):
-        raise refuse(
+        refuse(
             f"key reference_model_revision={ref_revision!r} is unsupported: the reference model loads at "
             "model_revision"
         )
@@ -541,21 +268,61 @@ def _rules(data: dict[str, Any], updates: dict, notes: list[str], unresolved: di
                      "as the reference's InfoSeed entry point does (Q27)")
 
 
-def _mixture_json(mixture: Any, refuse: Callable[[str], UserError]) -> str:
+def _schedule_kwargs(data: dict[str, Any], put: Callable[[str, Any, str], None],
+                     refuse: Callable[[str], None]) -> None:
+    """HF's `lr_scheduler_kwargs`: the floor of `cosine_with_min_lr` (min_lr_rate, or min_lr / learning_rate)."""
+    kind = str(data.get("lr_scheduler_type") or "")
+    kwargs = data.get("lr_scheduler_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        refuse(f"key lr_scheduler_kwargs={kwargs!r} is invalid: a mapping such as {{min_lr_rate: 0.1}}")
+        return
+    if kind != "cosine_with_min_lr":
+        extra = {k: v for k, v in kwargs.items() if not (k == "num_cycles" and v == 0.5 and kind == "cosine")}
+        if extra:
+            refuse(f"key lr_scheduler_kwargs={extra!r} is unsupported with lr_scheduler_type={kind or 'cosine'!r}: "
+                   "only cosine_with_min_lr takes arguments (min_lr_rate or min_lr)")
+        return
+    extra = sorted(set(kwargs) - {"min_lr_rate", "min_lr"})
+    if extra or len(kwargs) != 1:
+        refuse(f"key lr_scheduler_kwargs={kwargs!r} is invalid for cosine_with_min_lr: exactly one of "
+               "min_lr_rate (a fraction of learning_rate) or min_lr")
+        return
+    try:
+        if "min_lr_rate" in kwargs:
+            rate = float(kwargs["min_lr_rate"])
+        elif data.get("learning_rate") is None:
+            refuse("key lr_scheduler_kwargs.min_lr needs learning_rate in the recipe (or give min_lr_rate)")
+            return
+        else:
+            rate = float(kwargs["min_lr"]) / float(data["learning_rate"])
+    except (TypeError, ValueError, ZeroDivisionError):
+        refuse(f"key lr_scheduler_kwargs={kwargs!r} is invalid: numbers, and learning_rate > 0")
+        return
+    put("optim.min_lr_rate", rate, "lr_scheduler_kwargs")
+
+
+def _mixture_json(mixture: Any, refuse: Callable[[str], None]) -> str | None:
     """The reference's `{datasets: [...], seed, test_split_size}` mapping -> our JSON list of sources."""
     if isinstance(mixture, str):
         return mixture
     if isinstance(mixture, dict):
         if mixture.get("test_split_size") not in (None, 0):
-            raise refuse("key dataset_mixture.test_split_size is unsupported: name an eval_dataset_name instead")
+            refuse("key dataset_mixture.test_split_size is unsupported: name an eval_dataset_name instead")
         mixture = mixture.get("datasets")
     if not isinstance(mixture, list) or not mixture:
-        raise refuse("key dataset_mixture is invalid: a mapping with a non-empty 'datasets' list")
+        refuse("key dataset_mixture is invalid: a mapping with a non-empty 'datasets' list")
+        return None
     return json.dumps(mixture)
 
 
 def apply(config: ml_collections.ConfigDict, recipe: Recipe) -> ml_collections.ConfigDict:
-    """Write the recipe's values onto `config` (in place), converted to each field's type."""
+    """Write the recipe's values onto `config` (in place), converted to each field's type.
+
+    Raises one UserError with every problem: the recipe's own, values a field's type cannot
+    hold, and values the field's rule refuses (cross-field rules stay with config validation).
+    """
+    problems = list(recipe.problems)
+    written = []
     for field, (value, key) in recipe.updates.items():
         *parents, leaf = field.split(".")
         node = config
@@ -564,10 +331,12 @@ def apply(config: ml_collections.ConfigDict, recipe: Recipe) -> ml_collections.C
         kind = node.get_type(leaf)
         try:
             node[leaf] = _coerce(value, kind)
+            written.append(field)
         except (TypeError, ValueError):
-            raise UserError(
-                f"recipe {recipe.source}: key {key}={value!r} cannot set {field}: expected {kind.__name__}"
-            ) from None
+            problems.append(f"key {key}={value!r} cannot set {field}: expected {kind.__name__}")
+    problems += [f"key {recipe.updates[f][1]}: {message}" for f, message in config_lib.field_problems(config, written)]
+    if problems:
+        raise UserError(f"recipe {recipe.source}: " + "; ".join(problems) + " (docs/recipes.md lists every key)")
     return config
 
 

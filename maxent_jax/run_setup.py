@@ -26,6 +26,7 @@ from maxent_jax.errors import UserError
 from maxent_jax.model.attention import check_attention_backend
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.generation_config import eos_token_ids
 from maxent_jax.model.hf_io import load_hf_checkpoint, resolve_checkpoint
 from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
 from maxent_jax.parallel.rules import LOGICAL_AXIS_RULES, tree_shardings
@@ -109,6 +110,7 @@ def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: 
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None) -> Policy:
     """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
     m = config.model
+    path = None
     if m.name_or_path:
         path = resolve_checkpoint(m.name_or_path, m.revision)
         model_cfg, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
@@ -125,7 +127,8 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
         return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote)
-    sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0,
+    eos = eos_token_ids(path, model_cfg.eos_token_id, tokenizer)  # generation_config.json's too, as transformers
+    sampler = Sampler(graphdef, eos_token_ids=eos, pad_token_id=model_cfg.pad_token_id or 0,
                       streams=decode_streams(config.rollout.decode_streams, mesh))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
 
@@ -144,12 +147,6 @@ def decode_streams(configured: int, mesh: Mesh | None) -> int:
         return configured
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     return min(2, os.cpu_count() or 1) if len(devices) == 1 and devices[0].platform == "cpu" else 1
-
-
-def _eos_ids(model_cfg: ModelConfig, tokenizer: Any) -> list[int]:
-    ids = {t for t in (model_cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)) if t is not None}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    return sorted(ids | ({im_end} if im_end is not None else set()))
 
 
 @dataclasses.dataclass
@@ -195,6 +192,7 @@ def objective_settings(config: ml_collections.ConfigDict) -> ObjectiveSettings:
         clip_objective_coef=m.clip_objective_coef,
         clip_adv_baseline=m.clip_adv_baseline,
         kl_estimator=o.kl_estimator,
+        kl_bias_correction=o.kl_bias_correction,
         max_completion_length=config.rollout.max_completion_length,
         sampler_correction=o.sampler_correction,
         sampler_correction_max=o.sampler_correction_max,

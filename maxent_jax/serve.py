@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from maxent_jax import flag_spelling
 from maxent_jax.errors import UserError, exit_on_user_error
 from maxent_jax.rollout.backend import RolloutBackend
 from maxent_jax.rollout.limits import (
@@ -52,7 +53,7 @@ def _positive(kind: type, noun: str) -> Any:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m maxent_jax.serve", description=__doc__.splitlines()[0])
+    parser = flag_spelling.ArgumentParser(prog="python -m maxent_jax.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="jax", help="generation engine (default: jax)")
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

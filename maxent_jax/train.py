@@ -153,9 +153,7 @@ def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
         if not fv["config"].present:
             config = config_lib.get_base_config()
         recipes.apply(config, recipe)
-        overrides = config_flags.get_override_values(fv["config"])
-        recipe.check_overrides(overrides)
-        for path, value in overrides.items():
+        for path, value in config_flags.get_override_values(fv["config"]).items():
             *parents, leaf = path.split(".")
             node = config
             for part in parents:

@@ -92,9 +92,8 @@ class Trainer:
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-        # Optimizer steps of the run: max_steps, or fewer when num_train_epochs passes over the data first.
         steps_per_epoch = max(1, len(self.task.train) // (self.num_prompts * jax.process_count()))
-        self.total_steps = min(c.train.max_steps, steps_per_epoch * c.train.num_train_epochs)
+        self.total_steps = optimizer_lib.total_steps(c.train.max_steps, steps_per_epoch, c.train.num_train_epochs)
         self.optimizer, schedule = optimizer_lib.make_optimizer(c.optim, self.total_steps)
         self.lr_at = jax.jit(schedule)  # the learning rate at a step: one dispatch, not an eager op per term
         self.warmup = optimizer_lib.warmup_steps(self.total_steps, c.optim.warmup_steps, c.optim.warmup_ratio)
@@ -228,6 +227,9 @@ class Trainer:
                 ro.utilities, valid, ref_sum, lengths, self.controllers.tau, self.controllers.beta)
             extra = {"weights": np.asarray(weights)}
         stats = read_scalars(stats)
+        # Spec 5.3's reference statistics: mean summed reference log-prob and mean scored tokens per completion.
+        stats["ref_logp_mean"] = float(ref_sum.mean())
+        stats["avg_completion_tokens"] = float(lengths.mean())
         if not c.vllm.return_logprobs:  # ratio against the policy's own (stop-gradient) log-probs
             grouped.pop("behaviour_logp", None)
         arrays = {
@@ -293,11 +295,9 @@ class Trainer:
             **self._rollout_metrics(ro),
             "train/tau": used_tau,
             "train/beta": used_beta,
-            "train/kl_coeff": used_beta,
             "train/skipped_steps": float(skipped),
             "train/learning_rate": lr,
             "train/grpo_objective": float(c.objective.train_grpo_objective),
-            "train/global_step": float(self.step),
             **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),
         }
 

@@ -1,6 +1,7 @@
 """Meta-controller (8.3): analytic parity incl. float32 rounding, exact-gradient methods, Newton step,
 closed loops against synthetic environments."""
 
+import json
 import math
 
 import hypothesis
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from maxent_jax.controllers import ControllerInputs, ControllerSettings, init_controller_state, update_controllers
+from maxent_jax.controllers.persistence import write_controller_state
 from maxent_jax.controllers.potential import mean_weight_entropy
 
 step_fn = jax.jit(update_controllers)
@@ -81,9 +83,20 @@ def test_analytic_sgd_step_matches_reference_float32_parameters():
     assert float(new.tau) == pytest.approx(float(tau32), rel=1e-7)
     assert float(new.beta) == pytest.approx(float(beta32), rel=1e-7)
     assert float(m["train/meta/tau_grad"]) == pytest.approx(h - 1.0, rel=1e-6)
-    assert float(m["train/meta/beta_grad"]) == pytest.approx(-0.01, rel=1e-6)
+    assert float(m["train/meta/beta_grad"]) == pytest.approx(kl - 0.05, rel=1e-5)  # raw KL - KL*, as logged (8.3)
     assert float(m["train/meta/loss"]) == pytest.approx(0.5 * 0.3**2 + 0.5 * 0.03**2, rel=1e-5)
     assert float(m["train/meta/updated"]) == 1.0 and int(new.meta_updates) == 1
+
+
+def test_beta_grad_is_logged_raw_while_the_applied_step_stays_clipped(tmp_path):
+    """Spec 8.3: KL 12.0, kl_target 0.07, beta_grad_clip 5.0 -> the reference logs 11.93, steps by 5.0."""
+    s = _meta(kl_target=0.07, meta_tau_lr=1e-3, meta_beta_lr=0.01, meta_beta_grad_clip=5.0)
+    new, m = step_fn(init_controller_state(s), _inputs(1e-4, 0.04, kl=12.0, entropy=0.7), s, 1, 1.0)
+    assert float(m["train/meta/beta_grad"]) == pytest.approx(11.93, rel=1e-6)
+    assert float(m["train/meta/grad_norm"]) == pytest.approx(math.hypot(0.7 - 1.0, 11.93), rel=1e-6)
+    assert float(new.beta) == pytest.approx(0.04 + 0.01 * 5.0, rel=1e-6)
+    path = write_controller_state(tmp_path / "controller_state.json", new, s)
+    assert json.loads(path.read_text())["meta"]["controller"]["last_beta_grad"] == pytest.approx(11.93, rel=1e-6)
 
 
 def test_analytic_steps_repeat_the_step_and_beta_projects_at_zero():

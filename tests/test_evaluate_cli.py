@@ -13,7 +13,7 @@ from maxent_jax import checkpoint as ckpt
 from maxent_jax import evaluate as ev
 from maxent_jax import run_setup
 from maxent_jax.errors import UserError
-from maxent_jax.config import get_base_config
+from maxent_jax.config import get_base_config, to_json_dict
 
 SMALL = ["--config.data.synthetic.num_eval=4", "--config.eval.per_device_eval_batch_size=4",
          "--config.rollout.max_completion_length=8"]
@@ -29,6 +29,11 @@ def tiny_run(tmp_path_factory):
         manager.save(1, {"train": {"params": policy.params, "step": jax.numpy.int32(1)}}, {"step": 1})
     ckpt.export_final(policy.params, policy.model_cfg, workdir, tokenizer_dir=policy.tokenizer_dir,
                       controller_state=None)
+    # the run's own config, as train writes it: the small eval settings live here, not on the command line
+    small = config.copy_and_resolve_references()
+    small.data.synthetic.num_eval, small.eval.per_device_eval_batch_size = 4, 4
+    small.rollout.max_completion_length = 8
+    (workdir / "config.json").write_text(json.dumps(to_json_dict(small)))
     return workdir
 
 
@@ -68,6 +73,30 @@ def test_orbax_checkpoint(tiny_run, tmp_path, monkeypatch):
     assert summary["problems"] == 4 and summary["samples"] == 4
     settings = json.loads(out.read_text().splitlines()[0])["settings"]
     assert settings["checkpoint"] == str((tiny_run / "checkpoints" / "1").resolve())
+
+
+@pytest.mark.slow
+def test_orbax_step_uses_the_run_config_and_writes_under_the_run(tiny_run, monkeypatch, capsys):
+    """No --config, no --output: the run's config.json (4 eval problems, 8 tokens) and WORKDIR/eval/."""
+    summary = _main(monkeypatch, ["evaluate", f"--checkpoint={tiny_run / 'checkpoints' / '1'}", "--num_samples=2",
+                                  "--config.rollout.temperature=0.6"])
+    assert summary["problems"] == 4 and summary["samples"] == 8
+    assert f"config: {tiny_run.resolve() / 'config.json'} (the run's own)" in capsys.readouterr().out
+    [out] = (tiny_run / "eval").glob("step1-n2-*.jsonl")
+    settings = json.loads(out.read_text().splitlines()[0])["settings"]
+    assert (settings["max_tokens"], settings["temperature"]) == (8, 0.6)  # the run's, plus the override
+
+
+def test_default_output_is_per_settings_under_the_run(tiny_run):
+    """A new --num_samples gets its own default file instead of a settings clash; the same settings resume."""
+    step = tiny_run / "checkpoints" / "1"
+    run = ev.run_dir_of("orbax", step)
+    assert run == tiny_run.resolve() and ev.run_dir_of("hf", tiny_run / "final_hf") == tiny_run.resolve()
+    config = get_base_config()
+    paths = [ev.default_output(run, "orbax", step, ev._settings(config, step, n)) for n in (1, 4, 4)]
+    assert paths[0].parent == run / "eval" and paths[0].name.startswith("step1-n1-")
+    assert paths[0] != paths[1] and paths[1] == paths[2]
+    assert ev.run_dir_of("hf", tiny_run) is None  # a model directory outside a run
 
 
 @pytest.mark.parametrize("args, message", [

@@ -81,7 +81,7 @@ def test_diagnostics_clip_regions_and_buckets():
     np.testing.assert_allclose(d["kl"], 0.25, **TOL)
     np.testing.assert_allclose(d["clip_ratio/low_mean"], 0.25, **TOL)  # -0.5 < log 0.8
     np.testing.assert_allclose(d["clip_ratio/high_mean"], 0.25, **TOL)  # 0.5 > log 1.2
-    np.testing.assert_allclose(d["clip_ratio"], 0.5, **TOL)
+    np.testing.assert_allclose(d["clip_ratio/region_mean"], 0.5, **TOL)
     assert float(d["clip_ratio/low_min"]) == 0.0 and float(d["clip_ratio/high_max"]) == 1.0
     # buckets on max(n, 1): {10, 1} -> 0-32, 40 -> 33-64, 300 -> 257+
     np.testing.assert_allclose(d["kl_per_token_bucket/0-32"], (0.1 * 10 + 0.4 * 1) / 11, **TOL)

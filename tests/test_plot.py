@@ -69,3 +69,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, content, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("values, window", [
+    ([0.05] * 40, (0.025, 0.075)),  # tau with the controllers off: a flat line mid-plot, not float noise blown up
+    ([0.05, 0.05 + 1e-9, 0.05 - 1e-9], (0.025, 0.075)),
+    ([0.41, 0.42], (0.394, 0.436)),  # two points: at least 10% of the magnitude, not the whole axis
+    ([0.0, 1.0, 0.5], None),  # a real change: matplotlib's own limits
+])
+def test_flat_and_two_point_series_get_honest_y_limits(values, window):
+    fig, ax = plot.plt.subplots()
+    plot._draw(ax, "t", "y", "train/x", list(range(1, len(values) + 1)), values)
+    lo, hi = ax.get_ylim()
+    if window is None:
+        assert lo <= 0.0 and hi >= 1.0 and hi - lo < 1.5
+    else:
+        assert (lo, hi) == pytest.approx(window, rel=1e-6)
+        assert not ax.yaxis.get_major_formatter().get_useOffset()
+    plot.plt.close(fig)

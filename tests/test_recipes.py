@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from maxent_jax import config as config_lib
-from maxent_jax import recipes, train
+from maxent_jax import recipe_keys, recipes, train
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
 
@@ -183,18 +183,20 @@ disable_distributed_sampler gen_top_k gen_best_of vllm_request_logprobs vllm_req
 advantage_normalization horizon reward_normalization gamma gae_lambda log_grad_norm_after_clip log_kl_per_token
 reward_clip advantage_clip clip_range_vf""".split()
 
-KNOWN = recipes.FIELDS.keys() | recipes.RULE_KEYS | recipes.IGNORED.keys() | recipes.NEUTRAL_ONLY.keys()
+KNOWN = recipes.KNOWN_KEYS
 
 
 def test_key_classes_are_disjoint_and_cover_the_reference_fields():
-    classes = [set(recipes.FIELDS), set(recipes.RULE_KEYS), set(recipes.IGNORED), set(recipes.NEUTRAL_ONLY)]
+    classes = [set(recipe_keys.FIELDS), set(recipe_keys.TRL_KEYS), set(recipe_keys.RULE_KEYS),
+               set(recipe_keys.IGNORED), set(recipe_keys.NEUTRAL_ONLY)]
     assert sum(map(len, classes)) == len(set().union(*classes))
     assert not [k for k in SPEC_13_2_FIELDS if k not in KNOWN]
 
 
 def test_every_mapped_field_exists():
     flat = _flat(config_lib.get_base_config())
-    assert not [f for f, _ in recipes.FIELDS.values() if f not in flat]
+    fields = [f for f, _ in recipe_keys.FIELDS.values()] + [f for f, _, _ in recipe_keys.TRL_KEYS.values()]
+    assert not [f for f in fields if f not in flat]
 
 
 # A reference-style maxent-grpo/config_math recipe with spec 14's values (our own text).
@@ -306,7 +308,7 @@ def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
 def test_unknown_keys_and_refused_values_make_one_error_line(tmp_path):
     text = "maxent_tua: 0.1\nclip_rnage: 0.05\nuse_peft: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
     with pytest.raises(UserError) as err:
-        recipes.load(_yaml(tmp_path, text))
+        recipes.apply(config_lib.get_base_config(), recipes.load(_yaml(tmp_path, text)))
     msg = str(err.value)
     assert "\n" not in msg
     assert "maxent_tua (did you mean maxent_tau?)" in msg and "clip_rnage (did you mean clip_range?)" in msg
@@ -380,12 +382,65 @@ def test_precedence_config_then_recipe_then_overrides(tmp_path, monkeypatch, cap
     assert (c.rollout.max_prompt_length, c.train.sft_warmup_steps) == (512, 0)
 
 
-def test_epoch_based_recipe_needs_a_step_override(tmp_path, monkeypatch):
-    path = _yaml(tmp_path, "max_steps: -1\nnum_train_epochs: 3\n")
-    with pytest.raises(UserError, match=r"max_steps=-1 \(train by epochs\) is unsupported.*--config.train.max_steps"):
-        _resolve(monkeypatch, ["train", f"--recipe={path}"])
-    c = _resolve(monkeypatch, ["train", f"--recipe={path}", "--config.train.max_steps=549"])
-    assert (c.train.max_steps, c.train.num_train_epochs) == (549, 3)
+# An open-r1 / TRL GRPOConfig recipe (our own text, with the keys such recipes carry).
+OPENR1_YAML = """
+model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct
+learning_rate: 3.0e-06
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs:
+  min_lr_rate: 0.1
+max_steps: -1
+num_train_epochs: 3
+temperature: 0.7
+top_p: 0.95
+epsilon: 0.2
+epsilon_high: 0.28
+loss_type: dr_grpo
+scale_rewards: false
+use_bias_correction_kl: true
+beta: 0.04
+num_generations: 8
+"""
+
+
+def test_trl_keys_land_on_our_fields_instead_of_being_dropped(tmp_path, monkeypatch, capsys):
+    c = _resolve(monkeypatch, ["train", f"--recipe={_yaml(tmp_path, OPENR1_YAML)}"])
+    assert (c.rollout.temperature, c.rollout.top_p) == (0.7, 0.95)
+    assert (c.optim.lr_scheduler_type, c.optim.min_lr_rate, c.optim.learning_rate) == ("cosine_with_min_lr", 0.1, 3e-6)
+    assert (c.train.max_steps, c.train.num_train_epochs) == (-1, 3)  # epochs-driven
+    assert (c.objective.clip_range, c.objective.epsilon_high, c.objective.loss_type) == (0.2, 0.28, "dr_grpo")
+    assert (c.objective.scale_rewards, c.objective.kl_bias_correction, c.objective.kl_estimator) == ("none", True, "k3")
+    err = capsys.readouterr().err
+    assert "temperature" not in err and "max_steps=-1: the run lasts num_train_epochs" in err
+
+
+def test_min_lr_is_a_fraction_of_the_recipe_learning_rate(tmp_path):
+    text = "learning_rate: 2.0e-6\nlr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 2.0e-7}\n"
+    config = recipes.apply(config_lib.get_base_config(), recipes.load(_yaml(tmp_path, text)))
+    assert config.optim.min_lr_rate == pytest.approx(0.1)
+
+
+def test_the_reference_spelling_wins_over_trl_with_a_note(tmp_path):
+    recipe = recipes.load(_yaml(tmp_path, "gen_temperature: 1.0\ntemperature: 0.7\ngen_top_p: 0.9\ntop_p: 0.9\n"))
+    config = recipes.apply(config_lib.get_base_config(), recipe)
+    assert (config.rollout.temperature, config.rollout.top_p) == (1.0, 0.9)
+    assert any("temperature=0.7 is not used: gen_temperature=1.0" in line for line in recipe.warnings())
+    assert not any("top_p" in line for line in recipe.warnings())
+
+
+def test_every_problem_of_a_recipe_in_one_line(tmp_path):
+    """One run lists all of them: unknown, refused, invalid for the key, for the field's type, for its rule."""
+    text = ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: 0.1, warmup: 3}\n"
+            "max_steps: ten\ntemperature: -0.7\nloss_type: cispo\nmin_p: 0.1\nnot_a_key: 1\n"
+            "learning_rate: fast\noptim: adamw_8bit\n")
+    with pytest.raises(UserError) as err:
+        recipes.apply(config_lib.get_base_config(), recipes.load(_yaml(tmp_path, text)))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for needle in ("unknown keys: not_a_key", "min_p=0.1", "max_steps='ten' is invalid", "lr_scheduler_kwargs=",
+                   "learning_rate='fast' cannot set optim.learning_rate", "rollout.temperature=-0.7 is invalid",
+                   "objective.loss_type='cispo' is invalid", "optim='adamw_8bit' is unsupported"):
+        assert needle in msg, needle
 
 
 def test_train_cli_reports_recipe_errors_in_one_line(tmp_path):
@@ -400,6 +455,6 @@ def test_recipe_files_are_documented():
     doc = (REPO_ROOT / "docs" / "recipes.md").read_text()
     for path in RECIPE_FILES:
         assert str(path.relative_to(REPO_ROOT)) in doc
-    for key in recipes.FIELDS:
+    for key in [*recipe_keys.FIELDS, *recipe_keys.TRL_KEYS, *recipe_keys.NEUTRAL_ONLY]:
         assert f"`{key}`" in doc, key
 

@@ -64,8 +64,15 @@ def test_maxent_run_on_the_8_device_mesh_writes_everything(tmp_path):
     last = _finite_train_metrics(records)
     for key in ("train/loss", "train/reward", "train/reward_std", "train/kl", "train/beta", "train/tau",
                 "train/weight_entropy", "train/grad_norm", "train/learning_rate", "train/num_tokens",
-                "train/completions/mean_length_sampled", "train/frac_reward_zero_std"):
+                "train/completions/mean_length_sampled", "train/frac_reward_zero_std", "train/ref_logp_mean",
+                "train/avg_completion_tokens", "train/entropy"):
         assert key in last, key
+    # One key per quantity: none of the reference's copies (train/kl_coeff = beta, train/weighting/tau = tau, ...).
+    copies = [k for k in last if k in ("train/kl_coeff", "train/loss/total", "train/clip_ratio")
+              or k.startswith(("train/weighting/", "train/kl_controller/"))]
+    assert not copies, copies
+    assert last["train/ref_logp_mean"] < 0 and last["train/avg_completion_tokens"] == pytest.approx(
+        last["train/completions/mean_length_sampled"])
     assert records[0]["run/git_sha"] and any("eval/mean_reward" in r for r in records)
     assert json.loads((tmp_path / "controller_state.json").read_text())["tau"] == pytest.approx(get_config().maxent.tau)
     assert (tmp_path / "final_hf" / "config.json").exists() and (tmp_path / "final_hf" / "controller_state.json").exists()

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Sequence
 
+from maxent_jax import flag_spelling
 from maxent_jax.errors import UserError, exit_on_user_error
 
 TARGETS = ("train-step", "update", "sampler", "weight-sync", "e2e")
@@ -21,7 +22,7 @@ PEERS = {"train-step": ("trl",), "sampler": ("transformers", "vllm"), "weight-sy
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from maxent_jax.bench.presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m maxent_jax.bench", description=__doc__.splitlines()[0])
+    parser = flag_spelling.ArgumentParser(prog="python -m maxent_jax.bench", description=__doc__.splitlines()[0])
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--preset", default="tiny", choices=PRESETS, help="model and batch shape (default: tiny)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side after one warm-up (default: 5)")

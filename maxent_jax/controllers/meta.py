@@ -1,7 +1,8 @@
 """The meta-controller, spec 8.3: tau and beta as parameters of an optax optimizer.
 
 Gradients, by `controller_meta.method`:
-  analytic            the reference's proxies g_tau = H - H*, g_beta = -clip(KL - KL*, +-c).
+  analytic            the reference's proxies g_tau = H - H*, g_beta = -clip(KL - KL*, +-c)
+                      (the raw KL - KL* is what is logged as beta_grad, as in the reference).
   first_order         g_tau = d/dtau 0.5 (H(w(tau, beta)) - H*)^2, exact through the closed-form
                       weights of the step's batch (`potential.py`); g_beta the clipped KL proxy
                       (KL depends on beta only through future policy updates).
@@ -38,7 +39,7 @@ class MetaDiagnostics:
     """What one meta update computed (float32 scalars; `applied` is bool)."""
 
     tau_grad: jax.Array
-    beta_grad: jax.Array
+    beta_grad: jax.Array  # the raw KL - KL* the reference logs; the applied step uses -clip(KL - KL*)
     loss: jax.Array
     tau_curvature: jax.Array
     tau_projected: jax.Array
@@ -65,14 +66,21 @@ def meta_due(settings: ControllerSettings, step: jax.Array) -> jax.Array:
     return ((lr_tau > 0) | (lr_beta > 0)) & on_time
 
 
-def _kl_terms(inputs: ControllerInputs, settings: ControllerSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(beta gradient, KL potential term, KL target on) from the KL proxy."""
+def _kl_terms(
+    inputs: ControllerInputs, settings: ControllerSettings
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(applied beta gradient -clip(KL - KL*), raw KL - KL*, KL potential term, KL target on).
+
+    The step uses the clipped proxy; the raw error is what the reference logs as
+    `train/meta/beta_grad` (spec 8.3), so a user sees how far KL is from its target even
+    when the clip hides it from the update.
+    """
     kl_target = jnp.asarray(settings.kl_target, jnp.float32)
     on = kl_target > 0
     err = jnp.asarray(inputs.kl, jnp.float32) - kl_target
     clip = jnp.asarray(settings.meta_beta_grad_clip, jnp.float32)
     clipped = jnp.where(clip > 0, jnp.clip(err, -clip, clip), err)
-    return jnp.where(on, -clipped, 0.0), jnp.where(on, 0.5 * err**2, 0.0), on
+    return jnp.where(on, -clipped, 0.0), jnp.where(on, err, 0.0), jnp.where(on, 0.5 * err**2, 0.0), on
 
 
 def _entropy_fn(inputs: ControllerInputs, settings: ControllerSettings) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -97,7 +105,7 @@ def _entropy_loss_fn(
         return lambda tau, beta: 0.5 * (entropy(tau, beta) - target) ** 2
 
     lr_tau, lr_beta = effective_meta_lrs(settings)
-    beta_grad, _, _ = _kl_terms(inputs, settings)
+    beta_grad, _, _, _ = _kl_terms(inputs, settings)
     lower, upper = tau_bounds(settings)
 
     def unrolled(tau: jax.Array, beta: jax.Array) -> jax.Array:
@@ -158,7 +166,7 @@ def _one_step(
     """One optimizer step on {"tau", "beta"}; returns projected params, optimizer state, diagnostics."""
     tau, beta = params["tau"], params["beta"]
     tau_grad, curvature, entropy_loss = _tau_gradient(tau, beta, inputs, settings, target, lr_scale)
-    beta_grad, kl_loss, beta_on = _kl_terms(inputs, settings)
+    beta_grad, kl_error, kl_loss, beta_on = _kl_terms(inputs, settings)
     grads = {"tau": tau_grad.astype(jnp.float32), "beta": beta_grad.astype(jnp.float32)}
     directions, opt_state = meta_direction_transform(settings).update(grads, opt_state, params)
     lr_tau, lr_beta = effective_meta_lrs(settings)
@@ -173,7 +181,7 @@ def _one_step(
     new_beta = jnp.where(beta_on, jnp.maximum(raw_beta, 0.0), beta)
     diag = MetaDiagnostics(
         tau_grad=grads["tau"],
-        beta_grad=grads["beta"],
+        beta_grad=kl_error,
         loss=(entropy_loss + kl_loss).astype(jnp.float32),
         tau_curvature=curvature.astype(jnp.float32),
         tau_projected=jnp.asarray(target is not None) & (new_tau != raw_tau),

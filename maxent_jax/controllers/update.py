@@ -105,7 +105,6 @@ def controller_metrics(
         "train/tau": used.tau,
         "train/tau_log": used.log_tau,
         "train/beta": used.beta,
-        "train/kl_coeff": used.beta,
         "train/delta_tau": delta_tau,
         "train/delta_tau_abs": jnp.abs(delta_tau),
         "train/delta_beta": delta_beta,
@@ -124,6 +123,8 @@ def controller_metrics(
         "train/kl_error_to_target": jnp.where(kl_on, kl - kl_target, 0.0),
         "train/kl_ratio_to_target": jnp.where(kl_on, kl / jnp.maximum(kl_target, 1e-8), 0.0),
     }
+    # One key per quantity: the reference also logs train/kl_coeff (= beta), train/kl_controller/*
+    # and train/weighting/* copies of these; docs/telemetry.md maps them.
     for name, value in (
         ("target", kl_target),
         ("horizon", f32(settings.kl_horizon)),
@@ -131,11 +132,6 @@ def controller_metrics(
         ("enabled", f32(beta_controller_enabled(settings))),
     ):
         out[f"train/kl_controller_{name}"] = value
-        out[f"train/kl_controller/{name}"] = value
-    for name in ("tau", "beta", "tau_log", "tau_lr", "tau_min", "tau_max", "tau_warmup_steps",
-                 "tau_target_entropy", "tau_schedule_active", "delta_tau", "delta_tau_abs",
-                 "delta_beta", "delta_beta_abs", "tau_loss"):
-        out[f"train/weighting/{name}"] = out[f"train/{name}"]
     lr_tau, lr_beta = effective_meta_lrs(settings)
     zero = f32(0.0)
     tau_grad, beta_grad = new.last_tau_grad, new.last_beta_grad

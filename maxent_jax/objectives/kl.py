@@ -94,7 +94,6 @@ def kl_diagnostics(
     region = jnp.maximum(low, high)
     out = {
         "kl": masked_mean(k, valid),
-        "clip_ratio": masked_mean(region, valid),
         "clip_ratio/low_mean": masked_mean(low, valid),
         "clip_ratio/low_min": masked_min(low, valid),
         "clip_ratio/high_mean": masked_mean(high, valid),
@@ -117,6 +116,7 @@ def kl_penalty(
     valid: Array,
     settings: ObjectiveSettings,
     token_normalizer: Array | None = None,
+    importance_ratio: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The KL that enters the loss as beta * KL, plus the spec 7.5 diagnostics.
 
@@ -126,6 +126,10 @@ def kl_penalty(
       token_mask: `[P, G, T]` bool, already including `valid`; valid: `[P, G]` bool.
       settings: `kl_estimator` picks `sequence_k3` (spec 7.3) or a token-level estimator
         aggregated like the policy loss (`loss_type`; `reference` -> token-weighted mean).
+      importance_ratio: pi_theta / pi_old `[P, G, T|1]` (differentiable) when
+        `settings.kl_bias_correction`: TRL's `use_bias_correction_kl`, the per-token KL times the
+        ratio, so the penalty is an importance-sampled estimate under the current policy
+        rather than under the sampler's (token-level estimators only).
     """
     ref_token_logp = jax.lax.stop_gradient(ref_token_logp)
     lengths = token_counts(token_mask, valid)
@@ -137,6 +141,8 @@ def kl_penalty(
         kl = kl_seq
     else:
         per_token = token_kl(token_logp, ref_token_logp, token_mask, settings.kl_estimator)
+        if importance_ratio is not None:
+            per_token = masked(per_token * importance_ratio, token_mask)
         kl = aggregate_tokens(
             per_token, token_mask, valid, settings.loss_type, settings.max_completion_length, token_normalizer
         )

@@ -93,6 +93,9 @@ class ObjectiveSettings:
       reproduces that, False really turns the term off.
     * `kl_estimator` (objective.kl_estimator): `sequence_k3` = spec 7.3; `k1`/`k2`/`k3` =
       token-level estimators aggregated like the policy loss.
+    * `kl_bias_correction` (objective.kl_bias_correction): TRL's `use_bias_correction_kl`, the
+      per-token KL multiplied by the importance ratio before beta x KL (token-level
+      estimators); off = the reference's formula.
     * `max_completion_length`: the constant denominator of `dr_grpo`.
     * `sampler_correction`, `sampler_correction_max`, `sampler_correction_min`: truncated /
       masked importance-sampling correction between the trainer's old log-probs and the
@@ -109,6 +112,7 @@ class ObjectiveSettings:
     clip_objective_coef: float = 1.0
     clip_adv_baseline: float | None = None
     kl_estimator: str = "sequence_k3"
+    kl_bias_correction: bool = False
     max_completion_length: int = 256
     sampler_correction: str = "none"
     sampler_correction_max: float = 3.0
@@ -135,6 +139,11 @@ class ObjectiveSettings:
             raise UserError(
                 f"objective.sampler_correction_max={self.sampler_correction_max!r} is not valid; "
                 f"it must be > objective.sampler_correction_min={self.sampler_correction_min!r}"
+            )
+        if self.kl_bias_correction and self.kl_estimator == "sequence_k3":
+            raise UserError(
+                "objective.kl_bias_correction=True is not valid with objective.kl_estimator='sequence_k3' "
+                "(the correction weights per-token KL); use k1, k2 or k3 (TRL's estimator is k3)"
             )
         if self.loss_type == "reference" and self.importance_sampling_level == "token":
             raise UserError(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from maxent_jax.objectives.groups import masked_mean
+from maxent_jax.objectives.importance import log_ratio, old_token_logp
 from maxent_jax.objectives.infoseed import infoseed_term
 from maxent_jax.objectives.kl import kl_penalty
 from maxent_jax.objectives.settings import ObjectiveSettings
@@ -47,8 +48,12 @@ def total_loss(
     """
     valid, token_mask = batch_masks(batch)
     beta = jnp.asarray(coefs.get("beta", 0.0), jnp.float32)
+    ratio = None
+    if settings.kl_bias_correction:
+        old = old_token_logp(token_logp, batch, settings)
+        ratio = jnp.exp(log_ratio(token_logp, old, token_mask, settings.importance_sampling_level))
     kl, diagnostics = kl_penalty(
-        token_logp, batch["ref_logp"], token_mask, valid, settings, batch.get("token_normalizer")
+        token_logp, batch["ref_logp"], token_mask, valid, settings, batch.get("token_normalizer"), ratio
     )
     loss = policy + beta * kl
     metrics = {
@@ -65,6 +70,5 @@ def total_loss(
     if settings.sampler_correction != "none" and "behaviour_logp" in batch:
         mask = jnp.broadcast_to(token_mask if correction.shape[-1] > 1 else valid[..., None], correction.shape)
         metrics["sampler_is/mean"] = masked_mean(correction, mask)
-    metrics["loss"] = loss
-    metrics["loss/total"] = loss
+    metrics["loss"] = loss  # the reference's train/loss/total is the same number
     return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}

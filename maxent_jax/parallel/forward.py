@@ -40,13 +40,14 @@ SCORE_KEYS = ("input_ids", "positions", "attention_mask", "completion_ids")
 
 
 def completion_logprobs_and_hidden(
-    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int, group: int = 1
-) -> tuple[jax.Array, jax.Array]:
+    model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int, group: int = 1, return_entropy: bool = False
+) -> tuple[jax.Array | tuple[jax.Array, jax.Array], jax.Array]:
     """(log p(completion_ids[i, j] | tokens before it) `[N, Tc]` float32, last hidden states `[N, Tp + Tc, D]`).
 
     Pure and differentiable: the building block of losses (the hidden states feed InfoSeed's
     pooled representations). `group` > 1: every `group` consecutive rows share their prompt, which
     is then computed once per group (`Decoder.score_groups`, `model.score_prompt_once`).
+    `return_entropy`: the first element is (log-probs, entropy of each position's distribution `[N, Tc]`).
     """
     completion_len = batch["completion_ids"].shape[1]
     prompt_len = batch["input_ids"].shape[1] - completion_len
@@ -57,7 +58,9 @@ def completion_logprobs_and_hidden(
         hidden, _ = model(*tokens)
     predicting = hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
     predicting = constrain_activation(predicting, ("batch", "seq", "act_embed"))
-    return token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size), hidden
+    scores = token_logprobs(model, predicting, batch["completion_ids"], chunk_size=chunk_size,
+                            return_entropy=return_entropy)
+    return scores, hidden
 
 
 def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int,

@@ -23,26 +23,13 @@ import numpy as np
 from flax import nnx
 
 from maxent_jax.model.decoder import Decoder
+from maxent_jax.model import generation_config
 from maxent_jax.model.mapping import tensor_maps
 from maxent_jax.rollout.backend import Completion, SamplingParams
 from maxent_jax.rollout.protocol import HF_LAYOUT, NATIVE_LAYOUT, ProtocolError
 from maxent_jax.rollout.sampler import Sampler
 from maxent_jax.rollout.stop_strings import apply_stop_strings
 from maxent_jax.rollout.weights import dtype_name
-
-
-def _eos_ids(model_dir: Path, cfg_eos: int | None, tokenizer) -> list[int]:
-    """EOS ids from config.json, generation_config.json (may be a list) and the tokenizer."""
-    import json
-
-    ids = {cfg_eos} if cfg_eos is not None else set()
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(int(i) for i in ids)
 
 
 class JaxBackend:
@@ -93,7 +80,7 @@ class JaxBackend:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        eos = _eos_ids(path, model.cfg.eos_token_id, tokenizer)
+        eos = generation_config.eos_token_ids(path, model.cfg.eos_token_id, tokenizer)
         return cls(model, tokenizer=tokenizer, model_name=str(path), max_model_len=max_model_len, seed=seed, eos_token_ids=eos)
 
     def info(self) -> dict:
