@@ -19,7 +19,7 @@ DEFAULT_ARMS = ("grpo", "dr_grpo", "dapo", "maxent_fixed_tau", "maxent_tau_contr
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from maxent_jax.experiments.arms import ARMS, WARMUP_STEPS
+    from maxent_jax.experiments.arms import ARMS, MAX_OPERAND, WARMUP_STEPS
 
     parser = argparse.ArgumentParser(prog="python -m maxent_jax.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=EXPERIMENTS)
@@ -28,12 +28,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps, and at step 0 (default: 25)")
     parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS,
                         help=f"supervised steps of the shared warm start (default: {WARMUP_STEPS})")
+    parser.add_argument("--max-operand", type=int, default=MAX_OPERAND,
+                        help=f"the task's numbers run from 0 to this (default: {MAX_OPERAND})")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated arms, of {', '.join(ARMS)} (default: all)")
     parser.add_argument("--out", default="var/experiments/diversity", help="output directory "
                         "(default: var/experiments/diversity; an existing warm start there is reused)")
     args = parser.parse_args(argv)
-    for name in ("seeds", "steps", "eval_every", "warmup_steps"):
+    for name in ("seeds", "steps", "eval_every", "warmup_steps", "max_operand"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: an integer >= 1")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     enable_compilation_cache()  # every run after the first reuses the compiled programs
     return run_experiment(pathlib.Path(args.out), arms=args.arms, seeds=args.seeds, steps=args.steps,
-                          eval_every=args.eval_every, warmup_steps=args.warmup_steps)
+                          eval_every=args.eval_every, warmup_steps=args.warmup_steps,
+                          max_operand=args.max_operand)
 
 
 if __name__ == "__main__":

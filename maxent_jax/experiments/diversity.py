@@ -103,17 +103,17 @@ class DiversityTrainer(Trainer):
         return metrics
 
 
-def warm_start(out: pathlib.Path, warmup_steps: int, say: Callable[[str], None]) -> pathlib.Path:
+def warm_start(out: pathlib.Path, warmup_steps: int, max_operand: int, say: Callable[[str], None]) -> pathlib.Path:
     """The shared warm-start checkpoint (an HF directory): trained once, reused while its
     settings are the same (`warm_start.json` beside it)."""
     directory = out / WARM_START_DIR
-    settings = {"warmup_steps": warmup_steps, "config": arms_lib.base_config().to_json(sort_keys=True)}
+    settings = {"warmup_steps": warmup_steps, "config": arms_lib.base_config(max_operand).to_json(sort_keys=True)}
     stamp = directory / "warm_start.json"
     exported = directory / checkpoint_lib.FINAL_EXPORT_DIR
     if exported.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         say(f"warm start: reusing {exported}")
         return exported
-    config = arms_lib.base_config()
+    config = arms_lib.base_config(max_operand)
     config.train.sft_warmup_steps = warmup_steps
     config.checkpoint.export_final = True
     config.logging.progress = False
@@ -129,12 +129,13 @@ def warm_start(out: pathlib.Path, warmup_steps: int, say: Callable[[str], None])
     return exported
 
 
-def run_arm(arm: str, seed: int, *, steps: int, eval_every: int, warm: pathlib.Path, out: pathlib.Path,
-            label: str) -> dict[str, Any]:
+def run_arm(arm: str, seed: int, *, steps: int, eval_every: int, max_operand: int, warm: pathlib.Path,
+            out: pathlib.Path, label: str) -> dict[str, Any]:
     """One training run of `arm` from the warm start; its eval and train histories."""
     from maxent_jax import cli
 
-    config = arms_lib.arm_config(arm, seed=seed, steps=steps, eval_every=eval_every, warm_start=str(warm))
+    config = arms_lib.arm_config(arm, seed=seed, steps=steps, eval_every=eval_every, warm_start=str(warm),
+                                 max_operand=max_operand)
     config.logging.progress = sys.stdout.isatty()  # the live line on a terminal; in a log, the eval lines only
     cli.validated(config)
     started = time.monotonic()
@@ -148,17 +149,17 @@ def run_arm(arm: str, seed: int, *, steps: int, eval_every: int, warm: pathlib.P
 
 
 def run_experiment(out: pathlib.Path, *, arms: Sequence[str], seeds: int, steps: int, eval_every: int,
-                   warmup_steps: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+                   warmup_steps: int, max_operand: int = arms_lib.MAX_OPERAND, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every (seed, arm) run, seeds outermost so a partial result compares all arms; the JSON is
     rewritten after each run, so an interrupted experiment keeps what it finished."""
     from maxent_jax.experiments import report
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    warm = warm_start(out, warmup_steps, say)
+    warm = warm_start(out, warmup_steps, max_operand, say)
     settings = {"arms": list(arms), "seeds": list(range(seeds)), "steps": steps, "eval_every": eval_every,
                 "warmup_steps": warmup_steps, "num_samples": arms_lib.NUM_SAMPLES,
-                "max_operand": arms_lib.MAX_OPERAND, "target_weight_entropy": arms_lib.TARGET_WEIGHT_ENTROPY,
+                "max_operand": max_operand, "target_weight_entropy": arms_lib.TARGET_WEIGHT_ENTROPY,
                 "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
     runs: list[dict[str, Any]] = []
     total = seeds * len(arms)
@@ -167,8 +168,8 @@ def run_experiment(out: pathlib.Path, *, arms: Sequence[str], seeds: int, steps:
             done = len(runs)
             eta = "" if not done else f", about {(time.monotonic() - started) / done * (total - done) / 60:.0f} min left"
             say(f"[run {done + 1}/{total}] {arm} seed {seed}{eta}")
-            runs.append(run_arm(arm, seed, steps=steps, eval_every=eval_every, warm=warm, out=out,
-                                label=f"{arm} seed {seed}"))
+            runs.append(run_arm(arm, seed, steps=steps, eval_every=eval_every, max_operand=max_operand, warm=warm,
+                                out=out, label=f"{arm} seed {seed}"))
             result = {"settings": settings, "wall_seconds": time.monotonic() - started, "runs": runs}
             result["summary"] = report.summarize(runs)
             (out / "diversity.json").write_text(json.dumps(result, indent=1) + "\n")
