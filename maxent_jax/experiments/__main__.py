@@ -1,6 +1,6 @@
-"""`python -m maxent_jax.experiments diversity [--seeds 3] [--steps N] [--out DIR] [--arms A,B] ...`
+"""Run a published experiment: `python -m maxent_jax.experiments diversity [--seeds 3] [--steps N] [--out DIR]`.
 
-Trains every arm from one shared warm start for the same steps, evaluates diversity and pass@k
+`diversity` trains every arm from one shared warm start for the same steps, evaluates diversity and pass@k
 during training, and writes DIR/diversity.json, DIR/diversity_passk.png and
 DIR/diversity_training.png (docs/experiments.md shows the published run).
 """
@@ -15,13 +15,15 @@ from typing import Any, Sequence
 from maxent_jax.errors import UserError, exit_on_user_error
 
 EXPERIMENTS = ("diversity",)
+DESCRIPTION = ("diversity: GRPO-family and MaxEnt-GRPO arms from one warm start on a task with many right "
+               "answers; pass@k and distinct right answers during training (docs/experiments.md).")
 DEFAULT_ARMS = ("grpo", "dr_grpo", "dapo", "maxent_fixed_tau", "maxent_tau_controller")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from maxent_jax.experiments.arms import ARMS, MAX_OPERAND, WARMUP_STEPS
 
-    parser = argparse.ArgumentParser(prog="python -m maxent_jax.experiments", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m maxent_jax.experiments", description=DESCRIPTION)
     parser.add_argument("experiment", choices=EXPERIMENTS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0..N-1 (default: 3)")
     parser.add_argument("--steps", type=int, default=200, help="RL steps per run (default: 200)")
