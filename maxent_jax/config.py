@@ -81,8 +81,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
 
     c.data = ml_collections.ConfigDict()
-    # 'synthetic:arithmetic' is the offline task of the embedded default; otherwise an HF
-    # dataset name or a local path understood by datasets.load_dataset.
+    # 'synthetic:arithmetic' is the offline task of the embedded default, 'synthetic:pair_sum' the
+    # many-answer task of docs/experiments.md; otherwise an HF dataset name or a local path
+    # understood by datasets.load_dataset.
     c.data.dataset_name = "synthetic:arithmetic"
     c.data.dataset_config = _placeholder(str)
     # JSON list of {"id", "config", "split", "columns", "weight"} (spec 2.1); '' = off.
@@ -99,7 +100,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.eval_dataset_split = "validation"
     c.data.eval_dataset_prompt_column = _placeholder(str)
     c.data.eval_dataset_solution_column = _placeholder(str)
-    # The synthetic task: problems `a op b` with operands 0..max_operand and the given operators.
+    # The synthetic tasks: arithmetic, problems `a op b` with operands 0..max_operand and the given
+    # operators; pair_sum, two numbers from 0 to max_operand that add up to each sum 1..2*max_operand-1.
     c.data.synthetic = ml_collections.ConfigDict(dict(num_train=4096, num_eval=128, max_operand=9, operators="+-*"))
 
     c.rollout = ml_collections.ConfigDict()

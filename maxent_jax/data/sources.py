@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from maxent_jax.data.pair_sum import pair_sum_splits
 from maxent_jax.data.synthetic import arithmetic_splits
 from maxent_jax.errors import UserError
 
 SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_TASKS = ("arithmetic", "pair_sum")  # data/synthetic.py; data/pair_sum.py (many right answers)
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PROMPT_FALLBACKS = ("prompt", "question")
 ANSWER_FALLBACKS = ("answer", "solution")
@@ -87,10 +89,12 @@ def load_rows(data_config: Any, seed: int) -> dict[str, list[dict[str, str]]]:
     d = data_config
     if d.dataset_name.startswith(SYNTHETIC_PREFIX) and not d.dataset_mixture:
         task = d.dataset_name[len(SYNTHETIC_PREFIX):]
-        if task != "arithmetic":
-            raise UserError(f"config field data.dataset_name={d.dataset_name!r} is invalid: the synthetic task is 'synthetic:arithmetic'")
+        if task not in SYNTHETIC_TASKS:
+            raise UserError(f"config field data.dataset_name={d.dataset_name!r} is invalid: the synthetic tasks are "
+                            + ", ".join(f"'{SYNTHETIC_PREFIX}{name}'" for name in SYNTHETIC_TASKS))
         s = d.synthetic
-        splits = arithmetic_splits(s.num_train, s.num_eval, s.max_operand, seed, s.operators)
+        splits = (arithmetic_splits(s.num_train, s.num_eval, s.max_operand, seed, s.operators) if task == "arithmetic"
+                  else pair_sum_splits(s.num_train, s.num_eval, s.max_operand, seed))
         return {"train": splits["train"], "eval": splits["test"]}
     if d.dataset_mixture:
         train = _mixture_rows(d.dataset_mixture, seed, d.dataset_prompt_column, d.dataset_solution_column)
