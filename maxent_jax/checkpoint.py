@@ -74,8 +74,9 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
     """Why `step_dir` is not a whole checkpoint, or None when it is.
 
     Checks Orbax's commit (the step metadata and both items exist) and, when the manifest is
-    present, every file's size and CRC32. A checkpoint without a manifest (written by another
-    tool) passes on the structural checks alone; `resolve_resume` warns about it.
+    present, every file's size and CRC32. A checkpoint without a manifest (its manifest lost, or
+    written by another tool) cannot be compared with anything, so every value it stores is read
+    once instead (`_unverified_problem`); `resolve_resume` warns about it.
     """
     if not step_dir.is_dir():
         return "not a directory"
@@ -86,7 +87,7 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
             return f"missing {needed}"
     manifest_path = step_dir / MANIFEST
     if not manifest_path.exists():
-        return None
+        return _unverified_problem(step_dir)
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -99,6 +100,39 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
             return f"file {rel} has {path.stat().st_size} bytes, the manifest says {size}"
         if _crc32(path) != crc:
             return f"file {rel} is damaged (CRC32 mismatch)"
+    return None
+
+
+def _unverified_problem(step_dir: pathlib.Path) -> str | None:
+    """Why a checkpoint without a manifest cannot be restored, or None when every part reads back.
+
+    This project's saves always carry a manifest (it is part of the atomic commit), so a missing
+    one usually means the step was damaged after it was written; a truncated or deleted file then
+    makes the restore fail deep inside Orbax. Reading each stored value of the OCDBT database
+    once (one value in memory at a time, far cheaper than a restore) finds a truncated or missing
+    data file before the restore is attempted. Flipped bytes inside a value are not detected
+    without the manifest's CRC32s.
+    """
+    for rel in (f"{_STATE}/_METADATA", f"{_EXTRAS}/metadata"):
+        try:
+            json.loads((step_dir / rel).read_text())
+        except FileNotFoundError:
+            return f"missing {rel}"
+        except (OSError, ValueError) as err:
+            return f"unreadable {rel} ({' '.join(str(err).split())[:200]})"
+    state = (step_dir / _STATE).absolute()
+    if not (state / "manifest.ocdbt").exists():
+        return None  # not an OCDBT checkpoint: the structural checks above are all there is
+    import tensorstore as ts
+
+    key = b""
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+        for key in store.list().result():
+            store.read(key).result()
+    except Exception as err:  # tensorstore raises ValueError/OSError variants for every storage fault
+        where = f" (value {key.decode(errors='replace')})" if key else ""
+        return f"unreadable {_STATE}{where}: {' '.join(str(err).split())[:200]}"
     return None
 
 

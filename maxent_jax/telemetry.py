@@ -124,6 +124,18 @@ class MetricWindow:
                 self._sums[key] = self._sums.get(key, 0.0) + number
                 self._counts[key] = self._counts.get(key, 0) + 1
 
+    def state(self) -> dict[str, Any]:
+        """The metrics accumulated since the last emitted record, as JSON (kept in checkpoints, so a
+        resumed run's next record averages the same steps as the uninterrupted run's)."""
+        # A non-finite sum (a NaN loss in the window) is kept as its repr: JSON has no NaN.
+        sums = {k: v if math.isfinite(v) else repr(v) for k, v in self._sums.items()}
+        return {"sums": sums, "counts": dict(self._counts), "last": {k: _json_safe(v) for k, v in self._last.items()}}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._sums = {k: float(v) for k, v in state["sums"].items()}
+        self._counts = {k: int(v) for k, v in state["counts"].items()}
+        self._last = dict(state["last"])
+
     def pop(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._last)
         out.update({k: self._sums[k] / self._counts[k] for k in self._sums})

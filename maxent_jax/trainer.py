@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
 import time
@@ -346,9 +347,12 @@ class Trainer:
     def supervised_warmup(self) -> None:
         """Teach the answer format on the dataset's worked solutions before RL (the tiny default)."""
         c = self.config
-        if any("solution" not in row for row in self.task.train[:1]):
-            raise UserError("config field train.sft_warmup_steps > 0 needs worked solutions: this dataset has no "
-                            "'solution' column; set train.sft_warmup_steps=0")
+        if not any("solution" in row for row in self.task.train):
+            raise UserError(
+                f"config field train.sft_warmup_steps={c.train.sft_warmup_steps} needs worked solutions: the dataset "
+                f"has no non-empty {c.data.dataset_worked_solution_column!r} column "
+                "(data.dataset_worked_solution_column names it); set train.sft_warmup_steps=0 or name the column")
+        solved = [row for row in self.task.train if "solution" in row]
         tok = self.policy.tokenizer
         end = _eos_suffix(tok)
         opt, _ = optimizer_lib.make_optimizer(
@@ -360,7 +364,7 @@ class Trainer:
                                   sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules,
                                   gradient_chunks=c.train.gradient_chunks)
         rows_per_step = self.num_prompts * self.group
-        stream = BatchStream(self.task.train, rows_per_step, c.seed + 1)
+        stream = BatchStream(solved, rows_per_step, c.seed + 1)
         self.say(f"supervised warm-up: {c.train.sft_warmup_steps} steps of {rows_per_step} solutions")
         for i in range(c.train.sft_warmup_steps):
             rows = stream.next()
@@ -398,8 +402,18 @@ class Trainer:
                 "rng": jax.random.key_data(self.key)}
 
     def _extras(self) -> dict[str, Any]:
+        """The host state the loop carries from step to step (the arrays are in `_checkpoint_state`).
+
+        Every piece that decides a later step must be here for a resume to be exact: the data
+        position, the InfoSeed seed-id generator, the non-finite streak and the metrics window
+        not yet emitted (logging_steps > 1). Eval and save schedules follow from `step` alone.
+        """
         return {"step": self.step, "stream": self.stream.state(), "tokens_seen": self.tokens_seen,
-                "controller_state": to_json(self.controllers, self.controller_settings)}
+                "controller_state": to_json(self.controllers, self.controller_settings),
+                # PCG64's state holds 128-bit integers: kept as a JSON string, not as numbers.
+                "seed_rng": json.dumps(self.seed_rng.bit_generator.state),
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "metrics_window": self.telemetry.window.state()}
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
@@ -412,6 +426,12 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
+        # Checkpoints written before these were saved resume without them (as before: not bit-exact).
+        if "seed_rng" in extras:
+            self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])
+        self.consecutive_nonfinite = int(extras.get("consecutive_nonfinite", 0))
+        if "metrics_window" in extras:
+            self.telemetry.window.restore(extras["metrics_window"])
         self.sft_done = True
         self.say(f"resumed from {point.path} at step {self.step}")
 
