@@ -16,6 +16,7 @@ lets `resolve_resume` tell a whole checkpoint from a damaged one without restori
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,13 +25,14 @@ import os
 import pathlib
 import shutil
 import zlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from maxent_jax.errors import UserError
+from maxent_jax.storage import QuietStorageFailures, storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +248,21 @@ def state_nbytes(tree: Any) -> int:
     return total
 
 
-def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0) -> None:
+def planned_saves(start_step: int, total_steps: int, save_steps: int) -> int:
+    """Checkpoints a run from `start_step` to `total_steps` writes: one per `save_steps` multiple,
+    plus one for the last step or a preemption (never fewer than one)."""
+    periodic = (total_steps // save_steps - start_step // save_steps) if save_steps > 0 else 0
+    return max(0, periodic) + 1
+
+
+def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0,
+              saves: int = 2) -> None:
     """Fail before training when the run could not write its checkpoints.
 
-    The workdir must be creatable and writable, and its filesystem must have room for the
-    checkpoints kept at once (`keep` plus the one being written; 2 when `keep` is 0 = keep all,
-    the least a run needs) plus `extra_bytes` (the final export), with a 5% margin.
+    The workdir must be creatable and writable, and its filesystem must have room for the most
+    checkpoints on disk at once: with `keep` > 0, `keep` plus the one being written; with `keep`
+    = 0 (keep all), every one of the run's `saves` (`planned_saves`). Steps already on disk count
+    against that, as does `extra_bytes` (the final export); 5% margin.
     """
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / CHECKPOINTS_DIR
@@ -266,20 +277,21 @@ def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, e
     except OSError as err:
         raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
     existing = len(list_steps(ckpt_dir))
-    slots = max(1, (keep + 1 if keep > 0 else 2) - existing)
+    at_once = min(keep + 1, existing + saves) if keep > 0 else existing + saves
+    slots = max(1, at_once - existing)
     needed = int((slots * checkpoint_bytes + extra_bytes) * 1.05)
     free = shutil.disk_usage(ckpt_dir).free
     if free < needed:
         raise UserError(
             f"--workdir={workdir} has {_gib(free)} free but the run needs about {_gib(needed)} "
-            f"({slots} checkpoint(s) of {_gib(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
-            f"{f', plus {_gib(extra_bytes)} for the final export' if extra_bytes else ''}): free space or "
-            "lower checkpoint.save_total_limit"
+            f"({slots} more checkpoint(s) of {_gib(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
+            f"{f', plus {_gib(extra_bytes)} for the final export' if extra_bytes else ''}): free space, "
+            "keep fewer (checkpoint.save_total_limit) or save less often (checkpoint.save_steps)"
         )
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,6 +369,9 @@ class CheckpointManager:
         self.save_steps = save_steps
         self.async_save = async_save
         self._pending_step: int | None = None
+        self._failed = False
+        self._quiet = QuietStorageFailures()
+        logging.getLogger("absl").addFilter(self._quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             create=True,
@@ -380,18 +395,40 @@ class CheckpointManager:
             extras = json.loads(json.dumps(dict(extras_json), allow_nan=False))
         except (TypeError, ValueError) as err:
             raise UserError(f"checkpoint extras must be plain JSON data: {err}") from None
-        self._manager.wait_until_finished()
-        if step in self._manager.all_steps():
-            log.warning("replacing existing checkpoint step %d in %s", step, self.directory)
-            self._manager.delete(step)
-        self._pending_step = step
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras)}),
-            force=True,
-        )
+        self.wait()
+        with self._reporting_storage_faults(step):
+            if step in self._manager.all_steps():
+                log.warning("replacing existing checkpoint step %d in %s", step, self.directory)
+                self._manager.delete(step)
+            self._pending_step = step
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras)}),
+                force=True,
+            )
         if not self.async_save:
             self.wait()
+
+    @contextlib.contextmanager
+    def _reporting_storage_faults(self, step: int | None) -> Iterator[None]:
+        """A full disk / read-only workdir during a save -> one UserError line naming the step and the
+        newest whole checkpoint (untouched: Orbax writes into a temporary directory, which is removed
+        here to give the space back). Orbax's background threads' own tracebacks are silenced."""
+        try:
+            yield
+        except Exception as err:
+            problem = storage_problem(err)
+            if problem is None:
+                raise
+            self._failed = True
+            if step is not None:
+                for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            whole = [s for s in list_steps(self.directory) if s != step and checkpoint_problem(self.directory / str(s)) is None]
+            kept = f"the newest whole checkpoint is step {whole[-1]}" if whole else "no whole checkpoint was saved yet"
+            raise UserError(
+                f"could not write checkpoint step {step} in {self.directory}: {problem}; {kept}. Free space "
+                f"(or make the workdir writable) and rerun the same command to resume") from None
 
     def _write_pending_manifest(self) -> None:
         """Orbax's post-finalisation hook: runs on its background thread before the commit rename."""
@@ -419,10 +456,17 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the pending save is committed (and pruning is done)."""
-        self._manager.wait_until_finished()
+        with self._reporting_storage_faults(self._pending_step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception as err:
+            if not (self._failed and storage_problem(err)):  # already reported as one line
+                raise
+        finally:
+            logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -21,7 +21,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +136,8 @@ class Trainer:
         checkpoint_lib.preflight(
             workdir, checkpoint_bytes=checkpoint_lib.state_nbytes(self._checkpoint_state()) * 2,
             keep=c.checkpoint.save_total_limit,
+            saves=checkpoint_lib.planned_saves(self.resume_point.step if self.resume_point else 0,
+                                               self.total_steps, c.checkpoint.save_steps),
             extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
@@ -344,8 +346,12 @@ class Trainer:
         self.telemetry.accumulate({"train/initial_reward": reward})
         self.say(f"mean reward before training: {reward:.3f}")
 
-    def supervised_warmup(self) -> None:
-        """Teach the answer format on the dataset's worked solutions before RL (the tiny default)."""
+    def supervised_warmup(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Teach the answer format on the dataset's worked solutions before RL (the tiny default).
+
+        `should_stop` is asked after every warm-up step: True (a SIGTERM) ends the warm-up there and
+        returns False, without a checkpoint (there is no RL state yet; a rerun warms up again).
+        """
         c = self.config
         if not any("solution" in row for row in self.task.train):
             raise UserError(
@@ -377,8 +383,13 @@ class Trainer:
             if (i + 1) % max(1, c.train.sft_warmup_steps // 10) == 0:
                 self.say(f"  warm-up step {i + 1}/{c.train.sft_warmup_steps}: nll "
                                        f"{float(metrics['sft/nll']):.3f}")
+            if should_stop():
+                self.say(f"preempted during the supervised warm-up (step {i + 1}/{c.train.sft_warmup_steps}): "
+                         "nothing to save before the first RL step; rerun the same command to start again")
+                return False
         self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
         self.sft_done = True
+        return True
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -445,8 +456,8 @@ class Trainer:
                 self.restore(self.resume_point)
             else:
                 self.measure_initial_reward()
-                if not self.sft_done:
-                    self.supervised_warmup()
+                if not self.sft_done and not self.supervised_warmup(guard.should_stop):
+                    return last
             if self.reference_params is None:
                 self.reference_params = (
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
@@ -455,12 +466,14 @@ class Trainer:
                 metrics = self.train_step()
                 self.telemetry.accumulate(metrics)
                 last = self.telemetry.step_end(self.step) or last
-                if c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0 and self.task.eval:
+                stopping = guard.should_stop()  # a stop signal skips the eval: save and exit within the step
+                if (not stopping and c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0
+                        and self.task.eval):
                     self.telemetry.log_eval(self.step, self.evaluate())
                 write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
                 if self.checkpoints.due(self.step):
                     self.save()
-                if guard.should_stop():
+                if stopping:
                     self.save()
                     self.checkpoints.wait()
                     self.say(f"preempted: saved step {self.step}; rerun the same command to resume")
