@@ -259,13 +259,14 @@ def planned_saves(start_step: int, total_steps: int, save_steps: int) -> int:
 
 
 def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0,
-              saves: int = 2) -> None:
+              saves: int | None = None) -> None:
     """Fail before training when the run could not write its checkpoints.
 
     The workdir must be creatable and writable, and its filesystem must have room for the most
     checkpoints on disk at once: with `keep` > 0, `keep` plus the one being written; with `keep`
-    = 0 (keep all), every one of the run's `saves` (`planned_saves`). Steps already on disk count
-    against that, as does `extra_bytes` (the final export); 5% margin.
+    = 0 (keep all), every one of the run's `saves` (`planned_saves`; unknown = None counts 2, the
+    least a run needs). Steps already on disk count against that, as does `extra_bytes` (the
+    final export); 5% margin.
     """
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / CHECKPOINTS_DIR
@@ -280,7 +281,10 @@ def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, e
     except OSError as err:
         raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
     existing = len(list_steps(ckpt_dir))
-    at_once = min(keep + 1, existing + saves) if keep > 0 else existing + saves
+    if saves is None:
+        at_once = keep + 1 if keep > 0 else existing + 2
+    else:
+        at_once = min(keep + 1, existing + saves) if keep > 0 else existing + saves
     slots = max(1, at_once - existing)
     needed = int((slots * checkpoint_bytes + extra_bytes) * 1.05)
     free = shutil.disk_usage(ckpt_dir).free

@@ -250,7 +250,7 @@ def test_preflight_rejects_an_unwritable_or_full_workdir(tmp_path, monkeypatch):
     ckpt.preflight(tmp_path / "ok", checkpoint_bytes=10, keep=3)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**30))
-    with pytest.raises(UserError, match=r"has 3.00 GiB free but the run needs about 4.20 GiB \(4 checkpoint\(s\) of 1.00 GiB"):
+    with pytest.raises(UserError, match=r"has 3.00 GiB free but the run needs about 4.20 GiB \(4 more checkpoint\(s\) of 1.00 GiB"):
         ckpt.preflight(tmp_path / "full", checkpoint_bytes=2**30, keep=3)
     ckpt.preflight(tmp_path / "fits", checkpoint_bytes=2**30, keep=1)
 
