@@ -471,10 +471,12 @@ class Trainer:
                         and self.task.eval):
                     self.telemetry.log_eval(self.step, self.evaluate())
                 write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
-                if self.checkpoints.due(self.step):
+                saved = self.checkpoints.due(self.step) or stopping
+                if saved:
                     self.save()
-                if stopping:
-                    self.save()
+                if stopping or guard.should_stop():  # asked again: a signal during that eval or save stops here too
+                    if not saved:
+                        self.save()
                     self.checkpoints.wait()
                     self.say(f"preempted: saved step {self.step}; rerun the same command to resume")
                     return last

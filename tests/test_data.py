@@ -179,3 +179,20 @@ def test_prompt_rendering_and_clipping():
     plain = render_prompt(object(), "Q", system_prompt=None, chat_template=None, max_prompt_chars=50,
                           max_prompt_length=4)
     assert plain.text == "USER: Q\nASSISTANT:"
+
+
+@pytest.mark.slow
+def test_a_users_dataset_with_worked_solutions_can_warm_up(tmp_path, capsys):
+    """A local file with problem / answer / worked-solution columns runs the supervised warm-up
+    (before issue 21 only the synthetic task could: the loader dropped the solution column)."""
+    from tests.fault_fixtures import run, tiny_config
+
+    rows = [{"problem": f"Compute {a} + {b}.", "answer": str(a + b),
+             "worked": f"<think>{a} + {b} = {a + b}</think><answer>{a + b}</answer>"}
+            for a in range(8) for b in range(8)]
+    config = tiny_config(**{"data.dataset_name": _jsonl(tmp_path / "mine.jsonl", rows),
+                            "data.dataset_worked_solution_column": "worked",
+                            "train.sft_warmup_steps": 2, "train.max_steps": 1})
+    trainer = run(config, tmp_path / "run")
+    assert trainer.sft_done and trainer.step == 1
+    assert "supervised warm-up: 2 steps" in capsys.readouterr().out
