@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from maxent_jax.errors import UserError
-from maxent_jax.storage import QuietStorageFailures, storage_problem
+from maxent_jax.storage import QuietStorageFailures, silence_late_write_callbacks, storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 _CRC_BLOCK = 1 << 22
 # Orbax rewrites the step metadata (commit timestamp) after the manifest is written.
 _REWRITTEN_AT_COMMIT = ("_CHECKPOINT_METADATA",)
+# Where Orbax's threads (absl) and its write tasks (asyncio: "Task exception was never retrieved")
+# log a failed save once more each; a storage fault is reported as one line instead.
+_NOISY_LOGGERS = ("absl", "asyncio")
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,7 +381,8 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._failed = False
         self._quiet = QuietStorageFailures()
-        logging.getLogger("absl").addFilter(self._quiet)
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).addFilter(self._quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             create=True,
@@ -428,6 +432,7 @@ class CheckpointManager:
             if problem is None:
                 raise
             self._failed = True
+            silence_late_write_callbacks()
             if step is not None:
                 for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -473,7 +478,8 @@ class CheckpointManager:
             if not (self._failed and storage_problem(err)):  # already reported as one line
                 raise
         finally:
-            logging.getLogger("absl").removeFilter(self._quiet)
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(self._quiet)
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import sys
 
 # errno -> the words the user sees; these are the storage faults a rerun can recover from.
 STORAGE_ERRNOS = {
@@ -41,8 +42,8 @@ def storage_problem(err: BaseException | None) -> str | None:
 
 
 class QuietStorageFailures(logging.Filter):
-    """Drops the tracebacks Orbax's background threads log for a storage fault (each thread logs
-    the same error once more); the run reports that fault itself, as one line."""
+    """Drops the tracebacks Orbax's background threads and write tasks log for a storage fault
+    (each logs the same error once more); the run reports that fault itself, as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -50,3 +51,21 @@ class QuietStorageFailures(logging.Filter):
             return storage_problem(Exception(record.getMessage())) is None
         return exc is None or storage_problem(exc) is None
 
+
+def silence_late_write_callbacks() -> None:
+    """After a failed save, tensorstore writes still in flight finish on their own threads and call
+    back into Orbax's event loop, which is closed by then; each prints an `Event loop is closed`
+    traceback through `sys.unraisablehook`. Drop exactly those (the fault is already reported);
+    anything else still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
