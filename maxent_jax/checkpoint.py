@@ -478,8 +478,9 @@ class CheckpointManager:
             if not (self._failed and storage_problem(err)):  # already reported as one line
                 raise
         finally:
-            for name in _NOISY_LOGGERS:
-                logging.getLogger(name).removeFilter(self._quiet)
+            if not self._failed:  # after a fault, its write tasks still log when they are collected at exit
+                for name in _NOISY_LOGGERS:
+                    logging.getLogger(name).removeFilter(self._quiet)
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -291,3 +291,32 @@ def test_a_read_only_workdir_is_refused_before_training(small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(UserError, match=r"--workdir=.* is not writable: Read-only file system"):
         ckpt.preflight(small_disk / "run", checkpoint_bytes=1, keep=1)
+
+
+@pytest.mark.slow
+def test_the_entry_point_reports_a_disk_filled_mid_run_as_one_line(small_disk):
+    """`python -m maxent_jax.train` on a disk that another process fills once checkpoint 2 is
+    committed: exit 2 and exactly one line on stderr (before issue 21: exit 1 and ~640 lines of
+    Orbax tracebacks from its threads and write tasks), whole metrics lines, checkpoint 2 kept."""
+    import sys
+    import time
+
+    from tests.fault_fixtures import REPO, cli_flags
+
+    workdir = small_disk / "run"
+    flags = cli_flags(**{"train.max_steps": 30, "checkpoint.save_total_limit": 2, "checkpoint.async_save": True})
+    proc = subprocess.Popen([sys.executable, "-m", "maxent_jax.train", f"--workdir={workdir}", *flags],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while 2 not in ckpt.list_steps(workdir / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _fill(small_disk, 256 << 10)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write") and "no space left on device" in lines[0], \
+        err[-3000:]
+    assert all(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
+    whole = [s for s in ckpt.list_steps(workdir / "checkpoints") if ckpt.checkpoint_problem(workdir / "checkpoints" / str(s)) is None]
+    assert whole and whole[-1] >= 2
