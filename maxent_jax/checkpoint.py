@@ -116,8 +116,8 @@ def _unverified_problem(step_dir: pathlib.Path) -> str | None:
     makes the restore fail deep inside Orbax. Reading each stored value of the OCDBT database
     once (one value in memory at a time, far cheaper than a restore) finds a truncated or missing
     data file before the restore is attempted (checked on tensorstore 0.1.86: a truncated file
-    fails the read, a deleted one reads as an empty value). Flipped bytes inside a value are not detected
-    without the manifest's CRC32s.
+    fails the read, a deleted one reads as an empty value). Flipped bytes inside a value are not
+    detected without the manifest's CRC32s.
     """
     for rel in (f"{_STATE}/_METADATA", f"{_EXTRAS}/metadata"):
         try:
@@ -285,7 +285,7 @@ def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, e
         raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
     existing = len(list_steps(ckpt_dir))
     if saves is None:
-        at_once = keep + 1 if keep > 0 else existing + 2
+        at_once = keep + 1 if keep > 0 else 2
     else:
         at_once = min(keep + 1, existing + saves) if keep > 0 else existing + saves
     slots = max(1, at_once - existing)
@@ -436,7 +436,8 @@ class CheckpointManager:
             if step is not None:
                 for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
                     shutil.rmtree(tmp, ignore_errors=True)
-            whole = [s for s in list_steps(self.directory) if s != step and checkpoint_problem(self.directory / str(s)) is None]
+            whole = [s for s in list_steps(self.directory)
+                     if s != step and checkpoint_problem(self.directory / str(s)) is None]
             kept = f"the newest whole checkpoint is step {whole[-1]}" if whole else "no whole checkpoint was saved yet"
             raise UserError(
                 f"could not write checkpoint step {step} in {self.directory}: {problem}; {kept}. Free space "

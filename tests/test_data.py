@@ -85,6 +85,8 @@ BAD_FILES = {
     "binary.csv": (b"problem,answer\n\x00\x01\x02,3\n", r"NUL byte at byte offset 15 \(line 2\)"),
     "random.csv": (bytes(range(128, 256)) * 4, r"not UTF-8 text: byte 0x80 at byte offset 0 \(line 1\)"),
     "ragged.csv": (b"problem,answer\n1+1,2\n2+2,4,extra\n", r"row ending on line 3 has 3 fields but the header has 2"),
+    "latin1.json": ('[{"problem": "caf\u00e9", "answer": "1"}]'.encode("latin-1"),
+                    r"not UTF-8 text: byte 0xe9 at byte offset 17 \(line 1\)"),
     "torn.json": (b'[{"problem": "a", "answer": "1"}, {"problem": ', r"not valid JSON at line 1, column 47"),
 }
 
@@ -100,6 +102,17 @@ def test_a_bad_data_file_is_one_line_naming_the_file_and_where(tmp_path, name):
     with pytest.raises(UserError, match=needle) as err:
         load_rows(config.data, seed=0)
     assert str(err.value).startswith(f"data file {path}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ['[\n {"problem": "1+1", "answer": "2"}\n]\n',
+                                  '{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2", "answer": "4"}\n'])
+def test_good_json_files_pass_the_check(tmp_path, text):
+    """A pretty-printed JSON list and JSON lines in a .json file are both datasets' json format."""
+    path = tmp_path / "ok.json"
+    path.write_text(text)
+    config = get_base_config()
+    config.data.dataset_name = str(path)
+    assert load_rows(config.data, seed=0)["train"][0] == {"problem": "1+1", "answer": "2"}
 
 
 def test_a_bad_data_file_exits_2_with_one_line(tmp_path):

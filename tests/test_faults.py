@@ -315,8 +315,9 @@ def test_the_entry_point_reports_a_disk_filled_mid_run_as_one_line(small_disk):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-3000:]
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not write") and "no space left on device" in lines[0], \
-        err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: could not write") and "no space left on device" in lines[0]
     assert all(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
-    whole = [s for s in ckpt.list_steps(workdir / "checkpoints") if ckpt.checkpoint_problem(workdir / "checkpoints" / str(s)) is None]
+    steps = workdir / "checkpoints"
+    whole = [s for s in ckpt.list_steps(steps) if ckpt.checkpoint_problem(steps / str(s)) is None]
     assert whole and whole[-1] >= 2

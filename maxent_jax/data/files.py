@@ -50,18 +50,20 @@ def _utf8_lines(path: pathlib.Path) -> Iterator[tuple[int, int, str]]:
 
 
 def _is_json_document(path: pathlib.Path) -> bool:
-    """Whether a .json file is one JSON document (a list of records, or an object) rather than JSON lines."""
-    for _, _, line in _utf8_lines(path):
-        if line.strip():
-            if not line.lstrip().startswith("["):
-                return False
-            break
-    text = path.read_text(encoding="utf-8")
+    """Whether a .json file is one JSON document (a list of records, or an object of columns) rather
+    than JSON lines; a document that does not parse is reported here when it starts with '['."""
+    first = ""
+    for _, _, line in _utf8_lines(path):  # the whole file: UTF-8 without NUL bytes, or a named offset
+        first = first or line.strip()[:1]
     try:
-        document = json.loads(text)
+        document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
+        if first != "[":
+            return False  # JSON lines, checked line by line
         raise UserError(f"data file {path} is not valid JSON at line {err.lineno}, column {err.colno} "
                         f"(character {err.pos}): {err.msg}") from None
+    if isinstance(document, dict):
+        return True
     if not isinstance(document, list) or not document or not all(isinstance(row, dict) for row in document):
         raise UserError(f"data file {path} must hold a non-empty JSON list of objects (one per row)")
     return True
