@@ -115,8 +115,9 @@ def test_good_json_files_pass_the_check(tmp_path, text):
     assert load_rows(config.data, seed=0)["train"][0] == {"problem": "1+1", "answer": "2"}
 
 
+@pytest.mark.slow  # ~25 s: the entry point builds the policy before it reads the data
 def test_a_bad_data_file_exits_2_with_one_line(tmp_path):
-    """The entry point's view: exit status 2 and one line on stderr, before any model is built."""
+    """The entry point's view: exit status 2 and one line on stderr, before any training step."""
     import subprocess
     import sys
 
