@@ -16,6 +16,7 @@ lets `resolve_resume` tell a whole checkpoint from a damaged one without restori
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,13 +25,14 @@ import os
 import pathlib
 import shutil
 import zlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from maxent_jax.errors import UserError
+from maxent_jax.storage import QuietStorageFailures, silence_late_write_callbacks, storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 _CRC_BLOCK = 1 << 22
 # Orbax rewrites the step metadata (commit timestamp) after the manifest is written.
 _REWRITTEN_AT_COMMIT = ("_CHECKPOINT_METADATA",)
+# Where Orbax's threads (absl) and its write tasks (asyncio: "Task exception was never retrieved")
+# log a failed save once more each; a storage fault is reported as one line instead.
+_NOISY_LOGGERS = ("absl", "asyncio")
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,8 +79,9 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
     """Why `step_dir` is not a whole checkpoint, or None when it is.
 
     Checks Orbax's commit (the step metadata and both items exist) and, when the manifest is
-    present, every file's size and CRC32. A checkpoint without a manifest (written by another
-    tool) passes on the structural checks alone; `resolve_resume` warns about it.
+    present, every file's size and CRC32. A checkpoint without a manifest (its manifest lost, or
+    written by another tool) cannot be compared with anything, so every value it stores is read
+    once instead (`_unverified_problem`); `resolve_resume` warns about it.
     """
     if not step_dir.is_dir():
         return "not a directory"
@@ -86,7 +92,7 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
             return f"missing {needed}"
     manifest_path = step_dir / MANIFEST
     if not manifest_path.exists():
-        return None
+        return _unverified_problem(step_dir)
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -99,6 +105,42 @@ def checkpoint_problem(step_dir: pathlib.Path) -> str | None:
             return f"file {rel} has {path.stat().st_size} bytes, the manifest says {size}"
         if _crc32(path) != crc:
             return f"file {rel} is damaged (CRC32 mismatch)"
+    return None
+
+
+def _unverified_problem(step_dir: pathlib.Path) -> str | None:
+    """Why a checkpoint without a manifest cannot be restored, or None when every part reads back.
+
+    This project's saves always carry a manifest (it is part of the atomic commit), so a missing
+    one usually means the step was damaged after it was written; a truncated or deleted file then
+    makes the restore fail deep inside Orbax. Reading each stored value of the OCDBT database
+    once (one value in memory at a time, far cheaper than a restore) finds a truncated or missing
+    data file before the restore is attempted (checked on tensorstore 0.1.86: a truncated file
+    fails the read, a deleted one reads as an empty value). Flipped bytes inside a value are not
+    detected without the manifest's CRC32s.
+    """
+    for rel in (f"{_STATE}/_METADATA", f"{_EXTRAS}/metadata"):
+        try:
+            json.loads((step_dir / rel).read_text())
+        except FileNotFoundError:
+            return f"missing {rel}"
+        except (OSError, ValueError) as err:
+            return f"unreadable {rel} ({' '.join(str(err).split())[:200]})"
+    state = (step_dir / _STATE).absolute()
+    if not (state / "manifest.ocdbt").exists():
+        return None  # not an OCDBT checkpoint: the structural checks above are all there is
+    import tensorstore as ts
+
+    key = b""
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+        for key in store.list().result():
+            if not store.read(key).result().value:
+                # tensorstore reads a value whose data file was deleted as empty; none is stored empty.
+                return f"unreadable {_STATE}: value {key.decode(errors='replace')} is empty (a data file is missing)"
+    except Exception as err:  # tensorstore raises ValueError/OSError variants for every storage fault
+        where = f" (value {key.decode(errors='replace')})" if key else ""
+        return f"unreadable {_STATE}{where}: {' '.join(str(err).split())[:200]}"
     return None
 
 
@@ -212,12 +254,22 @@ def state_nbytes(tree: Any) -> int:
     return total
 
 
-def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0) -> None:
+def planned_saves(start_step: int, total_steps: int, save_steps: int) -> int:
+    """Checkpoints a run from `start_step` to `total_steps` writes: one per `save_steps` multiple,
+    plus one for the last step or a preemption (never fewer than one)."""
+    periodic = (total_steps // save_steps - start_step // save_steps) if save_steps > 0 else 0
+    return max(0, periodic) + 1
+
+
+def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, extra_bytes: int = 0,
+              saves: int | None = None) -> None:
     """Fail before training when the run could not write its checkpoints.
 
-    The workdir must be creatable and writable, and its filesystem must have room for the
-    checkpoints kept at once (`keep` plus the one being written; 2 when `keep` is 0 = keep all,
-    the least a run needs) plus `extra_bytes` (the final export), with a 5% margin.
+    The workdir must be creatable and writable, and its filesystem must have room for the most
+    checkpoints on disk at once: with `keep` > 0, `keep` plus the one being written; with `keep`
+    = 0 (keep all), every one of the run's `saves` (`planned_saves`; unknown = None counts 2, the
+    least a run needs). Steps already on disk count against that, as does `extra_bytes` (the
+    final export); 5% margin.
     """
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / CHECKPOINTS_DIR
@@ -232,27 +284,31 @@ def preflight(workdir: str | os.PathLike, *, checkpoint_bytes: int, keep: int, e
     except OSError as err:
         raise UserError(f"--workdir={workdir} is not writable: {err.strerror or err}") from None
     existing = len(list_steps(ckpt_dir))
-    slots = _slots(keep, existing)
-    needed = bytes_needed(checkpoint_bytes, keep=keep, existing=existing, extra_bytes=extra_bytes)
+    slots = _slots(keep, existing, saves)
+    needed = bytes_needed(checkpoint_bytes, keep=keep, existing=existing, saves=saves, extra_bytes=extra_bytes)
     free = shutil.disk_usage(ckpt_dir).free
     if free < needed:
         raise UserError(
             f"--workdir={workdir} has {format_bytes(free)} free but the run needs about {format_bytes(needed)} "
-            f"({slots} checkpoint(s) of {format_bytes(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
-            f"{f', plus {format_bytes(extra_bytes)} for the final export' if extra_bytes else ''}): free space or "
-            "lower checkpoint.save_total_limit"
+            f"({slots} more checkpoint(s) of {format_bytes(checkpoint_bytes)} with checkpoint.save_total_limit={keep}"
+            f"{f', plus {format_bytes(extra_bytes)} for the final export' if extra_bytes else ''}): free space, "
+            "keep fewer (checkpoint.save_total_limit) or save less often (checkpoint.save_steps)"
         )
 
 
-def _slots(keep: int, existing: int) -> int:
-    return max(1, (keep + 1 if keep > 0 else 2) - existing)
+def _slots(keep: int, existing: int, saves: int | None) -> int:
+    if saves is None:
+        at_once = keep + 1 if keep > 0 else 2
+    else:
+        at_once = min(keep + 1, existing + saves) if keep > 0 else existing + saves
+    return max(1, at_once - existing)
 
 
-def bytes_needed(checkpoint_bytes: int, *, keep: int, existing: int, extra_bytes: int = 0) -> int:
-    """Disk a run needs for its checkpoints: the ones kept at once (`keep` plus the one being written;
-    2 when `keep` is 0 = keep all, the least a run needs) less those already there, plus
-    `extra_bytes` (the final export), with a 5% margin."""
-    return int((_slots(keep, existing) * checkpoint_bytes + extra_bytes) * 1.05)
+def bytes_needed(checkpoint_bytes: int, *, keep: int, existing: int, saves: int | None = None,
+                 extra_bytes: int = 0) -> int:
+    """Disk a run still needs for its checkpoints (see `preflight` for how many are on disk at
+    once) less those already there, plus `extra_bytes` (the final export), with a 5% margin."""
+    return int((_slots(keep, existing, saves) * checkpoint_bytes + extra_bytes) * 1.05)
 
 
 def format_bytes(n: float) -> str:
@@ -339,6 +395,10 @@ class CheckpointManager:
         self.save_steps = save_steps
         self.async_save = async_save
         self._pending_step: int | None = None
+        self._failed = False
+        self._quiet = QuietStorageFailures()
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).addFilter(self._quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             create=True,
@@ -362,18 +422,42 @@ class CheckpointManager:
             extras = json.loads(json.dumps(dict(extras_json), allow_nan=False))
         except (TypeError, ValueError) as err:
             raise UserError(f"checkpoint extras must be plain JSON data: {err}") from None
-        self._manager.wait_until_finished()
-        if step in self._manager.all_steps():
-            log.warning("replacing existing checkpoint step %d in %s", step, self.directory)
-            self._manager.delete(step)
-        self._pending_step = step
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras)}),
-            force=True,
-        )
+        self.wait()
+        with self._reporting_storage_faults(step):
+            if step in self._manager.all_steps():
+                log.warning("replacing existing checkpoint step %d in %s", step, self.directory)
+                self._manager.delete(step)
+            self._pending_step = step
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras)}),
+                force=True,
+            )
         if not self.async_save:
             self.wait()
+
+    @contextlib.contextmanager
+    def _reporting_storage_faults(self, step: int | None) -> Iterator[None]:
+        """A full disk / read-only workdir during a save -> one UserError line naming the step and the
+        newest whole checkpoint (untouched: Orbax writes into a temporary directory, which is removed
+        here to give the space back). Orbax's background threads' own tracebacks are silenced."""
+        try:
+            yield
+        except Exception as err:
+            problem = storage_problem(err)
+            if problem is None:
+                raise
+            self._failed = True
+            silence_late_write_callbacks()
+            if step is not None:
+                for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            whole = [s for s in list_steps(self.directory)
+                     if s != step and checkpoint_problem(self.directory / str(s)) is None]
+            kept = f"the newest whole checkpoint is step {whole[-1]}" if whole else "no whole checkpoint was saved yet"
+            raise UserError(
+                f"could not write checkpoint step {step} in {self.directory}: {problem}; {kept}. Free space "
+                f"(or make the workdir writable) and rerun the same command to resume") from None
 
     def _write_pending_manifest(self) -> None:
         """Orbax's post-finalisation hook: runs on its background thread before the commit rename."""
@@ -401,10 +485,19 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the pending save is committed (and pruning is done)."""
-        self._manager.wait_until_finished()
+        with self._reporting_storage_faults(self._pending_step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception as err:
+            if not (self._failed and storage_problem(err)):  # already reported as one line
+                raise
+        finally:
+            if not self._failed:  # after a fault, its write tasks still log when they are collected at exit
+                for name in _NOISY_LOGGERS:
+                    logging.getLogger(name).removeFilter(self._quiet)
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -92,6 +92,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.dataset_test_split = "test"
     c.data.dataset_prompt_column = "problem"
     c.data.dataset_solution_column = "answer"
+    # The column of worked solutions (reasoning and answer) the supervised warm-up
+    # (train.sft_warmup_steps) imitates; rows keep it when the dataset has it.
+    c.data.dataset_worked_solution_column = "solution"
     c.data.system_prompt = _placeholder(str)
     c.data.chat_template = _placeholder(str)
     c.data.max_prompt_chars = 2048  # MAX_PROMPT_CHARS of the reference (spec 2.2)

@@ -18,9 +18,23 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[[], T]) -> T:
-    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2.
+
+    So does a write that fails because the disk is full or the workdir read-only (the user frees
+    space and reruns; `maxent_jax.storage`), wherever in the run it happens.
+    """
+    from maxent_jax.storage import storage_problem
+
     try:
         return main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        print(f"error: could not write {err.filename or 'a file'}: {problem}; free space (or make the directory "
+              "writable) and rerun the same command (a training run resumes from its newest checkpoint)",
+              file=sys.stderr)
         raise SystemExit(2) from None

@@ -27,6 +27,8 @@ import ml_collections
 
 from maxent_jax.config import to_json_dict
 from maxent_jax.console import CompileClock
+from maxent_jax.errors import UserError
+from maxent_jax.storage import storage_problem
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -124,6 +126,18 @@ class MetricWindow:
             else:
                 self._sums[key] = self._sums.get(key, 0.0) + number
                 self._counts[key] = self._counts.get(key, 0) + 1
+
+    def state(self) -> dict[str, Any]:
+        """The metrics accumulated since the last emitted record, as JSON (kept in checkpoints, so a
+        resumed run's next record averages the same steps as the uninterrupted run's)."""
+        # A non-finite sum (a NaN loss in the window) is kept as its repr: JSON has no NaN.
+        sums = {k: v if math.isfinite(v) else repr(v) for k, v in self._sums.items()}
+        return {"sums": sums, "counts": dict(self._counts), "last": {k: _json_safe(v) for k, v in self._last.items()}}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._sums = {k: float(v) for k, v in state["sums"].items()}
+        self._counts = {k: int(v) for k, v in state["counts"].items()}
+        self._last = dict(state["last"])
 
     def pop(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._last)
@@ -376,9 +390,7 @@ class Telemetry:
 
     def _write(self, step: int, record: Mapping[str, Any]) -> None:
         line = {"step": step, "time": round(time.time(), 3), **{k: _json_safe(v) for k, v in record.items()}}
-        self._metrics_file.write(json.dumps(line, allow_nan=False) + "\n")
-        self._metrics_file.flush()
-        os.fsync(self._metrics_file.fileno())
+        write_whole_line(self._metrics_file, json.dumps(line, allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self._metrics_file is not None:
@@ -395,6 +407,27 @@ class Telemetry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_whole_line(f: TextIO, line: str) -> None:
+    """Append `line` to the append-mode file `f` and fsync, through its descriptor (Python's buffer
+    stays empty). When the disk is full or the write fails otherwise, cut the file back to where it
+    was, so metrics.jsonl never ends with half a record, and report a storage fault as one line."""
+    fd = f.fileno()
+    start = os.lseek(fd, 0, os.SEEK_END)
+    data = line.encode("utf-8")
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError as err:
+        os.ftruncate(fd, start)  # freeing space never needs space
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        raise UserError(f"could not write {f.name}: {problem}; free space (or make the workdir writable) and "
+                        "rerun the same command to resume from the newest checkpoint") from None
 
 
 def _truncate_after(path: pathlib.Path, step: int) -> None:

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir_lib.write_status(workdir, config, status="interrupted" if stopped else "finished",
                                  step=trainer.step, total_steps=trainer.total_steps)
     if stopped is not None:
-        print(f"interrupted at step {trainer.step}; saved; rerun the same command to resume", file=sys.stderr)
+        if trainer.sft_done:  # (a stop in the warm-up was already reported: nothing saved)
+            print(f"interrupted at step {trainer.step}; saved; rerun the same command to resume", file=sys.stderr)
         if stopped == signal.SIGINT:
             raise SystemExit(128 + signal.SIGINT)  # 130, as a shell reports Ctrl-C
         return  # SIGTERM (preemption): exit 0, the job's requeue resumes it

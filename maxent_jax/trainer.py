@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
 import signal
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,8 @@ class Trainer:
         checkpoint_lib.preflight(
             workdir, checkpoint_bytes=checkpoint_lib.state_nbytes(self._checkpoint_state()) * 2,
             keep=c.checkpoint.save_total_limit,
+            saves=checkpoint_lib.planned_saves(self.resume_point.step if self.resume_point else 0,
+                                               self.total_steps, c.checkpoint.save_steps),
             extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
@@ -345,12 +348,19 @@ class Trainer:
         self.telemetry.accumulate({"train/initial_reward": reward})
         self.say(f"mean reward before training: {reward:.3f}")
 
-    def supervised_warmup(self) -> None:
-        """Teach the answer format on the dataset's worked solutions before RL (the tiny default)."""
+    def supervised_warmup(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Teach the answer format on the dataset's worked solutions before RL (the tiny default).
+
+        `should_stop` is asked after every warm-up step: True (a SIGTERM) ends the warm-up there and
+        returns False, without a checkpoint (there is no RL state yet; a rerun warms up again).
+        """
         c = self.config
-        if any("solution" not in row for row in self.task.train[:1]):
-            raise UserError("config field train.sft_warmup_steps > 0 needs worked solutions: this dataset has no "
-                            "'solution' column; set train.sft_warmup_steps=0")
+        if not any("solution" in row for row in self.task.train):
+            raise UserError(
+                f"config field train.sft_warmup_steps={c.train.sft_warmup_steps} needs worked solutions: the dataset "
+                f"has no non-empty {c.data.dataset_worked_solution_column!r} column "
+                "(data.dataset_worked_solution_column names it); set train.sft_warmup_steps=0 or name the column")
+        solved = [row for row in self.task.train if "solution" in row]
         tok = self.policy.tokenizer
         end = _eos_suffix(tok)
         opt, _ = optimizer_lib.make_optimizer(
@@ -362,7 +372,7 @@ class Trainer:
                                   sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules,
                                   gradient_chunks=c.train.gradient_chunks)
         rows_per_step = self.num_prompts * self.group
-        stream = BatchStream(self.task.train, rows_per_step, c.seed + 1)
+        stream = BatchStream(solved, rows_per_step, c.seed + 1)
         self.say(f"supervised warm-up: {c.train.sft_warmup_steps} steps of {rows_per_step} solutions")
         for i in range(c.train.sft_warmup_steps):
             rows = stream.next()
@@ -375,8 +385,13 @@ class Trainer:
             if (i + 1) % max(1, c.train.sft_warmup_steps // 10) == 0:
                 self.say(f"  warm-up step {i + 1}/{c.train.sft_warmup_steps}: nll "
                                        f"{float(metrics['sft/nll']):.3f}")
+            if should_stop():
+                self.say(f"preempted during the supervised warm-up (step {i + 1}/{c.train.sft_warmup_steps}): "
+                         "nothing to save before the first RL step; rerun the same command to start again")
+                return False
         self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
         self.sft_done = True
+        return True
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -400,8 +415,18 @@ class Trainer:
                 "rng": jax.random.key_data(self.key)}
 
     def _extras(self) -> dict[str, Any]:
+        """The host state the loop carries from step to step (the arrays are in `_checkpoint_state`).
+
+        Every piece that decides a later step must be here for a resume to be exact: the data
+        position, the InfoSeed seed-id generator, the non-finite streak and the metrics window
+        not yet emitted (logging_steps > 1). Eval and save schedules follow from `step` alone.
+        """
         return {"step": self.step, "stream": self.stream.state(), "tokens_seen": self.tokens_seen,
-                "controller_state": to_json(self.controllers, self.controller_settings)}
+                "controller_state": to_json(self.controllers, self.controller_settings),
+                # PCG64's state holds 128-bit integers: kept as a JSON string, not as numbers.
+                "seed_rng": json.dumps(self.seed_rng.bit_generator.state),
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "metrics_window": self.telemetry.window.state()}
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
@@ -414,6 +439,12 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
+        # Checkpoints written before these were saved resume without them (as before: not bit-exact).
+        if "seed_rng" in extras:
+            self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])
+        self.consecutive_nonfinite = int(extras.get("consecutive_nonfinite", 0))
+        if "metrics_window" in extras:
+            self.telemetry.window.restore(extras["metrics_window"])
         self.sft_done = True
         self.say(f"resumed from {point.path} at step {self.step}")
 
@@ -427,8 +458,9 @@ class Trainer:
                 self.restore(self.resume_point)
             else:
                 self.measure_initial_reward()
-                if not self.sft_done:
-                    self.supervised_warmup()
+                if not self.sft_done and not self.supervised_warmup(guard.should_stop):
+                    self.stopped_by = guard.received or signal.SIGTERM
+                    return last
             if self.reference_params is None:
                 self.reference_params = (
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
@@ -438,13 +470,17 @@ class Trainer:
                 metrics = self.train_step()
                 self.telemetry.accumulate(metrics)
                 last = self.telemetry.step_end(self.step) or last
-                if c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0 and self.task.eval:
+                stopping = guard.should_stop()  # a stop signal skips the eval: save and exit within the step
+                if (not stopping and c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0
+                        and self.task.eval):
                     self.telemetry.log_eval(self.step, self.evaluate())
                 write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
-                if self.checkpoints.due(self.step):
+                saved = self.checkpoints.due(self.step) or stopping
+                if saved:
                     self.save()
-                if guard.should_stop():
-                    self.save()
+                if stopping or guard.should_stop():  # asked again: a signal during that eval or save stops here too
+                    if not saved:
+                        self.save()
                     self.checkpoints.wait()
                     self.stopped_by = guard.received or signal.SIGTERM  # a peer host's signal
                     return last

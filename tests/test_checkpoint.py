@@ -250,11 +250,11 @@ def test_preflight_rejects_an_unwritable_or_full_workdir(tmp_path, monkeypatch):
     ckpt.preflight(tmp_path / "ok", checkpoint_bytes=10, keep=3)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**30))
-    with pytest.raises(UserError, match=r"has 3.0 GiB free but the run needs about 4.2 GiB \(4 checkpoint\(s\) of 1.0 GiB"):
+    with pytest.raises(UserError, match=r"has 3.0 GiB free but the run needs about 4.2 GiB \(4 more checkpoint\(s\) of 1.0 GiB"):
         ckpt.preflight(tmp_path / "full", checkpoint_bytes=2**30, keep=3)
     ckpt.preflight(tmp_path / "fits", checkpoint_bytes=2**30, keep=1)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=5 * 2**20))
-    with pytest.raises(UserError, match=r"has 5.0 MiB free but the run needs about 6.3 MiB \(2 checkpoint\(s\) of 3.0 MiB"):
+    with pytest.raises(UserError, match=r"has 5.0 MiB free but the run needs about 6.3 MiB \(2 more checkpoint\(s\) of 3.0 MiB"):
         ckpt.preflight(tmp_path / "small", checkpoint_bytes=3 * 2**20, keep=1)  # not '0.00 GiB free'
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from maxent_jax.data.files import check_data_file
 from maxent_jax.data.pair_sum import pair_sum_splits
 from maxent_jax.data.synthetic import arithmetic_splits
 from maxent_jax.errors import UserError
@@ -36,6 +37,7 @@ def _load_split(name: str, config: str | None, split: str) -> Any:
         elif path.is_dir() and (path / "dataset_info.json").exists():
             return datasets.load_from_disk(str(path))
         elif path.suffix in _FILE_BUILDERS and path.exists():
+            check_data_file(path)  # a bad file named with its line and offset, not a datasets traceback
             # A single file is one split: it serves whatever split name is asked for.
             return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
         else:
@@ -44,6 +46,11 @@ def _load_split(name: str, config: str | None, split: str) -> Any:
         raise UserError(f"dataset {name!r} could not be found ({err})") from None
     except (ConnectionError, OSError, ValueError) as err:
         raise UserError(f"dataset {name!r} could not be loaded: {' '.join(str(err).split())[:300]}") from None
+    except (datasets.exceptions.DatasetGenerationError, StopIteration) as err:
+        # What the file check above cannot see (a damaged parquet file, a hub dataset's bad shard).
+        cause = err.__cause__ or err
+        raise UserError(f"dataset {name!r} could not be read: {type(cause).__name__}: "
+                        f"{' '.join(str(cause).split())[:300]}") from None
     if split not in dataset:
         raise UserError(f"dataset {name!r} has no split {split!r}; available: {', '.join(dataset.keys())}")
     return dataset[split]
@@ -56,25 +63,34 @@ def _column(columns: list[str], wanted: str, fallbacks: tuple[str, ...], name: s
     raise UserError(f"dataset {name!r} has no column {wanted!r} (config {field}); columns: {', '.join(columns)}")
 
 
-def _rows(dataset: Any, name: str, prompt_col: str, answer_col: str) -> list[dict[str, str]]:
+def _rows(dataset: Any, name: str, prompt_col: str, answer_col: str,
+          worked_col: str = "") -> list[dict[str, str]]:
+    """Rows with `problem` and `answer`, plus `solution` (the worked solution the supervised warm-up
+    imitates) when the dataset has the `worked_col` column."""
     columns = list(dataset.column_names)
     p = _column(columns, prompt_col, PROMPT_FALLBACKS if prompt_col == "problem" else (), name,
                 "data.dataset_prompt_column")
     a = _column(columns, answer_col, ANSWER_FALLBACKS, name, "data.dataset_solution_column")
+    worked = dataset[worked_col] if worked_col and worked_col in columns else None
     rows = []
-    for problem, answer in zip(dataset[p], dataset[a]):
+    for i, (problem, answer) in enumerate(zip(dataset[p], dataset[a])):
         problem, answer = str(problem or ""), str(answer or "")
         if problem.strip() and answer.strip():
-            rows.append({"problem": problem, "answer": answer})
+            row = {"problem": problem, "answer": answer}
+            if worked is not None and str(worked[i] or "").strip():
+                row["solution"] = str(worked[i])
+            rows.append(row)
     return rows
 
 
-def _mixture_rows(mixture_json: str, seed: int, prompt_col: str, answer_col: str) -> list[dict[str, str]]:
+def _mixture_rows(mixture_json: str, seed: int, prompt_col: str, answer_col: str,
+                  worked_col: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for source in json.loads(mixture_json):
         split = _load_split(source["id"], source.get("config"), source.get("split", "train"))
         columns = source.get("columns") or {}
-        part = _rows(split, source["id"], columns.get("prompt", prompt_col), columns.get("answer", answer_col))
+        part = _rows(split, source["id"], columns.get("prompt", prompt_col), columns.get("answer", answer_col),
+                     columns.get("solution", worked_col))
         weight = float(source.get("weight", 1.0))
         if weight < 1.0:
             keep = np.random.default_rng(seed).permutation(len(part))[: math.floor(len(part) * weight)]
@@ -97,10 +113,12 @@ def load_rows(data_config: Any, seed: int) -> dict[str, list[dict[str, str]]]:
                   else pair_sum_splits(s.num_train, s.num_eval, s.max_operand, seed))
         return {"train": splits["train"], "eval": splits["test"]}
     if d.dataset_mixture:
-        train = _mixture_rows(d.dataset_mixture, seed, d.dataset_prompt_column, d.dataset_solution_column)
+        train = _mixture_rows(d.dataset_mixture, seed, d.dataset_prompt_column, d.dataset_solution_column,
+                              d.dataset_worked_solution_column)
     else:
         split = _load_split(d.dataset_name, d.dataset_config, d.dataset_train_split)
-        train = _rows(split, d.dataset_name, d.dataset_prompt_column, d.dataset_solution_column)
+        train = _rows(split, d.dataset_name, d.dataset_prompt_column, d.dataset_solution_column,
+                      d.dataset_worked_solution_column)
     if not train:
         raise UserError(f"dataset {d.dataset_name or 'mixture'!r} has no usable rows (all prompts or answers empty)")
     evaluation: list[dict[str, str]] = []

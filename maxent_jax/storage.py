@@ -1,0 +1,71 @@
+"""Recognise a workdir that cannot take more writes (full disk, quota, read-only, no permission).
+
+Such a failure mid-run is not a bug to debug: the user frees space or fixes the mount and
+reruns the same command, which resumes from the newest whole checkpoint. Orbax and tensorstore
+report it as a `ValueError` whose text carries the OS error, Python as an `OSError`; both are
+reduced here to the OS's own words so the entry point can print one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import sys
+
+# errno -> the words the user sees; these are the storage faults a rerun can recover from.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# How tensorstore spells them inside a ValueError's message (`[os_error_code='28']`, RESOURCE_EXHAUSTED).
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def storage_problem(err: BaseException | None) -> str | None:
+    """The storage fault behind `err` (or its causes), in the OS's words; None for any other error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[err.errno]
+        match = _OS_CODE.search(str(err))
+        if match and int(match.group(1)) in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[int(match.group(1))]
+        if "RESOURCE_EXHAUSTED" in str(err) and "No space left" in str(err):
+            return STORAGE_ERRNOS[errno.ENOSPC]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class QuietStorageFailures(logging.Filter):
+    """Drops the tracebacks Orbax's background threads and write tasks log for a storage fault
+    (each logs the same error once more); the run reports that fault itself, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None and record.levelno >= logging.ERROR:
+            return storage_problem(Exception(record.getMessage())) is None
+        return exc is None or storage_problem(exc) is None
+
+
+def silence_late_write_callbacks() -> None:
+    """After a failed save, tensorstore writes still in flight finish on their own threads and call
+    back into Orbax's event loop, which is closed by then; each prints an `Event loop is closed`
+    traceback through `sys.unraisablehook`. Drop exactly those (the fault is already reported);
+    anything else still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
