@@ -1,0 +1,83 @@
+"""LoRA through the trainer, on an HF base on disk: final_hf is a PEFT adapter on that base, a resumed
+run reproduces the uninterrupted one, and resuming on a different base is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from flax import nnx
+
+from configs.tiny import get_config
+from maxent_jax.data.tokenizer import build_offline_tokenizer
+from maxent_jax.errors import UserError
+from maxent_jax.model.config import ModelConfig
+from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.hf_io import export_hf_checkpoint
+from maxent_jax.model.lora_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from maxent_jax.trainer import Trainer
+
+TIMING_KEYS = ("time", "time/step_s", "train/rollout_seconds")
+
+
+def _base(path: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int) -> pathlib.Path:
+    config = get_config()
+    cfg = ModelConfig.tiny(**dict(config.model.tiny))
+    return export_hf_checkpoint(Decoder(cfg, rngs=nnx.Rngs(seed)), cfg, path, tokenizer_dir=tokenizer_dir)
+
+
+def _config(base: pathlib.Path, steps: int):
+    c = get_config()
+    c.model.name_or_path = str(base)
+    c.lora.enabled = True
+    c.lora.rank = 4
+    c.lora.target_modules = ("q_proj", "v_proj", "down_proj")
+    for path, value in {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
+                        "train.gradient_chunks": 1, "rollout.num_generations": 4, "rollout.max_completion_length": 8,
+                        "data.synthetic.num_train": 64, "eval.do_eval": False, "checkpoint.save_steps": 1,
+                        "checkpoint.save_total_limit": 0, "checkpoint.async_save": False,
+                        "logging.progress": False}.items():
+        *sections, field = path.split(".")
+        node = c
+        for section in sections:
+            node = node[section]
+        node[field] = value
+    return c
+
+
+def _run(config, workdir: pathlib.Path) -> list[dict]:
+    trainer = Trainer(config, workdir)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and "latency" not in k and "run/" not in k}
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path):
+    tokenizer = build_offline_tokenizer(tmp_path / "tokenizer")
+    base = _base(tmp_path / "base", tokenizer, seed=0)
+
+    straight = _run(_config(base, 3), tmp_path / "straight")
+    adapter = json.loads((tmp_path / "straight" / "final_hf" / ADAPTER_CONFIG).read_text())
+    assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 4
+    assert (tmp_path / "straight" / "final_hf" / ADAPTER_WEIGHTS).is_file()
+    assert (tmp_path / "straight" / "final_merged_hf" / "config.json").is_file()
+
+    _run(_config(base, 2), tmp_path / "resumed")
+    resumed = _run(_config(base, 3), tmp_path / "resumed")
+    last = [r for r in resumed if r.get("step") == 3 and "train/loss" in r]
+    assert last and last == [r for r in straight if r.get("step") == 3 and "train/loss" in r]
+
+    _base(base, tokenizer, seed=1)  # the base directory now holds other weights
+    trainer = Trainer(_config(base, 4), tmp_path / "resumed")
+    try:
+        with pytest.raises(UserError, match="were trained on base") as err:
+            trainer.run()
+        assert "\n" not in str(err.value)
+    finally:
+        trainer.close()
