@@ -250,9 +250,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     # LoRA adapters on a frozen base (maxent_jax/model/lora.py; the training guide's LoRA section).
     c.lora.enabled = False
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.0
+    c.lora.rank = 16  # r: A is [in, r], B is [r, out]
+    c.lora.alpha = 32.0  # the adapter is scaled by alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # only 0: adapter dropout is not implemented (the step draws no per-step randomness)
     # HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or 'all-linear'.
     c.lora.target_modules = ("all-linear",)
     c.lora.base_dtype = ""  # '' = model.param_dtype; 'bfloat16' freezes a half-precision base under float32 adapters

@@ -10,7 +10,7 @@ key changes a run without a word. Here every key of a recipe falls in exactly on
 * `IGNORED`: a key that is meaningful for the reference's PyTorch stack (DeepSpeed,
   DataLoader workers, the Hub, TRL-trainer-only knobs) but not here; reported as a warning
   with its reason;
-* `NEUTRAL_ONLY`: a key we accept only at the value that changes nothing (`use_peft: false`);
+* `NEUTRAL_ONLY`: a key we accept only at the value that changes nothing (`load_in_4bit: false`);
 * anything else is unknown: all unknown keys and refused values make ONE `UserError` line.
 
 The result is a `Recipe`: field updates plus warnings; `apply()` writes it onto a config,
@@ -71,6 +71,12 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "model_name_or_path": ("model.name_or_path", None),
     "model_revision": ("model.revision", None),
     "gradient_checkpointing": ("model.remat", None),
+    # LoRA (TRL ModelConfig's PEFT keys)
+    "use_peft": ("lora.enabled", None),
+    "lora_r": ("lora.rank", None),
+    "lora_alpha": ("lora.alpha", None),
+    "lora_dropout": ("lora.dropout", None),
+    "lora_target_modules": ("lora.target_modules", _strings),
     # data (script arguments)
     "dataset_name": ("data.dataset_name", None),
     "dataset_config": ("data.dataset_config", None),
@@ -287,12 +293,8 @@ IGNORED: dict[str, str] = {
     "shuffle_dataset": _TRL_ONLY,
     "model_init_kwargs": _TRL_ONLY,
     "disable_dropout": "the decoder has no dropout",
-    "lora_r": "LoRA is not implemented (use_peft must be false)",
-    "lora_alpha": "LoRA is not implemented (use_peft must be false)",
-    "lora_dropout": "LoRA is not implemented (use_peft must be false)",
-    "lora_target_modules": "LoRA is not implemented (use_peft must be false)",
-    "lora_modules_to_save": "LoRA is not implemented (use_peft must be false)",
-    "lora_task_type": "LoRA is not implemented (use_peft must be false)",
+    "lora_modules_to_save": "only the LoRA adapters train; every other module stays frozen",
+    "lora_task_type": "the adapters are always for a causal LM (CAUSAL_LM)",
     "bnb_4bit_quant_type": "bitsandbytes quantisation is not implemented",
     "use_bnb_nested_quant": "bitsandbytes quantisation is not implemented",
     "vf_coef": _PPO, "advantage_normalization": _PPO, "horizon": _PPO, "reward_normalization": _PPO,
@@ -308,7 +310,6 @@ IGNORED: dict[str, str] = {
 
 # Known keys accepted only at a value that changes nothing: key -> (neutral?, why other values fail).
 NEUTRAL_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "use_peft": (lambda v: not v, "LoRA is not implemented"),
     "load_in_8bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
     "load_in_4bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
     "lr_scheduler_kwargs": (lambda v: not v, "schedules take no extra arguments (cosine/linear/constant)"),

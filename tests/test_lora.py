@@ -282,3 +282,15 @@ def test_merged_export_loads_in_transformers_without_peft(hf_base, tmp_path):
     ids = np.random.default_rng(1).integers(0, 128, (2, 10))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32")
     np.testing.assert_allclose(_our_logprobs(model, ids), _hf_logprobs(merged, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_reference_recipe_with_use_peft_maps_onto_the_lora_section():
+    from maxent_jax import recipes
+
+    recipe = recipes.translate({"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                                "lora_target_modules": ["q_proj", "v_proj"], "lora_task_type": "CAUSAL_LM"})
+    config = recipes.apply(get_base_config(), recipe)
+    validate(config)
+    assert (config.lora.enabled, config.lora.rank, config.lora.alpha) == (True, 8, 16.0)
+    assert tuple(config.lora.target_modules) == ("q_proj", "v_proj")
+    assert [key for key, _ in recipe.ignored] == ["lora_task_type"]

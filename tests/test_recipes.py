@@ -304,13 +304,13 @@ def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
 
 
 def test_unknown_keys_and_refused_values_make_one_error_line(tmp_path):
-    text = "maxent_tua: 0.1\nclip_rnage: 0.05\nuse_peft: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
+    text = "maxent_tua: 0.1\nclip_rnage: 0.05\nload_in_8bit: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
     with pytest.raises(UserError) as err:
         recipes.load(_yaml(tmp_path, text))
     msg = str(err.value)
     assert "\n" not in msg
     assert "maxent_tua (did you mean maxent_tau?)" in msg and "clip_rnage (did you mean clip_range?)" in msg
-    assert "use_peft=True" in msg and "load_in_4bit" not in msg and "nested sections" in msg and "training" in msg
+    assert "load_in_8bit=True" in msg and "load_in_4bit" not in msg and "nested sections" in msg and "training" in msg
 
 
 @pytest.mark.parametrize("text,field,value", [
