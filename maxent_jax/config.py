@@ -526,9 +526,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         if config.maxent.reference_model_name_or_path:
             raise _fail("maxent.reference_model_name_or_path", config.maxent.reference_model_name_or_path,
                         "'' while lora.enabled=True (the reference is the base with the adapters as RL started)")
-        if config.rollout.backend == "server":
-            raise _fail("rollout.backend", "server", "'sampler' while lora.enabled=True (adapter pushes to a "
-                        "rollout server are not built yet)")
     res = config.checkpoint.resume
     if not isinstance(res, str) or not res:
         raise _fail("checkpoint.resume", res, "'latest', 'none' or a checkpoint path")

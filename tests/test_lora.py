@@ -294,3 +294,15 @@ def test_a_reference_recipe_with_use_peft_maps_onto_the_lora_section():
     assert (config.lora.enabled, config.lora.rank, config.lora.alpha) == (True, 8, 16.0)
     assert tuple(config.lora.target_modules) == ("q_proj", "v_proj")
     assert [key for key, _ in recipe.ignored] == ["lora_task_type"]
+
+
+@pytest.mark.parametrize("size", ["0_5b", "1_5b", "7b"])
+def test_each_qwen2_5_size_has_a_lora_recipe_that_differs_from_maxent_only_in_lora(size):
+    import importlib
+
+    lora = importlib.import_module(f"configs.qwen2_5_{size}.maxent_lora_math").get_config()
+    full = importlib.import_module(f"configs.qwen2_5_{size}.maxent_math").get_config()
+    validate(lora)
+    assert lora.lora.enabled and lora.lora.base_dtype == "bfloat16" and lora.model.param_dtype == "float32"
+    lora.lora, lora.model.param_dtype = full.lora, full.model.param_dtype
+    assert lora.to_dict() == full.to_dict()

@@ -81,3 +81,25 @@ def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path
         assert "\n" not in str(err.value)
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_lora_run_through_the_rollout_server_pushes_merged_weights(tmp_path):
+    """rollout.backend='server' with LoRA: the jax server receives the base with the adapters folded in,
+    so its samples follow the trainer's policy."""
+    import urllib.request
+
+    from rollout_fixtures import TOKEN, start_rollout_server, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", seed=0)
+    (tmp_path / "token").write_text(TOKEN)
+    config = _config(model_dir, 2)
+    config.rollout.backend = "server"
+    config.vllm.token_file = str(tmp_path / "token")
+    config.checkpoint.export_final = False
+    with start_rollout_server("jax", model_dir) as (url, server):
+        config.vllm.url = url + "/generate"
+        records = _run(config, tmp_path / "run")
+        info = json.loads(urllib.request.urlopen(url + "/info", timeout=30).read())
+    last = [r for r in records if "train/loss" in r][-1]
+    assert info["weight_version"] == 1 and last["train/rollout/push_bytes"] > 0
