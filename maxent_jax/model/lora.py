@@ -134,7 +134,8 @@ def apply_lora(model: Decoder, settings: LoRASettings, seed: int, adapter_dtype:
     Adapters take `adapter_dtype` (default: the model's parameter dtype), e.g. float32 adapters on a
     bfloat16 base. A target that this model family lacks is a one-line error.
     """
-    present = {name for _, name, parent, attr in projections(model) if isinstance(getattr(parent, attr, None), Projection)}
+    present = {name for _, name, parent, attr in projections(model)
+               if isinstance(getattr(parent, attr, None), Projection)}
     missing = [t for t in settings.targets if t not in present]
     if missing:
         raise UserError(f"config field lora.target_modules names {missing[0]!r}, which a {model.cfg.family} decoder "
@@ -152,11 +153,6 @@ def apply_lora(model: Decoder, settings: LoRASettings, seed: int, adapter_dtype:
             setattr(parent, attr, LoRAProjection(base, settings.rank, settings.scale, adapter_dtype=adapter_dtype,
                                                  key=jax.random.fold_in(key, index)))
     return model
-
-
-def adapter_count(params: nnx.State) -> int:
-    """Number of adapter values (A and B of every target)."""
-    return sum(x.size for x in jax.tree.leaves(params))
 
 
 
