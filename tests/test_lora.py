@@ -112,6 +112,7 @@ def test_initial_adapters_compute_the_base_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(base(ids, pos, mask)[0]), np.asarray(lora(ids, pos, mask)[0]))
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_takes_the_adapters():
     """Prefill + token-by-token decode with non-zero adapters (merged into the stacked k/v and gate/up
     kernels, unmerged elsewhere) equals the cache-free forward."""
@@ -246,6 +247,7 @@ def _our_logprobs(model: Decoder, ids: np.ndarray) -> np.ndarray:
     return np.take_along_axis(np.asarray(logp), ids[:, 1:, None], -1)[..., 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("targets", [("all-linear",), ("q_proj", "v_proj", "down_proj")])
 def test_peft_loads_our_adapter_with_equal_logprobs(hf_base, tmp_path, targets):
     peft = pytest.importorskip("peft")
