@@ -426,11 +426,8 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
-        if self.policy.lora is not None:
-            self.lora_base = extras.get("lora_base")
-            if self.lora_base is None:
-                raise UserError(f"checkpoint {point.path} holds no LoRA adapters (a full fine-tuning run); resume it "
-                                "without lora.enabled, or start afresh with --config.checkpoint.resume=none")
+        if self.policy.lora is not None:  # (a full fine-tuning checkpoint already failed to match the state)
+            self.lora_base = extras["lora_base"]
             lora_io.restore_base(self.policy.rest, self.lora_base, self.workdir,
                                  self.config.lora.base_dtype or self.config.model.param_dtype)
         self.sft_done = True
