@@ -270,3 +270,19 @@ def infoseed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.info_seed.prompt_template = "\n[seed={seed}]"
     c.logging.log_completions = True
     return c
+
+
+def lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """LoRA adapters (rank 16 on every projection) on a frozen bfloat16 base, float32 adapters.
+
+    Only the adapters are trained and only they have Adam moments; the reference is the base itself
+    (no second copy of the weights). The rate is the usual LoRA one, 10x a full fine-tune's 1e-6.
+    """
+    c.lora.enabled = True
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.target_modules = ("all-linear",)
+    c.lora.base_dtype = "bfloat16"
+    c.model.param_dtype = "float32"  # the adapters' dtype; the base is lora.base_dtype
+    c.lora.learning_rate = 1e-5
+    return c

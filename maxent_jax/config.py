@@ -257,6 +257,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     # maxent_jax/parallel/rules.py, e.g. ("vocab=tensor",); mesh_axis may be 'none'.
     c.mesh.rules = ()
 
+    c.lora = ml_collections.ConfigDict()
+    # LoRA adapters on a frozen base (maxent_jax/model/lora.py; the training guide's LoRA section).
+    c.lora.enabled = False
+    c.lora.rank = 16  # r: A is [in, r], B is [r, out]
+    c.lora.alpha = 32.0  # the adapter is scaled by alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # only 0: adapter dropout is not implemented (the step draws no per-step randomness)
+    # HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or 'all-linear'.
+    c.lora.target_modules = ("all-linear",)
+    c.lora.base_dtype = ""  # '' = model.param_dtype; 'bfloat16' freezes a half-precision base under float32 adapters
+    # The optimizer's learning rate while LoRA is on (adapters want a far larger one than full
+    # fine-tuning); 0 = optim.learning_rate.
+    c.lora.learning_rate = 2e-3
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_steps = 50
     c.checkpoint.save_total_limit = 3
@@ -426,6 +439,12 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.max_consecutive_nonfinite", *_POS_INT),
     ("mesh.shape", lambda v: len(v) == len(MESH_AXES) and all(isinstance(d, int) and (d >= 1 or d == -1) for d in v)
      and sum(d == -1 for d in v) <= 1, "three integers for ('data', 'fsdp', 'tensor'), each >= 1 or one -1"),
+    ("lora.rank", *_POS_INT),
+    ("lora.alpha", *_POS),
+    ("lora.dropout", lambda v: v == 0, "0.0 (adapter dropout is not implemented: the train step draws no "
+     "per-step randomness)"),
+    ("lora.base_dtype", lambda v: v == "" or v in DTYPES, "'' (model.param_dtype) or one of " + ", ".join(DTYPES)),
+    ("lora.learning_rate", *_NONNEG),
     ("checkpoint.save_steps", *_NONNEG_INT),
     ("checkpoint.save_total_limit", *_NONNEG_INT),
     ("logging.logging_steps", *_POS_INT),
@@ -532,6 +551,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
             raise _fail("data.dataset_mixture", config.data.dataset_mixture, 'a non-empty JSON list of {"id": ...} objects')
     if not config.data.dataset_name and not config.data.dataset_mixture:
         raise _fail("data.dataset_name", "", "a dataset name/path (or set data.dataset_mixture)")
+    if config.lora.enabled:
+        from maxent_jax.model.lora import resolve_targets
+
+        resolve_targets(config.lora.target_modules)
+        if config.maxent.reference_model_name_or_path:
+            raise _fail("maxent.reference_model_name_or_path", config.maxent.reference_model_name_or_path,
+                        "'' while lora.enabled=True (the reference is the base with the adapters as RL started)")
     res = config.checkpoint.resume
     if not isinstance(res, str) or not res:
         raise _fail("checkpoint.resume", res, "'latest', 'none' or a checkpoint path")

@@ -9,7 +9,7 @@ Each key falls in exactly one class:
   vLLM routing, precision, eval/save strategies, resume, the LR schedule's kwargs, ...);
 * `IGNORED`: meaningful for the reference's PyTorch stack (DeepSpeed, DataLoader workers,
   the Hub, TRL-trainer-only knobs) but not here; reported as a warning with its reason;
-* `NEUTRAL_ONLY`: accepted only at the value that changes nothing (`use_peft: false`);
+* `NEUTRAL_ONLY`: accepted only at the value that changes nothing (`load_in_4bit: false`);
 * anything else is unknown.
 """
 
@@ -65,6 +65,12 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "model_name_or_path": ("model.name_or_path", None),
     "model_revision": ("model.revision", None),
     "gradient_checkpointing": ("model.remat", None),
+    # LoRA (TRL ModelConfig's PEFT keys)
+    "use_peft": ("lora.enabled", None),
+    "lora_r": ("lora.rank", None),
+    "lora_alpha": ("lora.alpha", None),
+    "lora_dropout": ("lora.dropout", None),
+    "lora_target_modules": ("lora.target_modules", strings),
     # data (script arguments)
     "dataset_name": ("data.dataset_name", None),
     "dataset_config": ("data.dataset_config", None),
@@ -286,12 +292,8 @@ IGNORED: dict[str, str] = {
     "shuffle_dataset": _TRL_ONLY,
     "model_init_kwargs": _TRL_ONLY,
     "disable_dropout": "the decoder has no dropout",
-    "lora_r": "LoRA is not implemented (use_peft must be false)",
-    "lora_alpha": "LoRA is not implemented (use_peft must be false)",
-    "lora_dropout": "LoRA is not implemented (use_peft must be false)",
-    "lora_target_modules": "LoRA is not implemented (use_peft must be false)",
-    "lora_modules_to_save": "LoRA is not implemented (use_peft must be false)",
-    "lora_task_type": "LoRA is not implemented (use_peft must be false)",
+    "lora_modules_to_save": "only the LoRA adapters train; every other module stays frozen",
+    "lora_task_type": "the adapters are always for a causal LM (CAUSAL_LM)",
     "bnb_4bit_quant_type": "bitsandbytes quantisation is not implemented",
     "use_bnb_nested_quant": "bitsandbytes quantisation is not implemented",
     "vf_coef": _PPO, "advantage_normalization": _PPO, "horizon": _PPO, "reward_normalization": _PPO,
@@ -307,7 +309,6 @@ IGNORED: dict[str, str] = {
 
 # Known keys accepted only at a value that changes nothing: key -> (neutral?, why other values fail).
 NEUTRAL_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "use_peft": (lambda v: not v, "LoRA is not implemented"),
     "load_in_8bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
     "load_in_4bit": (lambda v: not v, "bitsandbytes quantisation is not implemented"),
     "min_p": (lambda v: v is None or float(v) == 0.0, "sampling has no min-p filter"),

@@ -28,6 +28,7 @@ from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
 from maxent_jax.model.generation_config import eos_token_ids
 from maxent_jax.model.hf_io import load_hf_checkpoint, resolve_checkpoint
+from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora
 from maxent_jax.objectives.settings import InfoSeedSettings, ObjectiveSettings, resolve_epsilons
 from maxent_jax.parallel.rules import LOGICAL_AXIS_RULES, tree_shardings
 from maxent_jax.rollout.backend import SamplingParams
@@ -54,6 +55,8 @@ class Policy:
     tokenizer_dir: str
     generate: GenerateFn
     remote: RemoteRollout | None = None  # set when rollouts come from a rollout server
+    # LoRA (`lora.enabled`): `params` are the adapters only and the frozen base is in `rest`.
+    lora: LoRASettings | None = None
 
     @property
     def pad_id(self) -> int:
@@ -111,22 +114,25 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
     """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
     m = config.model
     path = None
+    lora = LoRASettings.from_config(config.lora) if config.lora.enabled else None
     if m.name_or_path:
         path = resolve_checkpoint(m.name_or_path, m.revision)
         model_cfg, model = load_hf_checkpoint(path, shardings=checkpoint_shardings(path, config, mesh, rules),
-                                              dtype=m.param_dtype, **numerics(m))
+                                              dtype=(lora and lora.base_dtype) or m.param_dtype, **numerics(m))
         tokenizer_dir = m.tokenizer_name_or_path or str(path)
     else:
         tokenizer_dir = m.tokenizer_name_or_path or str(build_offline_tokenizer(cache_dir() / "tokenizer"))
         model_cfg = ModelConfig.tiny(**dict(m.tiny), param_dtype=m.param_dtype, **numerics(m))
         model = Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
     tokenizer = _load_tokenizer(tokenizer_dir)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if lora is not None:
+        apply_lora(model, lora, config.seed, adapter_dtype=m.param_dtype)
+    graphdef, params, rest = nnx.split(model, LoRAParam if lora is not None else nnx.Param, ...)
     if config.rollout.backend == "server":
         remote = RemoteRollout(RolloutClient.from_config(config), model_cfg,
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
-        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote)
+        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, lora)
     eos = eos_token_ids(path, model_cfg.eos_token_id, tokenizer)  # generation_config.json's too, as transformers
     sampler = Sampler(graphdef, eos_token_ids=eos, pad_token_id=model_cfg.pad_token_id or 0,
                       streams=decode_streams(config.rollout.decode_streams, mesh))
@@ -138,7 +144,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
         logps = [row[:n].tolist() for row, n in zip(out.logprobs, out.lengths)]
         return ids, logps, out.stopped
 
-    return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, generate)
+    return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, generate, lora=lora)
 
 
 def decode_streams(configured: int, mesh: Mesh | None) -> int:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from maxent_jax import checkpoint as checkpoint_lib
 from maxent_jax import optimizer as optimizer_lib
@@ -39,6 +40,8 @@ from maxent_jax.controllers.update import update_controllers
 from maxent_jax.data.stream import BatchStream
 from maxent_jax.errors import UserError
 from maxent_jax.evaluate import evaluate_policy
+from maxent_jax.model import lora as lora_lib
+from maxent_jax.model import lora_io
 from maxent_jax.objectives.grpo import prepare_grpo_batch
 from maxent_jax.objectives.infoseed import render_seed_prompts
 from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
@@ -76,6 +79,7 @@ class Trainer:
     """Holds the run's state and runs its phases; `run()` is the whole training."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, config_path: str | None = None):
+        config = lora_lib.run_config(config)
         self.config = config
         self.workdir = workdir
         c = config
@@ -123,6 +127,7 @@ class Trainer:
         self.meta_needs_batch = (self.controller_settings.meta_enabled
                                  and self.controller_settings.meta_method != "analytic")
         self.reference_params = None  # set when RL starts: the policy after the supervised warm-up
+        self.lora_base: dict[str, Any] | None = None  # LoRA: the frozen base's identity (path, revision, sha256)
         self.key = jax.random.key(c.seed)
         self.step = 0
         self.sft_done = c.train.sft_warmup_steps == 0
@@ -265,8 +270,9 @@ class Trainer:
         c = self.config
         rows = self.stream.next()
         remote = self.policy.remote
-        if remote is not None:
-            remote.maybe_push(self.state.params, self.step)
+        if remote is not None:  # a LoRA run pushes its merged weights (the server holds a plain model)
+            remote.maybe_push(self.state.params if self.policy.lora is None else lora_io.merged_state(
+                nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)), self.step)
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
         self.tokens_seen += int(ro.batch["attention_mask"].sum())
@@ -367,8 +373,11 @@ class Trainer:
             ml_collections.ConfigDict(dict(c.optim.to_dict(), learning_rate=c.train.sft_learning_rate,
                                            lr_scheduler_type="constant", warmup_steps=0, warmup_ratio=0.0)),
             c.train.sft_warmup_steps)
-        state = init_train_state(self.state.params, opt, self.mesh, self.rules)
-        step_fn = make_train_step(self.policy.graphdef, self.policy.rest, state, opt,
+        graphdef, params, rest = self.policy.graphdef, self.state.params, self.policy.rest
+        if self.policy.lora is not None:  # the warm-up trains the base; the adapters start on the result
+            graphdef, params, rest = nnx.split(nnx.merge(graphdef, params, rest), lora_lib.BASE, ...)
+        state = init_train_state(params, opt, self.mesh, self.rules)
+        step_fn = make_train_step(graphdef, rest, state, opt,
                                   sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules,
                                   gradient_chunks=c.train.gradient_chunks)
         rows_per_step = self.num_prompts * self.group
@@ -389,7 +398,11 @@ class Trainer:
                 self.say(f"preempted during the supervised warm-up (step {i + 1}/{c.train.sft_warmup_steps}): "
                          "nothing to save before the first RL step; rerun the same command to start again")
                 return False
-        self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
+        if self.policy.lora is not None:
+            lora_lib.write_base(self.policy.rest, state.params)
+            self.state = init_train_state(self.state.params, self.optimizer, self.mesh, self.rules)
+        else:
+            self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
         self.sft_done = True
         return True
 
@@ -426,7 +439,8 @@ class Trainer:
                 # PCG64's state holds 128-bit integers: kept as a JSON string, not as numbers.
                 "seed_rng": json.dumps(self.seed_rng.bit_generator.state),
                 "consecutive_nonfinite": self.consecutive_nonfinite,
-                "metrics_window": self.telemetry.window.state()}
+                "metrics_window": self.telemetry.window.state(),
+                **({"lora_base": self.lora_base} if self.lora_base is not None else {})}
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
@@ -445,6 +459,10 @@ class Trainer:
         self.consecutive_nonfinite = int(extras.get("consecutive_nonfinite", 0))
         if "metrics_window" in extras:
             self.telemetry.window.restore(extras["metrics_window"])
+        if self.policy.lora is not None:  # (a full fine-tuning checkpoint already failed to match the state)
+            self.lora_base = extras["lora_base"]
+            lora_io.restore_base(self.policy.rest, self.lora_base, self.workdir,
+                                 self.config.lora.base_dtype or self.config.model.param_dtype)
         self.sft_done = True
         self.say(f"resumed from {point.path} at step {self.step}")
 
@@ -458,9 +476,14 @@ class Trainer:
                 self.restore(self.resume_point)
             else:
                 self.measure_initial_reward()
-                if not self.sft_done and not self.supervised_warmup(guard.should_stop):
+                warmed = not self.sft_done
+                if warmed and not self.supervised_warmup(guard.should_stop):
                     self.stopped_by = guard.received or signal.SIGTERM
                     return last
+                if self.policy.lora is not None:
+                    self.lora_base = lora_io.settle_base(
+                        self.policy.rest, self.policy.model_cfg, self.workdir, name_or_path=c.model.name_or_path,
+                        revision=c.model.revision, tokenizer_dir=self.policy.tokenizer_dir, changed=warmed)
             if self.reference_params is None:
                 self.reference_params = (
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
@@ -492,6 +515,16 @@ class Trainer:
 
     def export_final(self) -> None:
         if not self.config.checkpoint.export_final:
+            return
+        if self.policy.lora is not None:
+            model = nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)
+            out = checkpoint_lib.export_adapter(model, self.policy.lora, self.workdir, base=self.lora_base,
+                                                tokenizer_dir=self.policy.tokenizer_dir,
+                                                controller_state=to_json(self.controllers, self.controller_settings))
+            merged = checkpoint_lib.export_merged(model, self.policy.model_cfg, self.workdir,
+                                                  tokenizer_dir=self.policy.tokenizer_dir)
+            self.say(f"exported the LoRA adapter to {out} (peft can load it on {self.lora_base['path']}) and the "
+                     f"merged model to {merged}")
             return
         out = checkpoint_lib.export_final(self.state.params, self.policy.model_cfg, self.workdir,
                                           tokenizer_dir=self.policy.tokenizer_dir,

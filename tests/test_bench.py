@@ -40,6 +40,8 @@ def _toy(**changes):
     (["sampler", "--size", "10"], "--size 10.0 is invalid"),
     (["sampler", "--init", "sharded"], "--init sharded is for the update target only"),
     (["train-step", "--model", "remat=true"], "--model remat=true is for the update and sampler targets only"),
+    (["weight-sync", "--lora", "16"], "--lora 16 is invalid"),
+    (["update", "--lora", "0"], "--lora 0 is invalid"),
 ])
 def test_bad_arguments_are_one_line_user_errors(argv, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):

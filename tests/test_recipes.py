@@ -13,9 +13,9 @@ from maxent_jax.errors import UserError
 
 RECIPE_FILES = sorted((REPO_ROOT / "configs").glob("*/*_math.py"))
 MODELS = {
-    "qwen2_5_0_5b": ("Qwen/Qwen2.5-0.5B-Instruct", {"grpo", "maxent"}),
-    "qwen2_5_1_5b": ("Qwen/Qwen2.5-1.5B-Instruct", {"grpo", "maxent", "infoseed"}),
-    "qwen2_5_7b": ("Qwen/Qwen2.5-7B", {"grpo", "maxent", "infoseed"}),
+    "qwen2_5_0_5b": ("Qwen/Qwen2.5-0.5B-Instruct", {"grpo", "maxent", "maxent_lora"}),
+    "qwen2_5_1_5b": ("Qwen/Qwen2.5-1.5B-Instruct", {"grpo", "maxent", "infoseed", "maxent_lora"}),
+    "qwen2_5_7b": ("Qwen/Qwen2.5-7B", {"grpo", "maxent", "infoseed", "maxent_lora"}),
     "llama3_1_8b": ("meta-llama/Llama-3.1-8B-Instruct", {"grpo"}),
 }
 # Fields a GRPO/MaxEnt pair may differ in: the objective switch and the objective's own knobs.
@@ -56,7 +56,9 @@ def test_recipe_validates_with_spec14_values(path):
     assert (c.data.eval_dataset_name, c.data.eval_dataset_split) == ("HuggingFaceH4/MATH-500", "test")
     assert (c.data.eval_dataset_prompt_column, c.data.eval_dataset_solution_column) == ("problem", "answer")
     assert (c.seed, c.eval.do_eval, c.eval.eval_steps, c.eval.per_device_eval_batch_size) == (42, True, 25, 8)
-    assert (c.model.param_dtype, c.model.compute_dtype, tuple(c.mesh.shape)) == ("bfloat16", "bfloat16", (1, 8, 1))
+    # A LoRA recipe's param_dtype is its adapters'; its frozen base is bfloat16 (lora.base_dtype).
+    assert ((c.lora.base_dtype or c.model.param_dtype), c.model.compute_dtype, tuple(c.mesh.shape)) == (
+        "bfloat16", "bfloat16", (1, 8, 1))
     assert c.rollout.backend == "server" and c.vllm.url.startswith("http://")
     assert c.rewards.reward_funcs == ("pure_accuracy_math",) and c.rewards.reward_weights == (1.0,)
     assert (c.optim.adam_beta2, c.optim.adam_epsilon, c.optim.max_grad_norm) == (0.99, 1e-6, 0.15)
@@ -306,13 +308,13 @@ def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
 
 
 def test_unknown_keys_and_refused_values_make_one_error_line(tmp_path):
-    text = "maxent_tua: 0.1\nclip_rnage: 0.05\nuse_peft: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
+    text = "maxent_tua: 0.1\nclip_rnage: 0.05\nload_in_8bit: true\nload_in_4bit: false\ntraining:\n  beta: 1\n"
     with pytest.raises(UserError) as err:
         recipes.apply(config_lib.get_base_config(), recipes.load(_yaml(tmp_path, text)))
     msg = str(err.value)
     assert "\n" not in msg
     assert "maxent_tua (did you mean maxent_tau?)" in msg and "clip_rnage (did you mean clip_range?)" in msg
-    assert "use_peft=True" in msg and "load_in_4bit" not in msg and "nested sections" in msg and "training" in msg
+    assert "load_in_8bit=True" in msg and "load_in_4bit" not in msg and "nested sections" in msg and "training" in msg
 
 
 @pytest.mark.parametrize("text,field,value", [

@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                         help="update, sampler: change a field of the preset's ModelConfig, e.g. attention=cudnn "
                              "(repeatable)")
+    parser.add_argument("--lora", type=int, metavar="RANK",
+                        help="update: also time LoRA adapters of this rank on every projection, beside full fine-tuning")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -50,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--init {args.init} is for the update target only")
     if args.model and args.target not in ("update", "sampler"):
         raise UserError(f"--model {args.model[0]} is for the update and sampler targets only")
+    if args.lora is not None and (args.target != "update" or args.lora < 1):
+        raise UserError(f"--lora {args.lora} is invalid; it is a rank >= 1 for the update target only")
     if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
         raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
     return args
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace):
     if args.target == "update":
         from maxent_jax.bench.update import run_update
 
-        return run_update(preset, args.repeats, args.init)
+        return run_update(preset, args.repeats, args.init, args.lora or 0)
     if args.target == "weight-sync":
         from maxent_jax.bench.weight_sync import run_weight_sync
 

@@ -8,6 +8,11 @@ every position, so tokens/s counts rows x (prompt_len + new_tokens).
     FLOPs per step = rows * seq * training_flops_per_token(seq)        (parallel/flops.py)
     MFU            = FLOPs per step / time / (peak bf16 FLOP/s x devices)  on a known GPU
     fraction of measured rate = FLOPs per step / time / probe GFLOP/s      (fp32 on CPU, bf16 on GPU; probe.py)
+
+`--lora R` adds a second side in the same alternation: the same model and batch with rank-R
+adapters on every projection (`model/lora.py`), the base frozen in the step's pass-through state.
+Its figures are the step time and the optimizer-state bytes beside full fine-tuning's (the FLOP
+figures stay those of full fine-tuning).
 """
 
 from __future__ import annotations
@@ -48,7 +53,13 @@ def score_batch(preset: Preset) -> dict:
     return {k: v[None] for k, v in batch.items() if k != "behaviour_logp"}
 
 
-def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
+def _state_bytes(tree) -> int:
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
+
+
+def run_update(preset: Preset, repeats: int, init: str = "eager", lora_rank: int = 0) -> Report:
     import jax
     from flax import nnx
 
@@ -104,9 +115,19 @@ def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
 
     first = run()["ours: update step time"]
     report.setup["first step"] = f"{first:.1f} s (compile included)"
+    report.setup["optimizer state bytes"] = _state_bytes(state.opt_state)
     progress("first step done", start)
-    for figure in alternate({"ours": run}, repeats, {TOKENS: "tokens/s", "ours: update step time": "s"}, warmup=0):
+    runs, units = {"ours": run}, {TOKENS: "tokens/s", "ours: update step time": "s"}
+    if lora_rank:
+        # The full side's step donated its parameters: the LoRA base is a copy of the current ones.
+        base = jax.tree.map(lambda x: x.copy(), holder["state"].params)
+        runs["lora"] = _lora_side(graphdef, base, rest, optimizer, preset, batch, mesh, lora_rank, report)
+        units["ours LoRA: update step time"] = "s"
+        progress("LoRA side compiled", start)
+    for figure in alternate(runs, repeats, units, warmup=0):
         report.add(figure)
+    if lora_rank:
+        report.ratio("LoRA / full update step time", "ours LoRA: update step time", "ours: update step time")
     flops_per_step = preset.rows * seq * model_flops(preset, seq, training=True)
     seconds = report.figure("ours: update step time").median
     report.setup["model_flops_per_step"] = f"{flops_per_step:.3e}"
@@ -123,3 +144,35 @@ def run_update(preset: Preset, repeats: int, init: str = "eager") -> Report:
     probe = report.add(matmul_probe())
     report.ratios[f"fraction of measured {probe_label()} rate"] = achieved / 1e9 / probe.median
     return report
+
+
+def _lora_side(graphdef, params, rest, optimizer, preset: Preset, batch, mesh, rank: int, report: Report):
+    """The LoRA twin of the update step (same base weights, adapters of `rank` on every projection),
+    compiled and run once; returns its timed run."""
+    from flax import nnx
+
+    from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora, resolve_targets
+    from maxent_jax.parallel.next_token_loss import next_token_loss
+    from maxent_jax.parallel.train_step import init_train_state, make_train_step
+
+    model = apply_lora(nnx.merge(graphdef, params, rest), LoRASettings(rank, 2.0 * rank, resolve_targets("all-linear")),
+                       seed=0)
+    lora_graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
+    state = init_train_state(adapters, optimizer, mesh)
+    chunk = preset.logprob_chunk_size or preset.new_tokens
+    step = make_train_step(lora_graphdef, base, state, optimizer, functools.partial(next_token_loss, chunk_size=chunk),
+                           mesh)
+    holder = {"state": state}
+
+    def run() -> dict[str, float]:
+        def one():
+            holder["state"], metrics = step(holder["state"], batch)
+            return float(metrics["loss"])
+
+        seconds, _ = timed(one)
+        return {"ours LoRA: update step time": seconds}
+
+    report.setup["LoRA first step"] = f"{run()['ours LoRA: update step time']:.1f} s (compile included)"
+    report.setup["LoRA"] = f"rank {rank}, alpha {2 * rank}, all-linear: {_state_bytes(adapters)} adapter bytes"
+    report.setup["LoRA optimizer state bytes"] = _state_bytes(state.opt_state)
+    return run

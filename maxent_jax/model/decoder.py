@@ -132,6 +132,10 @@ class Projection(nnx.Module):
         self.kernel = _param(init.astype(param_dtype), names)
         self.bias = None if bias_shape is None else _param(jnp.zeros(bias_shape, param_dtype), bias_names)
 
+    def weight(self) -> jax.Array:
+        """The effective kernel `[*in, *out]` (a LoRA projection adds its adapter: `model.lora`)."""
+        return self.kernel[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         y = dense(x, self.kernel[...].astype(x.dtype), self.in_dims)
         if self.bias is not None:
@@ -200,7 +204,7 @@ class Attention(nnx.Module):
         """k and v `[batch, seq, kv_heads, head_dim]` from one matmul over the two kernels stacked on a new
         last axis (one GEMM instead of two per decode step; kv_heads stays the major, sharded part)."""
         k_proj, v_proj = self.k_proj, self.v_proj
-        kernel = jnp.stack([k_proj.kernel[...], v_proj.kernel[...]], axis=-1).astype(x.dtype)
+        kernel = jnp.stack([k_proj.weight(), v_proj.weight()], axis=-1).astype(x.dtype)
         both = dense(x, kernel, 1)  # [batch, seq, kv_heads, head_dim, 2]
         if k_proj.bias is not None:
             both = both + jnp.stack([k_proj.bias[...], v_proj.bias[...]], axis=-1).astype(x.dtype)
@@ -261,7 +265,7 @@ class MLP(nnx.Module):
         had to be de-interleaved back into the two kernels.
         """
         if stacked:
-            kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=-1).astype(x.dtype)
+            kernel = jnp.stack([self.gate_proj.weight(), self.up_proj.weight()], axis=-1).astype(x.dtype)
             both = dense(x, kernel, 1)  # [batch, seq, mlp, 2]
             gate, up = both[..., 0], both[..., 1]
         else:

@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES: Rules = (
     ("mlp", ("tensor",)),  # MLP intermediate width (Megatron MLP split)
     ("head_dim", ()),
     ("layers", ()),  # stacked-layer dimension of scanned blocks
+    ("lora_rank", ()),  # the rank of LoRA adapters (model/lora.py): small, replicated
     ("seq", ()),
     ("act_embed", ()),  # model width of activations: whole on each device (weights' 'embed' is split)
 )
