@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from maxent_jax.objectives.infoseed import pool_hidden
+from maxent_jax.packing import is_packed, packed_logprobs_and_hidden, packed_pooled
 from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
 from maxent_jax.parallel.train_step import SplitLoss
 
@@ -30,7 +31,11 @@ def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, scor
     """(log p of each completion token `[P, G, Tc]` float32, last hidden states `[P*G, L, D]`).
 
     `score_prompt_once`: each group's shared prompt goes through the model once (`model.score_prompt_once`).
+    A packed batch (`train.packing`, `maxent_jax.packing`) is scored on its buffers; its hidden states
+    are then the buffers' `[B, L, D]`.
     """
+    if is_packed(batch):
+        return packed_logprobs_and_hidden(model, batch, chunk_size)
     p, g = batch["input_ids"].shape[:2]
     rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
     logp, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
@@ -71,7 +76,10 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     def loss_fn(model, batch):
         token_logp, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once)
         p, g = batch["input_ids"].shape[:2]
-        pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
+        if is_packed(batch):
+            pooled = packed_pooled(hidden, batch, pooling)
+        else:
+            pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
         return objective_of(token_logp, {**batch, "seed_hidden": pooled.reshape(p, g, -1)})
 
     return loss_fn
