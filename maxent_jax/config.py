@@ -235,6 +235,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (faster on a CPU once they overflow the cache, less memory on a GPU). Divides
     # per_device_train_batch_size; not with the InfoSeed loss.
     c.train.gradient_chunks = 1
+    # Padding-free RL forwards (docs/packing.md): each group's prompt (once) and its completions laid
+    # end to end in token buffers with segment-masked attention, log-probs read back into the padded
+    # layout (same losses and normalisers). pack_length: buffer tokens, 0 = the step's padded group
+    # width (prompt + G x completion bucket), else at least max_prompt_length + max_completion_length.
+    c.train.packing = False
+    c.train.pack_length = 0
     # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
     # needs it: a random model cannot discover the answer format by RL alone).
     c.train.sft_warmup_steps = 0
@@ -409,6 +415,8 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.per_device_train_batch_size", *_POS_INT),
     ("train.gradient_accumulation_steps", *_POS_INT),
     ("train.gradient_chunks", *_POS_INT),
+    ("train.packing", lambda v: isinstance(v, bool), "True or False"),
+    ("train.pack_length", *_NONNEG_INT),
     ("train.sft_warmup_steps", *_NONNEG_INT),
     ("train.sft_learning_rate", *_NONNEG),
     ("train.max_consecutive_nonfinite", *_POS_INT),
@@ -477,6 +485,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise _fail("train.gradient_chunks", t.gradient_chunks,
                     "1 while the InfoSeed loss is on (info_seed.lambda_ > 0): its InfoNCE term compares rows "
                     "across the micro-batch, so the gradient cannot be taken a piece at a time")
+
+    row = config.rollout.max_prompt_length + config.rollout.max_completion_length
+    if t.packing and 0 < t.pack_length < row:
+        raise _fail("train.pack_length", t.pack_length, f"0 (automatic) or >= rollout.max_prompt_length + "
+                    f"rollout.max_completion_length = {row} (one whole row must fit a buffer)")
 
     r = config.rewards
     if r.reward_weights and len(r.reward_weights) != len(r.reward_funcs):

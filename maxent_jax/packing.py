@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from maxent_jax.errors import UserError
 from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.parallel.rules import (
@@ -107,7 +108,7 @@ class _Unit:
     size: int  # tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Packer:
     """Packs the grouped score arrays of one step (host side, numpy).
 
@@ -123,6 +124,7 @@ class Packer:
     micro: int = 1
     pad_id: int = 0
     rows_for_pooling: bool = False
+    shapes: set = dataclasses.field(default_factory=set, repr=False)  # (B, L, H) seen: one program each
 
     def __call__(self, grouped: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """grouped: `input_ids`, `positions`, `attention_mask` `[P, G, Tp + Tc]`, `completion_ids`,
@@ -185,7 +187,9 @@ class Packer:
                     q = d * per_device + j  # the buffer's index within its piece
                     self._fill(out, grouped, m * buffers + q * self.chunks + c, q, [units[u] for u in bins[b]],
                                groups, lp, lc, prompt_len, length, heads)
+        self.shapes.add((buffers, length, heads, completion_len))
         stats = {"pack/buffers": float(self.micro * buffers), "pack/length": float(length),
+                 "pack/programs": float(len(self.shapes)),
                  "pack/fill": float(device_tokens.sum()) / (self.micro * buffers * length),
                  "pack/device_token_spread": float(device_tokens.max() / max(device_tokens.mean(), 1.0))}
         return out, stats
@@ -224,6 +228,17 @@ class Packer:
                     out["pack_row_slots"][p, g, prompt_len:prompt_len + k] = q * length + slot + np.arange(k)
                 slot += k
                 head += k
+
+
+def packer_for(config: Any, batch_devices: int, pad_id: int) -> Packer:
+    """The run's packer from the config (`train.packing`); one host process only, since the buffers'
+    indices are global to the step's batch."""
+    if jax.process_count() > 1:
+        raise UserError(f"config field train.packing=True is invalid with {jax.process_count()} host processes: "
+                        "packing runs on one process; set train.packing=False")
+    t, s = config.train, config.info_seed
+    return Packer(t.pack_length, batch_devices, chunks=t.gradient_chunks, micro=t.gradient_accumulation_steps,
+                  pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0)
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:
