@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from maxent_jax.errors import UserError
+from maxent_jax.model.attention import causal_blocks
 from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.parallel.rules import (
@@ -57,6 +58,7 @@ from maxent_jax.parallel.rules import (
 
 Array = jax.Array
 HEAD_MULTIPLE = 8
+LENGTH_MULTIPLE = 64  # candidate buffer lengths are multiples of this
 
 
 def bucket_buffers(count: int) -> int:
@@ -108,14 +110,48 @@ class _Unit:
     size: int  # tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Relative forward costs of the layouts, from the model's shape: FLOPs per token through the
+    layers, per vocabulary-head row, and per attended (query, key) pair. Used to choose a step's
+    buffer length, or the padded layout when packing would not save work."""
+
+    token: float
+    head: float
+    pair: float
+
+    @classmethod
+    def of(cls, cfg: Any) -> "Costs":
+        d, h, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        layer = d * (2 * h + 2 * kv) + 3 * d * f
+        # a pair is two products over every head's dimensions plus its softmax entries, which cost
+        # a CPU (or a GPU's non-fused path) far more than their FLOPs: counted as 4 FLOPs each
+        return cls(2.0 * cfg.num_layers * layer, 2.0 * d * cfg.vocab_size,
+                   cfg.num_layers * (4.0 * h + 4.0 * cfg.num_heads))
+
+
+def blocked_pairs(queries: int, before: int = 0) -> int:
+    """(query, key) pairs `causal_attention` computes for `queries` slots after `before` earlier keys."""
+    return sum((hi - lo) * (before + hi) for lo, hi in causal_blocks(queries))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    length: int
+    per_device: int  # buffers per device and piece
+    heads: int  # H
+    pieces: list  # (micro, piece, groups, units, bins)
+
+
 @dataclasses.dataclass
 class Packer:
     """Packs the grouped score arrays of one step (host side, numpy).
 
-    pack_length: buffer length L (0: the step's padded group width Tp + G * Tc, so a group never
-    splits and the equal-length case packs exactly as `model.score_prompt_once` lays it out).
-    devices: the batch-sharding devices; chunks: `train.gradient_chunks`; micro: micro-batches;
-    rows_for_pooling: also build `pack_row_slots` (InfoSeed's pooled states).
+    pack_length: buffer length L; 0 = chosen per step by `costs` among a few lengths (multiples of
+    64 from a row's width, doubling, up to the padded group width Tp + G * Tc), or no packing at all
+    for a step whose padded layout (`model.score_prompt_once`) is estimated cheaper, such as equal
+    lengths. devices: the batch-sharding devices; chunks: `train.gradient_chunks`; micro:
+    micro-batches; rows_for_pooling: also build `pack_row_slots` (InfoSeed's pooled states).
     """
 
     pack_length: int
@@ -124,12 +160,13 @@ class Packer:
     micro: int = 1
     pad_id: int = 0
     rows_for_pooling: bool = False
-    shapes: set = dataclasses.field(default_factory=set, repr=False)  # (B, L, H) seen: one program each
+    costs: Costs | None = None  # needed when pack_length is 0
+    shapes: set = dataclasses.field(default_factory=set, repr=False)  # (B, L, H, Tc) seen: one program each
 
     def __call__(self, grouped: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """grouped: `input_ids`, `positions`, `attention_mask` `[P, G, Tp + Tc]`, `completion_ids`,
-        `completion_mask` `[P, G, Tc]`. Returns the `pack_*` arrays (buffers of micro-batch i at
-        `[i * B, (i + 1) * B)`) and statistics (buffers, fill, per-device token balance)."""
+        `completion_mask` `[P, G, Tc]`. Returns the `buffer_*` / `pack_*` arrays (buffers of micro-batch
+        i at `[i * B, (i + 1) * B)`), or none when the padded layout is chosen, and statistics."""
         ids, valid = grouped["input_ids"], grouped["attention_mask"].astype(bool)
         prompts, group, total = ids.shape
         completion_len = grouped["completion_ids"].shape[-1]
@@ -138,35 +175,19 @@ class Packer:
         lc = grouped["completion_mask"].astype(bool).sum(-1)
         if np.any(lp < 1):
             raise ValueError("packing needs every prompt to hold at least one token")
-        length = self.pack_length or prompt_len + group * completion_len
-        if length < prompt_len + completion_len:
-            raise ValueError(f"pack_length={length} is shorter than a row ({prompt_len} + {completion_len})")
         if prompts % (self.micro * self.chunks):
             raise ValueError(f"{prompts} groups do not split into {self.micro} micro-batches of {self.chunks} pieces")
-        per_piece = prompts // (self.micro * self.chunks)
-
-        # Plan: units per piece, bins, then places per device.
-        plans = []
-        for m in range(self.micro):
-            for c in range(self.chunks):
-                groups = [m * (prompts // self.micro) + r * self.chunks + c for r in range(per_piece)]
-                units = []
-                for r, p in enumerate(groups):
-                    members: list[int] = []
-                    for g in range(group):
-                        if members and lp[p] + sum(lc[p, members]) + lc[p, g] > length:
-                            units.append(_Unit(r, tuple(members), int(lp[p] + sum(lc[p, members]))))
-                            members = []
-                        members.append(g)
-                    units.append(_Unit(r, tuple(members), int(lp[p] + sum(lc[p, members]))))
-                bins = first_fit_decreasing([u.size for u in units], length)
-                plans.append((m, c, groups, units, bins))
-        per_device = bucket_buffers(-(-max(len(bins) for *_, bins in plans) // self.devices))
-        heads = max(sum(int(lc[groups[units[u].group], g].sum()) for u in b for g in units[u].members)
-                    for _, _, groups, units, bins in plans for b in bins)
-        heads = max(HEAD_MULTIPLE, -(-heads // HEAD_MULTIPLE) * HEAD_MULTIPLE)
+        if self.pack_length:
+            if self.pack_length < total:
+                raise ValueError(f"pack_length={self.pack_length} is shorter than a row ({prompt_len} + {completion_len})")
+            plan = self._plan(self.pack_length, prompts, group, lp, lc)
+        else:
+            plan = self._choose(prompts, group, prompt_len, completion_len, lp, lc)
+        if plan is None:
+            self.shapes.add((0, 0, 0, completion_len))
+            return {}, {"pack/packed": 0.0, "pack/programs": float(len(self.shapes))}
+        length, per_device, heads = plan.length, plan.per_device, plan.heads
         buffers = self.chunks * self.devices * per_device
-
         out = {
             "buffer_ids": np.full((self.micro * buffers, length), self.pad_id, np.int32),
             "buffer_positions": np.zeros((self.micro * buffers, length), np.int32),
@@ -179,7 +200,7 @@ class Packer:
         if self.rows_for_pooling:
             out["pack_row_slots"] = np.zeros((prompts, group, total), np.int32)
         device_tokens = np.zeros(self.devices)
-        for m, c, groups, units, bins in plans:
+        for m, c, groups, units, bins in plan.pieces:
             tokens = [sum(units[u].size for u in b) for b in bins]
             for d, places in enumerate(balance(tokens, self.devices, per_device)):
                 device_tokens[d] += sum(tokens[b] for b in places)
@@ -188,11 +209,54 @@ class Packer:
                     self._fill(out, grouped, m * buffers + q * self.chunks + c, q, [units[u] for u in bins[b]],
                                groups, lp, lc, prompt_len, length, heads)
         self.shapes.add((buffers, length, heads, completion_len))
-        stats = {"pack/buffers": float(self.micro * buffers), "pack/length": float(length),
+        stats = {"pack/packed": 1.0, "pack/buffers": float(self.micro * buffers), "pack/length": float(length),
                  "pack/programs": float(len(self.shapes)),
                  "pack/fill": float(device_tokens.sum()) / (self.micro * buffers * length),
                  "pack/device_token_spread": float(device_tokens.max() / max(device_tokens.mean(), 1.0))}
         return out, stats
+
+    def _plan(self, length: int, prompts: int, group: int, lp: np.ndarray, lc: np.ndarray) -> _Plan:
+        """Units per piece (a group split where it overflows a buffer), first-fit decreasing bins, and the
+        bucketed counts every piece shares."""
+        per_piece = prompts // (self.micro * self.chunks)
+        pieces = []
+        for m in range(self.micro):
+            for c in range(self.chunks):
+                groups = [m * (prompts // self.micro) + r * self.chunks + c for r in range(per_piece)]
+                units = []
+                for r, p in enumerate(groups):
+                    members: list[int] = []
+                    for g in range(group):
+                        if members and lp[p] + sum(lc[p, members]) + lc[p, g] > length:
+                            units.append(_Unit(r, tuple(members), int(lp[p] + sum(lc[p, members]))))
+                            members = []
+                        members.append(g)
+                    units.append(_Unit(r, tuple(members), int(lp[p] + sum(lc[p, members]))))
+                pieces.append((m, c, groups, units, first_fit_decreasing([u.size for u in units], length)))
+        per_device = bucket_buffers(-(-max(len(bins) for *_, bins in pieces) // self.devices))
+        heads = max(sum(int(lc[groups[units[u].group], g]) for u in b for g in units[u].members)
+                    for _, _, groups, units, bins in pieces for b in bins)
+        heads = min(length, HEAD_MULTIPLE * bucket_buffers(-(-max(heads, 1) // HEAD_MULTIPLE)))
+        return _Plan(length, per_device, heads, pieces)
+
+    def _choose(self, prompts: int, group: int, prompt_len: int, completion_len: int, lp: np.ndarray,
+                lc: np.ndarray) -> _Plan | None:
+        """The cheapest plan by `costs` among the candidate lengths, or None when the padded layout is."""
+        costs = self.costs
+        padded = prompts * (costs.token * (prompt_len + group * completion_len) + costs.head * group * completion_len
+                            + costs.pair * (blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)))
+        best, best_cost = None, padded
+        top = -(-(prompt_len + group * completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        length = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        while True:
+            plan = self._plan(length, prompts, group, lp, lc)
+            buffers = self.micro * self.chunks * self.devices * plan.per_device
+            cost = buffers * (costs.token * length + costs.head * plan.heads + costs.pair * blocked_pairs(length))
+            if cost < best_cost:
+                best, best_cost = plan, cost
+            if length >= top:
+                return best
+            length = min(2 * length, top)
 
     def _fill(self, out: dict[str, np.ndarray], grouped: Mapping[str, np.ndarray], row: int, q: int,
               units: list[_Unit], groups: list[int], lp: np.ndarray, lc: np.ndarray, prompt_len: int,
@@ -230,7 +294,7 @@ class Packer:
                 head += k
 
 
-def packer_for(config: Any, batch_devices: int, pad_id: int) -> Packer:
+def packer_for(config: Any, model_cfg: Any, batch_devices: int, pad_id: int) -> Packer:
     """The run's packer from the config (`train.packing`); one host process only, since the buffers'
     indices are global to the step's batch."""
     if jax.process_count() > 1:
@@ -238,7 +302,7 @@ def packer_for(config: Any, batch_devices: int, pad_id: int) -> Packer:
                         "packing runs on one process; set train.packing=False")
     t, s = config.train, config.info_seed
     return Packer(t.pack_length, batch_devices, chunks=t.gradient_chunks, micro=t.gradient_accumulation_steps,
-                  pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0)
+                  pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0, costs=Costs.of(model_cfg))
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.objectives.maxent import prepare_maxent_batch
 from maxent_jax.objectives.settings import InfoSeedSettings
 from maxent_jax.packing import (
+    Costs,
     Packer,
     balance,
     bucket_buffers,
@@ -85,16 +86,30 @@ def test_packer_places_every_token_once_and_splits_long_groups():
     grouped = _grouped(np.random.default_rng(1), prompts=4, group=4, prompt_len=6, completion_len=10)
     lp = grouped["attention_mask"][:, 0, :6].sum(-1)
     lc = grouped["completion_mask"].sum(-1)
-    for length in (0, 16, 24):
+    for length in (46, 16, 24):
         packed, stats = Packer(length, devices=2, chunks=2)(grouped)
         buffers = packed["buffer_ids"].shape[0]
         assert buffers % 4 == 0 and stats["pack/buffers"] == buffers
         real = int((packed["buffer_segments"] > 0).sum())
         prompts_written = real - int(lc.sum())
         assert prompts_written >= int(lp.sum())  # each prompt at least once, copies only where a group splits
-        if length == 0:  # one buffer fits a whole group: every prompt exactly once
+        if length == 46:  # one buffer fits a whole group: every prompt exactly once
             assert prompts_written == int(lp.sum())
         assert stats["pack/fill"] == pytest.approx(real / packed["buffer_ids"].size)
+
+
+def test_automatic_length_packs_skewed_steps_and_leaves_equal_ones_padded():
+    """pack_length 0: a skewed step is packed into buffers shorter than a group (fewer, cheaper tokens);
+    an equal-length step keeps the padded layout (no arrays), and each shape counts as one program."""
+    small = ModelConfig.tiny(hidden_size=256, num_layers=4, num_heads=4, head_dim=64, num_kv_heads=2,
+                             intermediate_size=768)
+    packer = Packer(0, devices=1, costs=Costs.of(small))
+    rng = np.random.default_rng(0)
+    packed, stats = packer(_grouped(rng, prompts=2, group=8, prompt_len=40, completion_len=64))
+    assert stats["pack/packed"] == 1.0 and stats["pack/length"] < 40 + 8 * 64
+    assert packed["buffer_ids"].size < 2 * (40 + 8 * 64)
+    packed, stats = packer(_grouped(rng, prompts=2, group=8, prompt_len=40, completion_len=64, skew=False))
+    assert packed == {} and stats["pack/packed"] == 0.0 and stats["pack/programs"] == 2.0
 
 
 def _model(attention: str) -> Decoder:
@@ -104,7 +119,7 @@ def _model(attention: str) -> Decoder:
 @pytest.mark.slow
 @hypothesis.settings(max_examples=4, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), prompts=st.integers(1, 4), group=st.integers(1, 4),
-       length=st.sampled_from([0, 14, 20]), chunks=st.sampled_from([1, 2]), skew=st.booleans(),
+       length=st.sampled_from([14, 20, 41]), chunks=st.sampled_from([1, 2]), skew=st.booleans(),
        attention=st.sampled_from(["blocked", "dot_product"]))
 def test_packed_forward_equals_the_padded_one(seed, prompts, group, length, chunks, skew, attention):
     """Log-probs (0 on padding), their gradients and InfoSeed's pooled states, packed vs padded."""
@@ -215,7 +230,7 @@ def test_packed_step_equals_the_padded_step(model_parts, name):
     one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     want = _run(model_parts, loss, one, arrays, micro=2, chunks=1)
     assert any(np.any(g != 0) for g in want[0])
-    packed, _ = Packer(0, devices=1, micro=2, rows_for_pooling=True)(arrays)
+    packed, _ = Packer(TP + G * TC, devices=1, micro=2, rows_for_pooling=True)(arrays)
     _assert_same(_run(model_parts, loss, one, {**arrays, **packed}, micro=2, chunks=1), want, name)
 
 

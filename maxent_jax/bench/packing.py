@@ -69,7 +69,7 @@ def run_packed_update(preset: Preset, repeats: int, lengths_kind: str, pack_leng
     from maxent_jax.model.decoder import Decoder
     from maxent_jax.objectives import ObjectiveSettings, get_objective
     from maxent_jax.optimizer import make_optimizer
-    from maxent_jax.packing import Packer
+    from maxent_jax.packing import Costs, Packer
     from maxent_jax.parallel.mesh import make_mesh
     from maxent_jax.parallel.train_step import init_train_state, make_train_step
     from maxent_jax.policy import rl_loss
@@ -83,7 +83,7 @@ def run_packed_update(preset: Preset, repeats: int, lengths_kind: str, pack_leng
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
     lengths = completion_lengths(lengths_kind, preset.rows, preset.new_tokens)
     arrays = step_arrays(preset, lengths)
-    packed, stats = Packer(pack_length, devices)(arrays)
+    packed, stats = Packer(pack_length, devices, costs=Costs.of(preset.model))(arrays)
     real = int(arrays["attention_mask"].sum())
     report = Report("update", preset.name, repeats, {
         **preset.describe(), "mesh": dict(mesh.shape), "lengths": lengths_kind,
@@ -92,8 +92,9 @@ def run_packed_update(preset: Preset, repeats: int, lengths_kind: str, pack_leng
         "real tokens per step": real,
         "padded layout": f"{preset.prompts} rows x {arrays['input_ids'].shape[-1] - arrays['completion_ids'].shape[-1]}"
                          f" + {preset.generations} x {arrays['completion_ids'].shape[-1]} tokens",
-        "packed layout": f"{packed['buffer_ids'].shape[0]} buffers x {packed['buffer_ids'].shape[1]} tokens, "
-                         f"head {packed['buffer_predict'].shape[1]}, fill {stats['pack/fill']:.2f}"})
+        "packed layout": (f"{packed['buffer_ids'].shape[0]} buffers x {packed['buffer_ids'].shape[1]} tokens, "
+                          f"head {packed['buffer_predict'].shape[1]}, fill {stats['pack/fill']:.2f}") if packed
+                         else "none: the padded layout is estimated cheaper (--pack-length forces buffers)"})
     graphdef, params, rest = nnx.split(Decoder(preset.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
     optimizer, _ = make_optimizer(get_base_config().optim, 1000)
     loss = rl_loss(get_objective("maxent"), ObjectiveSettings(), preset.logprob_chunk_size, score_prompt_once=True)
