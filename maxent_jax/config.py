@@ -236,10 +236,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # per_device_train_batch_size; not with the InfoSeed loss.
     c.train.gradient_chunks = 1
     # Padding-free RL forwards (docs/packing.md): each group's prompt (once) and its completions laid
-    # end to end in token buffers with segment-masked attention, log-probs read back into the padded
-    # layout (same losses and normalisers). pack_length: buffer tokens, 0 = the step's padded group
-    # width (prompt + G x completion bucket), else at least max_prompt_length + max_completion_length.
+    # end to end in token buffers with segment-masked attention; log-probs are read back into the
+    # padded layout, so losses and normalisers are unchanged. One host process.
     c.train.packing = False
+    # Buffer tokens: 0 = chosen per step by a cost estimate (a few lengths from a row's width up to a
+    # whole group's, or the padded layout where that is cheaper); else a fixed length of at least
+    # rollout.max_prompt_length + rollout.max_completion_length.
     c.train.pack_length = 0
     # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
     # needs it: a random model cannot discover the answer format by RL alone).

@@ -272,3 +272,21 @@ def test_config_names_a_pack_length_shorter_than_a_row():
         validate(c)
     c.train.pack_length = row
     validate(c)
+
+
+@pytest.mark.slow
+def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
+    """The tiny default (MaxEnt, supervised warm-up, 8 devices), two RL steps with train.packing on (buffers
+    of a fixed length, so every step packs) and off: the same metrics to float tolerance."""
+    from tests.test_train_e2e import run, tiny_config
+
+    quiet = {"eval.do_eval": False, "checkpoint.export_final": False, "checkpoint.save_steps": 0}
+    steps = {}
+    for packing in (False, True):
+        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16})
+        steps[packing] = [r for r in run(config, tmp_path / str(packing)) if "train/loss" in r]
+    assert [r["train/pack/packed"] for r in steps[True]] == [1.0, 1.0]
+    for padded, packed in zip(steps[False], steps[True]):
+        for key, value in padded.items():
+            if key.startswith("train/") and "seconds" not in key and isinstance(value, float):
+                assert packed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
