@@ -5,17 +5,17 @@ longest; with reasoning-length skew most of them are padding. Here each group's 
 `model.score_prompt_once` does) and its completions are written into token buffers
 `[num_buffers, pack_length]`:
 
-    buffer_ids, buffer_positions    [B, L]  tokens and their per-segment positions (a completion's
-                                        continue its prompt's, exactly as in the padded rows)
-    buffer_segments               [B, L]  which sequence a slot holds (1, 2, ... per buffer; 0 = pad)
-    buffer_parents                [B, L]  the one other segment it reads: a completion its prompt
-    buffer_predict, buffer_targets  [B, H]  the vocabulary head's (slot, target) pairs: completion token
-                                        j of a row is predicted by its prompt's last slot (j = 0) or
-                                        by its token j - 1, so a prompt shared by G completions
-                                        feeds G first-token pairs
-    pack_logp_index             [P, G, Tc]  where each padded (row, token) reads its log-prob in
-                                        the flattened `[B, H]` head output
-    pack_row_slots              [P, G, Tp + Tc]  (InfoSeed only) each padded column's buffer slot
+    buffer_ids, buffer_positions     [B, L]  tokens and their per-segment positions (a completion's
+                                             continue its prompt's, exactly as in the padded rows)
+    buffer_segments                  [B, L]  which sequence a slot holds (1, 2, ... per buffer; 0 = pad)
+    buffer_parents                   [B, L]  the one other segment it reads: a completion its prompt
+    buffer_predict, buffer_targets   [B, H]  the vocabulary head's (slot, target) pairs: completion
+                                             token j of a row is predicted by its prompt's last slot
+                                             (j = 0) or by its token j - 1, so a prompt shared by G
+                                             completions feeds G first-token pairs
+    pack_logp_index                  [P, G, Tc]  where each padded (row, token) reads its log-prob
+                                             in the flattened `[B, H]` head output
+    pack_row_slots                   [P, G, Tp + Tc]  (InfoSeed only) each padded column's slot
 
 Attention (`model.attention.segment_visibility`) is causal within a segment plus a completion's
 view of its own prompt. The log-probs come back in the padded `[P, G, Tc]` layout, so the
@@ -25,8 +25,9 @@ constants) are the padded path's own arrays: only the forward changes.
 Packing: groups become units (a prompt and as many of its completions as fit; a group longer than
 a buffer is split, its prompt copied into each part, and the copies' gradients add up as the
 padded rows' do), placed first-fit decreasing, then the buffers are spread over the batch-sharding
-devices so each gets nearly the same number of real tokens. `B` is rounded up to a few sizes
-(`bucket_buffers`) and `H` to a multiple of 8, so a run compiles a handful of programs.
+devices so each gets nearly the same number of real tokens. `B` and `H` are rounded up to a few
+sizes (`bucket_buffers`), and with `pack_length` 0 the length is one of a few per step (`Packer`),
+so a run compiles a handful of programs.
 Micro-batches (`train.gradient_accumulation_steps`) and gradient pieces (`train.gradient_chunks`)
 are packed separately, in the order the train step slices them: piece c of a micro-batch holds
 buffers c, c + chunks, ... and its groups c, c + chunks, ..., with indices local to the piece.
@@ -122,7 +123,8 @@ class Costs:
 
     @classmethod
     def of(cls, cfg: Any) -> "Costs":
-        d, h, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        h, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         layer = d * (2 * h + 2 * kv) + 3 * d * f
         # a pair is two products over every head's dimensions plus its softmax entries, which cost
         # a CPU (or a GPU's non-fused path) far more than their FLOPs: counted as 4 FLOPs each
@@ -179,7 +181,8 @@ class Packer:
             raise ValueError(f"{prompts} groups do not split into {self.micro} micro-batches of {self.chunks} pieces")
         if self.pack_length:
             if self.pack_length < total:
-                raise ValueError(f"pack_length={self.pack_length} is shorter than a row ({prompt_len} + {completion_len})")
+                raise ValueError(f"pack_length={self.pack_length} is shorter than a row "
+                                 f"({prompt_len} + {completion_len})")
             plan = self._plan(self.pack_length, prompts, group, lp, lc)
         else:
             plan = self._choose(prompts, group, prompt_len, completion_len, lp, lc)
@@ -243,8 +246,9 @@ class Packer:
                 lc: np.ndarray) -> _Plan | None:
         """The cheapest plan by `costs` among the candidate lengths, or None when the padded layout is."""
         costs = self.costs
-        padded = prompts * (costs.token * (prompt_len + group * completion_len) + costs.head * group * completion_len
-                            + costs.pair * (blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)))
+        pairs = blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)
+        padded = prompts * (costs.token * (prompt_len + group * completion_len)
+                            + costs.head * group * completion_len + costs.pair * pairs)
         best, best_cost = None, padded
         top = -(-(prompt_len + group * completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
         length = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
@@ -284,7 +288,8 @@ class Packer:
                 out["buffer_segments"][row, span] = segment
                 out["buffer_parents"][row, span] = prompt_segment
                 pairs = slice(head, head + k)
-                out["buffer_predict"][row, pairs] = np.concatenate([[prompt_start + n - 1], slot + np.arange(k - 1)])[:k]
+                predict = np.concatenate([[prompt_start + n - 1], slot + np.arange(k - 1)])
+                out["buffer_predict"][row, pairs] = predict[:k]
                 out["buffer_targets"][row, pairs] = completion_ids[p, g, :k]
                 out["pack_logp_index"][p, g, :k] = q * heads + np.arange(head, head + k)
                 if "pack_row_slots" in out:

@@ -107,7 +107,8 @@ class Trainer:
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
                                      self.rules, chunk_size=c.model.logprob_chunk_size,
                                      group=self.group if c.model.score_prompt_once else 1)
-        self.packer = packing.packer_for(c, self.policy.model_cfg, batch_devices, self.policy.pad_id) if c.train.packing else None
+        self.packer = (packing.packer_for(c, self.policy.model_cfg, batch_devices, self.policy.pad_id)
+                       if c.train.packing else None)
         self.packed_score = packing.make_packed_logprob_fn(
             self.policy.graphdef, self.policy.rest, self.state.params, self.mesh, self.rules,
             chunk_size=c.model.logprob_chunk_size, chunks=c.train.gradient_chunks) if self.packer else None
@@ -259,7 +260,8 @@ class Trainer:
             return batch["behaviour_logp"]
         params = self.state.params if source == "policy" else self.reference_params
         if packing.is_packed(packed):
-            return np.asarray(self.packed_score(params, self._micro_batched(packed))).reshape(batch["completion_ids"].shape)
+            logp = self.packed_score(params, self._micro_batched(packed))
+            return np.asarray(logp).reshape(batch["completion_ids"].shape)
         rows = global_batch({k: batch[k] for k in SCORE_KEYS}, self.mesh, self.rules, micro_batched=False)
         return _host_rows(self.score(params, rows), self.mesh, self.rules)
 

@@ -290,3 +290,21 @@ def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
         for key, value in padded.items():
             if key.startswith("train/") and "seconds" not in key and isinstance(value, float):
                 assert packed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_bench_lengths_and_flags():
+    """The benchmark's skewed mix: a few at the maximum, mean about a quarter of it; equal: all at it.
+    `--lengths` belongs to the update target."""
+    from maxent_jax.bench.__main__ import parse_args
+    from maxent_jax.bench.packing import completion_lengths
+
+    skewed = completion_lengths("skewed", 16, 64)
+    assert (skewed == 64).sum() == 1 and skewed.min() >= 1 and 0.15 < skewed.mean() / 64 < 0.35
+    many = completion_lengths("skewed", 1024, 1024)
+    assert (many == 1024).sum() == 64 and 0.15 < many.mean() / 1024 < 0.3
+    assert list(completion_lengths("equal", 4, 8)) == [8, 8, 8, 8]
+    assert parse_args(["update", "--lengths", "skewed"]).lengths == "skewed"
+    with pytest.raises(UserError, match="--lengths skewed is for the update target only"):
+        parse_args(["sampler", "--lengths", "skewed"])
+    with pytest.raises(UserError, match="--pack-length 64 is invalid"):
+        parse_args(["update", "--pack-length", "64"])
