@@ -176,7 +176,7 @@ SETTINGS = {
     "infoseed_last": ("maxent", ObjectiveSettings(info_seed=InfoSeedSettings(num_seeds=2, lambda_=0.1,
                                                                             alpha_entropy=0.5)), "last"),
 }
-FAST = ("maxent", "infoseed_last")
+FAST = ("maxent",)
 
 
 def _step_arrays(seed: int) -> dict[str, np.ndarray]:
