@@ -245,6 +245,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (faster on a CPU once they overflow the cache, less memory on a GPU). Divides
     # per_device_train_batch_size; not with the InfoSeed loss.
     c.train.gradient_chunks = 1
+    # Padding-free RL forwards (docs/packing.md): each group's prompt (once) and its completions laid
+    # end to end in token buffers with segment-masked attention; log-probs are read back into the
+    # padded layout, so losses and normalisers are unchanged. One host process.
+    c.train.packing = False
+    # Buffer tokens: 0 = chosen per step by a cost estimate (a few lengths from a row's width up to a
+    # whole group's, or the padded layout where that is cheaper); else a fixed length of at least
+    # rollout.max_prompt_length + rollout.max_completion_length.
+    c.train.pack_length = 0
     # Supervised warm-up steps on the dataset's worked solutions before RL (the tiny default
     # needs it: a random model cannot discover the answer format by RL alone).
     c.train.sft_warmup_steps = 0
@@ -434,6 +442,8 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.per_device_train_batch_size", *_POS_INT),
     ("train.gradient_accumulation_steps", *_POS_INT),
     ("train.gradient_chunks", *_POS_INT),
+    ("train.packing", lambda v: isinstance(v, bool), "True or False"),
+    ("train.pack_length", *_NONNEG_INT),
     ("train.sft_warmup_steps", *_NONNEG_INT),
     ("train.sft_learning_rate", *_NONNEG),
     ("train.max_consecutive_nonfinite", *_POS_INT),
@@ -528,6 +538,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise _fail("train.gradient_chunks", t.gradient_chunks,
                     "1 while the InfoSeed loss is on (info_seed.lambda_ > 0): its InfoNCE term compares rows "
                     "across the micro-batch, so the gradient cannot be taken a piece at a time")
+
+    row = config.rollout.max_prompt_length + config.rollout.max_completion_length
+    if t.packing and 0 < t.pack_length < row:
+        raise _fail("train.pack_length", t.pack_length, f"0 (automatic) or >= rollout.max_prompt_length + "
+                    f"rollout.max_completion_length = {row} (one whole row must fit a buffer)")
 
     r = config.rewards
     if r.reward_weights and len(r.reward_weights) != len(r.reward_funcs):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from maxent_jax.objectives.groups import masked_mean
 from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.objectives.total_loss import batch_masks
+from maxent_jax.packing import is_packed, packed_logprobs_and_hidden, packed_pooled
 from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
 from maxent_jax.parallel.train_step import SplitLoss
 
@@ -35,15 +36,22 @@ def completion_logprobs(model, batch: Mapping[str, Array], chunk_size: int, scor
     `with_entropy`: the first element is `[P, G, Tc, 2]`, the log-probs (differentiable) and the
     entropy of the policy's distribution at each position (constant: a metric, TRL's `entropy`),
     computed from the same logits block, so it costs one reduction and no second forward.
+    A packed batch (`train.packing`, `maxent_jax.packing`) is scored on its buffers; its hidden states
+    are then the buffers' `[B, L, D]`.
     """
-    p, g = batch["input_ids"].shape[:2]
-    rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
-    scores, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
-                                                    group=g if score_prompt_once else 1, return_entropy=with_entropy)
+    if is_packed(batch):
+        scores, hidden = packed_logprobs_and_hidden(model, batch, chunk_size, return_entropy=with_entropy)
+    else:
+        p, g = batch["input_ids"].shape[:2]
+        rows = {k: _rows(batch[k]) for k in SCORE_KEYS}
+        scores, hidden = completion_logprobs_and_hidden(model, rows, chunk_size=chunk_size,
+                                                        group=g if score_prompt_once else 1,
+                                                        return_entropy=with_entropy)
+        scores = jax.tree.map(lambda x: x.reshape(p, g, -1), scores)
     if with_entropy:
         logp, entropy = scores
-        return jnp.stack([logp, jax.lax.stop_gradient(entropy)], axis=-1).reshape(p, g, -1, 2), hidden
-    return scores.reshape(p, g, -1), hidden
+        return jnp.stack([logp, jax.lax.stop_gradient(entropy)], axis=-1), hidden
+    return scores, hidden
 
 
 def sft_loss(chunk_size: int) -> SplitLoss:
@@ -83,7 +91,10 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     def loss_fn(model, batch):
         scores, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once, True)
         p, g = batch["input_ids"].shape[:2]
-        pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
+        if is_packed(batch):
+            pooled = packed_pooled(hidden, batch, pooling)
+        else:
+            pooled = pool_hidden(hidden.astype(jnp.float32), _rows(batch["attention_mask"]), pooling)
         return objective_of(scores, {**batch, "seed_hidden": pooled.reshape(p, g, -1)})
 
     return loss_fn

@@ -32,7 +32,7 @@ from flax import nnx
 
 from maxent_jax import checkpoint as checkpoint_lib
 from maxent_jax import optimizer as optimizer_lib
-from maxent_jax import scoring
+from maxent_jax import packing, scoring
 from maxent_jax.controllers.persistence import resume_controller_state, to_json, write_controller_state
 from maxent_jax.controllers.settings import ControllerSettings
 from maxent_jax.controllers.state import ControllerInputs, ControllerState
@@ -112,6 +112,11 @@ class Trainer:
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
                                      self.rules, chunk_size=c.model.logprob_chunk_size,
                                      group=self.group if c.model.score_prompt_once else 1)
+        self.packer = (packing.packer_for(c, self.policy.model_cfg, batch_devices, self.policy.pad_id)
+                       if c.train.packing else None)
+        self.packed_score = packing.make_packed_logprob_fn(
+            self.policy.graphdef, self.policy.rest, self.state.params, self.mesh, self.rules,
+            chunk_size=c.model.logprob_chunk_size, chunks=c.train.gradient_chunks) if self.packer else None
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)
@@ -225,7 +230,8 @@ class Trainer:
         mask = grouped["completion_mask"]
         valid = np.ones(ro.utilities.shape, bool)
         lengths = mask.sum(-1).astype(np.float32)
-        ref_logp = self.reference_logprobs(ro.batch).reshape(mask.shape)
+        packed, pack_stats = self.packer(grouped) if self.packer else ({}, {})
+        ref_logp = self.reference_logprobs(ro.batch, {**packed, "completion_mask": mask}).reshape(mask.shape)
         ref_sum = (ref_logp * mask).sum(-1)
         if c.objective.train_grpo_objective:
             advantages, stats = self.prepare_objective(ro.utilities, valid)
@@ -234,7 +240,7 @@ class Trainer:
             weights, stats = self.prepare_objective(
                 ro.utilities, valid, ref_sum, lengths, self.controllers.tau, self.controllers.beta)
             extra = {"weights": np.asarray(weights)}
-        stats = read_scalars(stats)
+        stats = {**read_scalars(stats), **pack_stats}
         # Spec 5.3's reference statistics: mean summed reference log-prob and mean scored tokens per completion.
         stats["ref_logp_mean"] = float(ref_sum.mean())
         stats["avg_completion_tokens"] = float(lengths.mean())
@@ -242,6 +248,7 @@ class Trainer:
             grouped.pop("behaviour_logp", None)
         arrays = {
             **grouped,
+            **packed,
             "token_mask": mask,
             "valid": valid,
             "ref_logp": ref_logp,
@@ -256,13 +263,17 @@ class Trainer:
             valid=jnp.asarray(valid), lengths=jnp.asarray(lengths))
         return arrays, stats, inputs
 
-    def reference_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """`[P * G, Tc]` reference log-probs from the configured source (spec 5.3)."""
+    def reference_logprobs(self, batch: dict[str, np.ndarray], packed: dict[str, np.ndarray]) -> np.ndarray:
+        """`[P * G, Tc]` reference log-probs from the configured source (spec 5.3), on the packed
+        buffers when `train.packing` (`packed`: the step's buffers and grouped completion mask)."""
         m = self.config.maxent
         source = "policy" if m.share_reference_model else m.reference_logprobs_source
         if source == "rollout":
             return batch["behaviour_logp"]
         params = self.state.params if source == "policy" else self.reference_params
+        if packing.is_packed(packed):
+            logp = self.packed_score(params, self._micro_batched(packed))
+            return np.asarray(logp).reshape(batch["completion_ids"].shape)
         rows = global_batch({k: batch[k] for k in SCORE_KEYS}, self.mesh, self.rules, micro_batched=False)
         return _host_rows(self.score(params, rows), self.mesh, self.rules)
 

@@ -41,6 +41,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(repeatable)")
     parser.add_argument("--lora", type=int, metavar="RANK",
                         help="update: also time LoRA adapters of this rank on every projection, beside full fine-tuning")
+    parser.add_argument("--lengths", choices=("skewed", "equal"),
+                        help="update: the MaxEnt RL update with packed buffers against the padded layout, "
+                             "alternating, on this completion-length mix (docs/benchmarks.md)")
+    parser.add_argument("--pack-length", type=int, default=0,
+                        help="update --lengths: buffer tokens (default 0: the padded group width)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -50,6 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--vs {args.vs} is not a peer of target {args.target}; valid: {valid}")
     if args.init != "eager" and args.target != "update":
         raise UserError(f"--init {args.init} is for the update target only")
+    if args.lengths and args.target != "update":
+        raise UserError(f"--lengths {args.lengths} is for the update target only")
+    if args.pack_length < 0 or (args.pack_length and not args.lengths):
+        raise UserError(f"--pack-length {args.pack_length} is invalid; a token count >= 0 with --lengths only")
     if args.model and args.target not in ("update", "sampler"):
         raise UserError(f"--model {args.model[0]} is for the update and sampler targets only")
     if args.lora is not None and (args.target != "update" or args.lora < 1):
@@ -68,6 +77,10 @@ def run(args: argparse.Namespace):
         from maxent_jax.bench.sampler import run_sampler
 
         return run_sampler(preset, args.repeats, args.vs, args.vllm_python, args.torch_threads)
+    if args.target == "update" and args.lengths:
+        from maxent_jax.bench.packing import run_packed_update
+
+        return run_packed_update(preset, args.repeats, args.lengths, args.pack_length)
     if args.target == "update":
         from maxent_jax.bench.update import run_update
 

@@ -254,6 +254,37 @@ def prefix_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: j
     )
 
 
+def segment_visibility(segments: jax.Array, parents: jax.Array) -> jax.Array:
+    """`[buffers, L, L]` bool: which key slot each query slot of a packed buffer sees (`maxent_jax.packing`).
+
+    segments `[buffers, L]` int: the sequence a slot holds (>= 1; 0 = padding); parents `[buffers, L]`:
+    the one other segment its queries also read (a completion's: its group's prompt; a prompt's:
+    itself). Query t sees key s <= t when s holds its own segment or its parent, and always itself
+    (so a padding slot's softmax is never empty). The packer lays a prompt before its completions
+    and each segment in order, so this is causal in slot order, what `causal_attention` needs.
+    """
+    slot = jnp.arange(segments.shape[1])
+    key_seg = segments[:, None, :]
+    same = (key_seg == segments[:, :, None]) | (key_seg == parents[:, :, None])
+    causal = slot[None, :] <= slot[:, None]
+    return (same & (key_seg > 0) & causal[None]) | (slot[None, :] == slot[:, None])[None]
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     implementation: str) -> jax.Array:
+    """Self-attention under an arbitrary `[batch, seq, seq]` mask through `jax.nn.dot_product_attention`.
+
+    The packed layout's path for `model.attention` 'dot_product' (XLA) and 'cudnn'. What jax 0.10.2's
+    cuDNN implementation takes: padding as per-row lengths, a causal or sliding-window mask, and an
+    arbitrary `mask`/`bias` (converted to an additive `[batch, 1, seq, seq]` bias, so it is read
+    densely: no block of it is skipped). Its segment-packed (`q_offsets`) layout is not reachable
+    from `jax.nn.dot_product_attention` and could not express a completion reading its group's
+    prompt anyway, so packed buffers pass the segment mask as `mask`.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                        implementation="cudnn" if implementation == "cudnn" else "xla")
+
+
 def check_attention_backend(implementation: str) -> None:
     """A one-line UserError when `model.attention` needs a device jax does not have ('cudnn': a GPU)."""
     platform = jax.devices()[0].platform

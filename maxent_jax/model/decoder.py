@@ -28,8 +28,10 @@ from maxent_jax.model.attention import (
     causal_attention,
     grouped_attention,
     key_layout,
+    masked_attention,
     pack_groups,
     prefix_causal_attention,
+    segment_visibility,
     shared_prompt_attention,
     unpack_groups,
     value_layout,
@@ -71,6 +73,13 @@ class SharedPromptMasks(NamedTuple):
 
     prompt: jax.Array  # [P, Tp, Tp]: each group's prompt, causal
     completion: jax.Array  # [P*G, Tc, Tp + Tc]: a completion over its prompt's keys, then its own
+
+
+class SegmentMask(NamedTuple):
+    """A packed buffer's mask `[buffers, L, L]` (`segment_visibility`) for the fused attentions
+    (`Decoder.score_packed`); the 'blocked' path takes the plain array."""
+
+    visible: jax.Array
 
 
 def visibility_mask(key_valid: jax.Array, query_slot: jax.Array) -> jax.Array:
@@ -186,6 +195,8 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, SharedPromptMasks):  # packed group rows (`Decoder.score_groups`)
             return self.o_proj(shared_prompt_attention(q, k, v, mask.prompt, mask.completion, self.scale)), None
+        if isinstance(mask, SegmentMask):  # packed buffers (`Decoder.score_packed`), fused attention
+            return self.o_proj(masked_attention(q, k, v, mask.visible, self.scale, self.implementation)), None
         if kv is None and self.implementation != "blocked":  # training / scoring, valid prefixes
             return self.o_proj(prefix_causal_attention(q, k, v, mask, self.scale, self.implementation)), None
         if kv is None:  # training / scoring: the mask is causal over the seq new tokens
@@ -389,6 +400,16 @@ class Decoder(nnx.Module):
                                   visibility_mask(key_valid, prompt_len + jnp.arange(input_ids.shape[1] - prompt_len)))
         x, cos, sin = self._embed(pack_groups(input_ids, group, prompt_len), pack_groups(positions, group, prompt_len))
         return unpack_groups(self._layers(x, cos, sin, masks), group, prompt_len)
+
+    def score_packed(self, input_ids: jax.Array, positions: jax.Array, segments: jax.Array,
+                     parents: jax.Array) -> jax.Array:
+        """The cache-free forward of packed token buffers `[buffers, L]` (`maxent_jax.packing`): hidden
+        states `[buffers, L, embed]`, each slot's equal to scoring its own sequence (its prompt, then
+        itself) alone, up to float rounding. Attention follows `segment_visibility`; positions are
+        per segment, so RoPE sees what it sees in the padded layout."""
+        mask = segment_visibility(segments, parents)
+        x, cos, sin = self._embed(input_ids, positions)
+        return self._layers(x, cos, sin, mask if self.cfg.attention == "blocked" else SegmentMask(mask))
 
     def _layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """Every block without a cache (per-layer remat as configured), then the final norm."""

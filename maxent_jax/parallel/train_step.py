@@ -38,6 +38,7 @@ from maxent_jax.parallel.rules import (
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Metrics]]
+BUFFER_PREFIX = "buffer_"  # batch keys of packed token buffers `[.., buffers, ...]` (`maxent_jax.packing`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,22 +308,26 @@ def check_batch(batch: Batch, divisor: int, micro_batched: bool) -> None:
         raise UserError("batch: empty; expected a dict of arrays")
     dims = 2 if micro_batched else 1
     layout = "[num_micro, micro_batch, ...]" if micro_batched else "[batch, ...]"
-    lead = None
+    for path, x in leaves:
+        if x.ndim < dims:
+            raise UserError(f"batch{jax.tree_util.keystr(path)}: shape {x.shape}; expected {layout}")
+    # Packed token buffers (`maxent_jax.packing`) lead with their own count of buffers, not of rows.
+    buffers = {jax.tree_util.keystr(path): x for path, x in leaves
+               if jax.tree_util.keystr(path).startswith(f"['{BUFFER_PREFIX}")}
+    lead = next((x.shape[:dims] for path, x in leaves if jax.tree_util.keystr(path) not in buffers),
+                next(iter(buffers.values())).shape[:dims] if buffers else None)
     for path, x in leaves:
         name = jax.tree_util.keystr(path)
-        if x.ndim < dims:
-            raise UserError(f"batch{name}: shape {x.shape}; expected {layout}")
-        if lead is None:
-            lead = x.shape[:dims]
-        elif x.shape[:dims] != lead:
+        if x.shape[:dims] != lead and (name not in buffers or x.shape[:dims - 1] != lead[:dims - 1]):
             raise UserError(f"batch{name}: leading dims {x.shape[:dims]} differ from {lead}")
-    rows = lead[-1]
-    if rows % divisor:
-        raise UserError(
-            f"batch: {rows} rows per (micro-)batch cannot be split evenly; use a multiple of "
-            f"{divisor} (devices of the mesh axes of the 'batch' rule, times forward micro-batches or "
-            "train.gradient_chunks)"
-        )
+    buffer_counts = {x.shape[dims - 1] for x in buffers.values()}
+    for rows in (lead[-1], *buffer_counts):
+        if rows % divisor:
+            raise UserError(
+                f"batch: {rows} rows per (micro-)batch cannot be split evenly; use a multiple of "
+                f"{divisor} (devices of the mesh axes of the 'batch' rule, times forward micro-batches or "
+                "train.gradient_chunks)"
+            )
 
 
 def make_train_step(

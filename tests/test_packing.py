@@ -1,0 +1,310 @@
+"""`train.packing`: packed buffers score exactly what the padded layout scores.
+
+Three layers: the host packer's geometry (every token placed once, buffers within their length,
+counts bucketed, devices balanced); the packed forward's log-probs, gradients and InfoSeed pooled
+states against the padded forward's on random length mixes (hypothesis); and the train step's
+loss, metrics and gradients for every objective, packed against padded, on one device and on the
+8-device mesh with micro-batches and gradient pieces.
+"""
+
+from __future__ import annotations
+
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, strategies as st
+
+from maxent_jax.config import get_base_config, validate
+from maxent_jax.errors import UserError
+from maxent_jax.model import Decoder, ModelConfig
+from maxent_jax.objectives import ObjectiveSettings, get_objective
+from maxent_jax.objectives.grpo import prepare_grpo_batch
+from maxent_jax.objectives.infoseed import pool_hidden
+from maxent_jax.objectives.maxent import prepare_maxent_batch
+from maxent_jax.objectives.settings import InfoSeedSettings
+from maxent_jax.packing import (
+    Costs,
+    Packer,
+    balance,
+    bucket_buffers,
+    first_fit_decreasing,
+    in_pieces,
+    make_packed_logprob_fn,
+    packed_logprobs_and_hidden,
+    packed_pooled,
+)
+from maxent_jax.parallel.forward import make_logprob_fn
+from maxent_jax.parallel.mesh import make_mesh
+from maxent_jax.parallel.train_step import init_train_state, make_train_step
+from maxent_jax.policy import completion_logprobs, rl_loss
+from maxent_jax.scoring import build_score_batch
+from tests.test_parallel_step import record_gradients
+
+VOCAB = 64
+CFG = ModelConfig.tiny(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+SCORE = ("input_ids", "positions", "attention_mask", "completion_ids", "completion_mask")
+
+
+def _grouped(rng: np.random.Generator, prompts: int, group: int, prompt_len: int, completion_len: int,
+             skew: bool = True) -> dict[str, np.ndarray]:
+    """A grouped score batch `[P, G, ...]`: prompts of 1..prompt_len tokens, completions of 0..completion_len
+    (mostly short with a few at the maximum when `skew`)."""
+    prompt_ids = [list(rng.integers(1, VOCAB, rng.integers(1, prompt_len + 1))) for _ in range(prompts)]
+    if skew:
+        lengths = np.where(rng.random(prompts * group) < 0.2, completion_len,
+                           rng.integers(0, completion_len // 3 + 1, prompts * group))
+    else:
+        lengths = np.full(prompts * group, completion_len)
+    completions = [list(rng.integers(1, VOCAB, n)) for n in lengths]
+    rows = build_score_batch([p for p in prompt_ids for _ in range(group)], completions, prompt_len=prompt_len,
+                             completion_len=completion_len, pad_id=0)
+    return {k: v.reshape(prompts, group, *v.shape[1:]) for k, v in rows.items()}
+
+
+def test_bucketed_counts_first_fit_and_balance():
+    assert [bucket_buffers(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    rng = np.random.default_rng(0)
+    sizes = list(rng.integers(1, 40, 50))
+    bins = first_fit_decreasing(sizes, 40)
+    assert sorted(i for b in bins for i in b) == list(range(50))
+    assert all(sum(sizes[i] for i in b) <= 40 for b in bins)
+    assert len(bins) <= 11 * -(-sum(sizes) // 40) // 9 + 1  # FFD's bound against the volume bound
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit_decreasing([41], 40)
+    tokens = list(rng.integers(1, 100, 24))
+    places = balance(tokens, 4, 6)
+    assert sorted(b for p in places for b in p) == list(range(24)) and all(len(p) == 6 for p in places)
+    loads = [sum(tokens[b] for b in p) for p in places]
+    assert max(loads) - min(loads) <= max(tokens)
+
+
+def test_packer_places_every_token_once_and_splits_long_groups():
+    grouped = _grouped(np.random.default_rng(1), prompts=4, group=4, prompt_len=6, completion_len=10)
+    lp = grouped["attention_mask"][:, 0, :6].sum(-1)
+    lc = grouped["completion_mask"].sum(-1)
+    for length in (46, 16, 24):
+        packed, stats = Packer(length, devices=2, chunks=2)(grouped)
+        buffers = packed["buffer_ids"].shape[0]
+        assert buffers % 4 == 0 and stats["pack/buffers"] == buffers
+        real = int((packed["buffer_segments"] > 0).sum())
+        prompts_written = real - int(lc.sum())
+        assert prompts_written >= int(lp.sum())  # each prompt at least once, copies only where a group splits
+        if length == 46:  # one buffer fits a whole group: every prompt exactly once
+            assert prompts_written == int(lp.sum())
+        assert stats["pack/fill"] == pytest.approx(real / packed["buffer_ids"].size)
+
+
+def test_automatic_length_packs_skewed_steps_and_leaves_equal_ones_padded():
+    """pack_length 0: a skewed step is packed into buffers shorter than a group (fewer, cheaper tokens);
+    an equal-length step keeps the padded layout (no arrays), and each shape counts as one program."""
+    small = ModelConfig.tiny(hidden_size=256, num_layers=4, num_heads=4, head_dim=64, num_kv_heads=2,
+                             intermediate_size=768)
+    packer = Packer(0, devices=1, costs=Costs.of(small))
+    rng = np.random.default_rng(0)
+    packed, stats = packer(_grouped(rng, prompts=2, group=8, prompt_len=40, completion_len=64))
+    assert stats["pack/packed"] == 1.0 and stats["pack/length"] < 40 + 8 * 64
+    assert packed["buffer_ids"].size < 2 * (40 + 8 * 64)
+    packed, stats = packer(_grouped(rng, prompts=2, group=8, prompt_len=40, completion_len=64, skew=False))
+    assert packed == {} and stats["pack/packed"] == 0.0 and stats["pack/programs"] == 2.0
+
+
+def _model(attention: str) -> Decoder:
+    return Decoder(CFG.replace(attention=attention), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=4, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), prompts=st.integers(1, 4), group=st.integers(1, 4),
+       length=st.sampled_from([14, 20, 41]), chunks=st.sampled_from([1, 2]), skew=st.booleans(),
+       attention=st.sampled_from(["blocked", "dot_product"]))
+def test_packed_forward_equals_the_padded_one(seed, prompts, group, length, chunks, skew, attention):
+    """Log-probs (0 on padding), their gradients and InfoSeed's pooled states, packed vs padded."""
+    hypothesis.assume(prompts % chunks == 0)
+    grouped = _grouped(np.random.default_rng(seed), prompts, group, prompt_len=5, completion_len=9, skew=skew)
+    packed, _ = Packer(length, devices=1, chunks=chunks, rows_for_pooling=True)(grouped)
+    batch = {k: jnp.asarray(v) for k, v in {**grouped, **packed}.items()}
+    mask = batch["completion_mask"].astype(jnp.float32)
+    weights = jax.random.normal(jax.random.key(seed), mask.shape)
+    graphdef, params, rest = nnx.split(_model(attention), nnx.Param, ...)
+
+    def padded(p):
+        model = nnx.merge(graphdef, p, rest)
+        logp, hidden = completion_logprobs(model, {k: batch[k] for k in SCORE}, 0, attention == "blocked")
+        return jnp.sum(logp * mask * weights), (logp * mask, hidden)
+
+    def packed_fn(p):
+        model = nnx.merge(graphdef, p, rest)
+        logp = in_pieces(lambda piece: packed_logprobs_and_hidden(model, piece, 0)[0], batch, chunks)
+        return jnp.sum(logp * weights), logp
+
+    (_, (want, hidden)), want_grads = jax.jit(jax.value_and_grad(padded, has_aux=True))(params)
+    (_, got), grads = jax.jit(jax.value_and_grad(packed_fn, has_aux=True))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if chunks == 1:
+        buffers_hidden = jax.jit(lambda p: packed_logprobs_and_hidden(nnx.merge(graphdef, p, rest), batch, 0)[1])(params)
+        for pooling in ("mean", "last"):
+            want_pool = pool_hidden(hidden.astype(jnp.float32), batch["attention_mask"].reshape(prompts * group, -1),
+                                    pooling).reshape(prompts, group, -1)
+            np.testing.assert_allclose(packed_pooled(buffers_hidden, batch, pooling), want_pool, rtol=1e-5, atol=1e-5)
+
+
+# -- the train step: every objective, packed against padded ------------------------------------
+
+P, G, TP, TC = 8, 4, 5, 10
+
+SETTINGS = {
+    "maxent": ("maxent", ObjectiveSettings(), "mean"),
+    "maxent_clip_sequence": ("maxent", ObjectiveSettings(clip_objective_coef=2.0, importance_sampling_level="sequence"),
+                             "mean"),
+    "maxent_no_clip_k3": ("maxent", ObjectiveSettings(use_clip_objective=False, kl_estimator="k3"), "mean"),
+    "grpo_reference_k1": ("grpo", ObjectiveSettings(loss_type="reference", kl_estimator="k1"), "mean"),
+    "grpo_token_k2": ("grpo", ObjectiveSettings(loss_type="grpo", importance_sampling_level="token",
+                                                kl_estimator="k2", sampler_correction="token_mask"), "mean"),
+    "bnpo_sequence": ("grpo", ObjectiveSettings(loss_type="bnpo", importance_sampling_level="sequence",
+                                                sampler_correction="sequence_truncate"), "mean"),
+    "dr_grpo_token": ("grpo", ObjectiveSettings(loss_type="dr_grpo", importance_sampling_level="token"), "mean"),
+    "dapo_token": ("grpo", ObjectiveSettings(loss_type="dapo", importance_sampling_level="token", epsilon_high=0.28),
+                   "mean"),
+    "infoseed_mean": ("grpo", ObjectiveSettings(loss_type="grpo", importance_sampling_level="token", info_seed=InfoSeedSettings(
+        num_seeds=2, lambda_=0.1, alpha_entropy=0.5)), "mean"),
+    "infoseed_last": ("maxent", ObjectiveSettings(info_seed=InfoSeedSettings(num_seeds=2, lambda_=0.1,
+                                                                            alpha_entropy=0.5)), "last"),
+}
+FAST = ("maxent",)
+
+
+def _step_arrays(seed: int) -> dict[str, np.ndarray]:
+    """One step's grouped arrays `[P, G, ...]`: score rows with a skewed length mix, the objective's arrays."""
+    rng = np.random.default_rng(seed)
+    grouped = _grouped(rng, P, G, TP, TC)
+    mask = grouped["completion_mask"].astype(bool)
+    valid = np.ones((P, G), bool)
+    valid[1, 3] = False
+    u = rng.integers(0, 2, (P, G)).astype(np.float32)
+    ref = np.where(mask, -rng.random(mask.shape) * 4, 0.0).astype(np.float32)
+    weights, _ = prepare_maxent_batch(jnp.asarray(u), jnp.asarray(valid), jnp.asarray(ref.sum(-1)),
+                                      jnp.asarray(mask.sum(-1)), 0.1, 0.04, q_temperature=1.0, q_epsilon=1e-6)
+    advantages, _ = prepare_grpo_batch(jnp.asarray(u), jnp.asarray(valid), "group")
+    seed_ids = np.tile(np.array([-1, -1, 0, 1]), (P, 1))
+    behaviour = np.where(mask, ref + rng.normal(0, 0.2, mask.shape), 0.0).astype(np.float32)
+    return {**grouped, "token_mask": mask, "valid": valid, "ref_logp": ref, "behaviour_logp": behaviour,
+            "weights": np.asarray(weights), "advantages": np.asarray(advantages), "seed_ids": seed_ids,
+            "is_seed_aug": seed_ids >= 0}
+
+
+@pytest.fixture(scope="module")
+def model_parts():
+    graphdef, params, rest = nnx.split(_model("blocked"), nnx.Param, ...)
+    return graphdef, jax.tree.map(np.asarray, params), rest
+
+
+def _run(model_parts, loss, mesh, arrays: dict[str, np.ndarray], micro: int, chunks: int) -> tuple[list, dict]:
+    graphdef, params, rest = model_parts
+    state = init_train_state(params, record_gradients(), mesh)
+    step = make_train_step(graphdef, rest, state, record_gradients(), loss, mesh, gradient_chunks=chunks)
+    batch = {k: v.reshape(micro, -1, *v.shape[1:]) for k, v in arrays.items()}
+    state, metrics = step(state, batch, scalars={"beta": 0.04})
+    return jax.tree.leaves(jax.tree.map(np.asarray, state.opt_state)), {k: float(v) for k, v in metrics.items()}
+
+
+def _assert_same(got, want, where) -> None:
+    for a, b in zip(got[0], want[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(where))
+    assert got[1].keys() == want[1].keys()
+    for key, value in want[1].items():
+        assert got[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, where)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in SETTINGS])
+def test_packed_step_equals_the_padded_step(model_parts, name):
+    """Loss, every metric and every gradient of one step, on one device (2 micro-batches)."""
+    objective, settings, pooling = SETTINGS[name]
+    loss = rl_loss(get_objective(objective), settings, 0, pooling, score_prompt_once=True)
+    arrays = _step_arrays(seed=len(name))
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    want = _run(model_parts, loss, one, arrays, micro=2, chunks=1)
+    assert any(np.any(g != 0) for g in want[0])
+    packed, _ = Packer(TP + G * TC, devices=1, micro=2, rows_for_pooling=True)(arrays)
+    _assert_same(_run(model_parts, loss, one, {**arrays, **packed}, micro=2, chunks=1), want, name)
+
+
+@pytest.mark.parametrize("name", ["maxent_clip_sequence", pytest.param("grpo_token_k2", marks=pytest.mark.slow)])
+def test_packed_step_on_the_8_device_mesh(model_parts, name):
+    """The (2, 2, 2) mesh: buffers balanced over the 4 batch devices, 2 gradient pieces, buffers shorter
+    than a group (so groups split), against the padded step on one device; and the packed reference
+    log-probs (2 micro-batches) against `make_logprob_fn`'s."""
+    objective, settings, pooling = SETTINGS[name]
+    loss = rl_loss(get_objective(objective), settings, 0, pooling, score_prompt_once=True)
+    arrays = _step_arrays(seed=3)
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    want = _run(model_parts, loss, one, arrays, micro=1, chunks=1)
+    mesh = make_mesh((2, 2, 2))
+    packed, stats = Packer(TP + 2 * TC, devices=4, chunks=2)(arrays)
+    assert stats["pack/buffers"] % 8 == 0
+    _assert_same(_run(model_parts, loss, mesh, {**arrays, **packed}, micro=1, chunks=2), want, (name, "mesh"))
+    if name != "grpo_token_k2":
+        return
+    graphdef, params, rest = model_parts
+    padded_fn = make_logprob_fn(graphdef, rest, params, mesh, chunk_size=0, group=G)
+    rows = {k: arrays[k].reshape(P * G, -1) for k in ("input_ids", "positions", "attention_mask", "completion_ids")}
+    mask = arrays["completion_mask"]
+    want_ref = np.where(mask.reshape(P * G, -1), np.asarray(padded_fn(params, rows)), 0.0)
+    packed, _ = Packer(TP + 2 * TC, devices=4, micro=2)(arrays)
+    packed_fn = make_packed_logprob_fn(graphdef, rest, params, mesh, chunk_size=0)
+    batch = {k: v.reshape(2, -1, *v.shape[1:]) for k, v in {**packed, "completion_mask": mask}.items()}
+    got = np.asarray(packed_fn(params, batch)).reshape(P * G, -1)
+    np.testing.assert_allclose(got, want_ref, rtol=1e-5, atol=2e-5)
+
+
+def test_config_names_a_pack_length_shorter_than_a_row():
+    c = get_base_config()
+    c.data.dataset_name = "synthetic:arithmetic"
+    c.train.packing = True
+    row = c.rollout.max_prompt_length + c.rollout.max_completion_length
+    c.train.pack_length = row - 1
+    with pytest.raises(UserError, match=rf"train.pack_length={row - 1} is invalid: 0 \(automatic\) or >= "):
+        validate(c)
+    c.train.pack_length = row
+    validate(c)
+
+
+@pytest.mark.slow
+def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
+    """The tiny default (MaxEnt, supervised warm-up, 8 devices), two RL steps with train.packing on (buffers
+    of a fixed length, so every step packs) and off: the same metrics to float tolerance."""
+    from tests.test_train_e2e import run, tiny_config
+
+    quiet = {"eval.do_eval": False, "checkpoint.export_final": False, "checkpoint.save_steps": 0}
+    steps = {}
+    for packing in (False, True):
+        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16})
+        steps[packing] = [r for r in run(config, tmp_path / str(packing)) if "train/loss" in r]
+    assert [r["train/pack/packed"] for r in steps[True]] == [1.0, 1.0]
+    for padded, packed in zip(steps[False], steps[True]):
+        for key, value in padded.items():
+            if key.startswith("train/") and "seconds" not in key and isinstance(value, float):
+                assert packed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_bench_lengths_and_flags():
+    """The benchmark's skewed mix: a few at the maximum, mean about a quarter of it; equal: all at it.
+    `--lengths` belongs to the update target."""
+    from maxent_jax.bench.__main__ import parse_args
+    from maxent_jax.bench.packing import completion_lengths
+
+    skewed = completion_lengths("skewed", 16, 64)
+    assert (skewed == 64).sum() == 1 and skewed.min() >= 1 and 0.15 < skewed.mean() / 64 < 0.35
+    many = completion_lengths("skewed", 1024, 1024)
+    assert (many == 1024).sum() == 64 and 0.15 < many.mean() / 1024 < 0.3
+    assert list(completion_lengths("equal", 4, 8)) == [8, 8, 8, 8]
+    assert parse_args(["update", "--lengths", "skewed"]).lengths == "skewed"
+    with pytest.raises(UserError, match="--lengths skewed is for the update target only"):
+        parse_args(["sampler", "--lengths", "skewed"])
+    with pytest.raises(UserError, match="--pack-length 64 is invalid"):
+        parse_args(["update", "--pack-length", "64"])
