@@ -33,6 +33,7 @@ from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient
 from maxent_jax.rollout.remote import RemoteRollout
 from maxent_jax.rollout.sampler import Sampler
+from maxent_jax.rollout.spawn import SpawnedServer, start_for_policy
 
 Generation = tuple[list[list[int]], list[list[float]], np.ndarray]
 GenerateFn = Callable[[nnx.State, Sequence[Sequence[int]], SamplingParams, jax.Array], Generation]
@@ -53,6 +54,12 @@ class Policy:
     tokenizer_dir: str
     generate: GenerateFn
     remote: RemoteRollout | None = None  # set when rollouts come from a rollout server
+    server: SpawnedServer | None = None  # the rollout server this run started (rollout.spawn_server)
+
+    def close(self) -> None:
+        """Stop the rollout server this policy started, if any."""
+        if self.server is not None:
+            self.server.stop()
 
     @property
     def pad_id(self) -> int:
@@ -106,8 +113,12 @@ def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: 
     return nnx.split(model, nnx.Param, ...)[1]
 
 
-def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None) -> Policy:
-    """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None,
+                workdir: pathlib.Path | None = None) -> Policy:
+    """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`).
+
+    With `rollout.spawn_server` it also starts the rollout server (log in `workdir`); close the policy.
+    """
     m = config.model
     if m.name_or_path:
         path = resolve_checkpoint(m.name_or_path, m.revision)
@@ -121,10 +132,12 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
     tokenizer = _load_tokenizer(tokenizer_dir)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if config.rollout.backend == "server":
-        remote = RemoteRollout(RolloutClient.from_config(config), model_cfg,
+        server = start_for_policy(config, model, model_cfg, tokenizer_dir, workdir) if config.rollout.spawn_server else None
+        client = RolloutClient.from_config(config, url=server and server.url, token=server and server.token)
+        remote = RemoteRollout(client, model_cfg,
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
-        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote)
+        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, server)
     sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0,
                       streams=decode_streams(config.rollout.decode_streams, mesh))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
