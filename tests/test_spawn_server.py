@@ -93,7 +93,7 @@ def test_a_missing_vllm_environment_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killing_the_trainer_mid_run_leaves_no_server(tmp_path, sig):
     """SIGKILL runs no Python in the trainer: the server's parent-death signal stops it. SIGTERM
     is the graceful stop (save, close)."""
