@@ -68,7 +68,7 @@ def test_a_run_with_a_spawned_jax_server_trains_and_leaves_no_server(tmp_path):
     trainer = Trainer(tiny_config(**SPAWN), tmp_path)
     server = trainer.policy.server
     try:
-        assert server.url.startswith("http://127.0.0.1:") and _alive(server.process.pid)
+        assert server.url.startswith("http://127.0.0.1:") and _alive(server.process.pid) and server.scratch.parent == tmp_path
         assert trainer.policy.remote.client.url == base_url(server.url) and trainer.policy.remote.client.token == server.token
         trainer.run()
         info = json.loads(urllib.request.urlopen(server.url + "/info", timeout=30).read())

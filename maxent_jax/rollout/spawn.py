@@ -97,7 +97,7 @@ def start_server(
     backend: str,
     write_model: Callable[[Path], Path],
     *,
-    log_path: Path | None = None,
+    workdir: Path | None = None,
     dtype: str | None = None,
     devices: str = "",
     start_timeout: float = START_TIMEOUT_S,
@@ -105,19 +105,21 @@ def start_server(
     """Start `maxent_jax.serve --backend backend` on 127.0.0.1 (free port) and wait until it is ready.
 
     `write_model(scratch)` returns the HF model directory the server loads: the policy exported
-    into the scratch directory, or the policy's own checkpoint directory. `devices` becomes the
+    into the scratch directory, or the policy's own checkpoint directory. The scratch directory
+    (token, export) is made in `workdir` when given (so even a SIGKILLed run leaves nothing in
+    /tmp), and the server's log goes to WORKDIR/rollout_server.log. `devices` becomes the
     server's CUDA_VISIBLE_DEVICES ('' = the trainer's environment). A server that exits or stays
     silent past `start_timeout` is an error quoting the end of its log.
     """
     python = server_python(backend)
-    scratch = Path(tempfile.mkdtemp(prefix="maxent-rollout-server-"))
+    scratch = Path(tempfile.mkdtemp(prefix=".rollout-server-" if workdir else "maxent-rollout-server-", dir=workdir))
     try:
         token = secrets.token_urlsafe(32)
         token_file = scratch / "token"
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
         model_dir = write_model(scratch)
-        log_path = log_path or scratch / "server.log"
+        log_path = workdir / "rollout_server.log" if workdir is not None else scratch / "server.log"
         args = ["--backend", backend, "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
                 "--token-file", str(token_file)]
         if dtype is not None and backend == "jax":
@@ -151,8 +153,7 @@ def start_for_policy(config, model, model_cfg, tokenizer_dir: str, workdir: Path
     A policy loaded from an HF checkpoint that also holds its tokenizer is served from that
     directory; any other (the tiny random model, a separate tokenizer) is exported into the
     scratch directory first. The trainer's first step pushes its parameters anyway; the initial
-    weights make the rollouts before it (initial reward) the policy's own. The log goes to
-    WORKDIR/rollout_server.log.
+    weights make the rollouts before it (initial reward) the policy's own.
     """
     import jax
 
@@ -169,9 +170,8 @@ def start_for_policy(config, model, model_cfg, tokenizer_dir: str, workdir: Path
 
         return export_hf_checkpoint(model, model_cfg, scratch / "model", tokenizer_dir=tokenizer_dir)
 
-    return start_server(config.rollout.spawn_server, write_model,
-                        log_path=workdir / "rollout_server.log" if workdir is not None else None,
-                        dtype=m.param_dtype, devices=config.rollout.spawn_server_devices)
+    return start_server(config.rollout.spawn_server, write_model, workdir=workdir, dtype=m.param_dtype,
+                        devices=config.rollout.spawn_server_devices)
 
 
 def _wait_ready(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
