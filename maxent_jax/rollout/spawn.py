@@ -41,6 +41,7 @@ STOP_TIMEOUT_S = 30.0
 _READY = re.compile(r"rollout server ready at (http://\S+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
+_SCRATCH_PREFIX = ".rollout-server-"
 
 
 def server_python(backend: str, env: dict[str, str] | os._Environ = os.environ) -> str:
@@ -106,13 +107,16 @@ def start_server(
 
     `write_model(scratch)` returns the HF model directory the server loads: the policy exported
     into the scratch directory, or the policy's own checkpoint directory. The scratch directory
-    (token, export) is made in `workdir` when given (so even a SIGKILLed run leaves nothing in
-    /tmp), and the server's log goes to WORKDIR/rollout_server.log. `devices` becomes the
+    (token, export) is made in `workdir` when given, so what a SIGKILLed run leaves stays there
+    until the next start in it removes it; the server's log goes to WORKDIR/rollout_server.log. `devices` becomes the
     server's CUDA_VISIBLE_DEVICES ('' = the trainer's environment). A server that exits or stays
     silent past `start_timeout` is an error quoting the end of its log.
     """
     python = server_python(backend)
-    scratch = Path(tempfile.mkdtemp(prefix=".rollout-server-" if workdir else "maxent-rollout-server-", dir=workdir))
+    if workdir is not None:
+        for left in workdir.glob(_SCRATCH_PREFIX + "*"):  # what a SIGKILLed run in this workdir left
+            shutil.rmtree(left, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX if workdir else "maxent-rollout-server-", dir=workdir))
     try:
         token = secrets.token_urlsafe(32)
         token_file = scratch / "token"
@@ -128,7 +132,8 @@ def start_server(
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices
-        with open(log_path, "ab") as log_file:
+        with open(log_path, "ab") as log_file:  # appended: a resumed run keeps the earlier servers' logs
+            log_start = log_file.tell()
             process = subprocess.Popen(
                 [python, "-m", "maxent_jax.rollout.spawn", str(os.getpid()), *args],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -140,7 +145,7 @@ def start_server(
     server = SpawnedServer(process, "", token, scratch, log_path)
     atexit.register(server.stop)
     try:
-        server.url = _wait_ready(process, log_path, start_timeout)
+        server.url = _wait_ready(process, log_path, log_start, start_timeout)
     except BaseException:
         server.stop()
         raise
@@ -174,11 +179,14 @@ def start_for_policy(config, model, model_cfg, tokenizer_dir: str, workdir: Path
                         devices=config.rollout.spawn_server_devices)
 
 
-def _wait_ready(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    """The URL from the server's "ready at" line; UserError with its last log lines if it never comes."""
+def _wait_ready(process: subprocess.Popen, log_path: Path, start: int, timeout: float) -> str:
+    """The URL from the server's "ready at" line (in the log after byte `start`); UserError with its
+    last log lines if it never comes."""
     deadline = time.monotonic() + timeout
     while True:
-        text = log_path.read_text(errors="replace")
+        with open(log_path, "rb") as log_file:
+            log_file.seek(start)
+            text = log_file.read().decode(errors="replace")
         match = _READY.search(text)
         if match:
             return match.group(1)
