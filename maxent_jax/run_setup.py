@@ -137,7 +137,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
         remote = RemoteRollout(client, model_cfg,
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
-        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, server)
+        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, server=server)
     sampler = Sampler(graphdef, eos_token_ids=_eos_ids(model_cfg, tokenizer), pad_token_id=model_cfg.pad_token_id or 0,
                       streams=decode_streams(config.rollout.decode_streams, mesh))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
