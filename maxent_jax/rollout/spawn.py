@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from maxent_jax.errors import UserError
 
@@ -44,7 +44,7 @@ _PR_SET_PDEATHSIG = 1
 _SCRATCH_PREFIX = ".rollout-server-"
 
 
-def server_python(backend: str, env: dict[str, str] | os._Environ = os.environ) -> str:
+def server_python(backend: str, env: Mapping[str, str] = os.environ) -> str:
     """The interpreter that runs the server: this one for jax; $VLLM_PYTHON or .venv-vllm for vllm."""
     if backend == "jax":
         return sys.executable
