@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -37,6 +38,7 @@ META_METHODS = ("analytic", "first_order", "truncated_backprop")
 META_OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup")
 ROLLOUT_BACKENDS = ("sampler", "server")
+SPAWN_SERVERS = ("", "jax", "vllm")
 DTYPES = ("float32", "bfloat16")
 INFO_SEED_LOSSES = ("infonce", "ce")
 INFO_SEED_POOLINGS = ("mean", "last")
@@ -124,6 +126,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Push weights to the rollout server every N optimizer steps; 0 = never. The reference
     # never syncs (Q5), so its rollouts come from the initial model.
     c.rollout.sync_interval_steps = 1
+    # With backend 'server': 'jax' or 'vllm' makes the trainer start `python -m maxent_jax.serve
+    # --backend X` itself (free loopback port, fresh token, the policy's own weights) and stop it
+    # on every exit; '' = use the server already running at vllm.url.
+    c.rollout.spawn_server = ""
+    # The spawned server's CUDA_VISIBLE_DEVICES, e.g. '0,1' (start the trainer with the other
+    # devices visible); '' = the trainer's own environment.
+    c.rollout.spawn_server_devices = ""
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"
@@ -371,6 +380,9 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.top_p", lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("rollout.top_k", *_NONNEG_INT),
     ("rollout.sync_interval_steps", *_NONNEG_INT),
+    ("rollout.spawn_server", *_one_of(SPAWN_SERVERS)),
+    ("rollout.spawn_server_devices", lambda v: isinstance(v, str) and re.fullmatch(r"(\d+(,\d+)*)?", v) is not None,
+     "'' or comma-separated device indices such as '0,1'"),
     ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),
     ("vllm.server_timeout", *_POS),
     ("vllm.max_retries", *_POS_INT),
@@ -553,6 +565,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if r.eval_reward_weights and len(r.eval_reward_weights) != len(r.eval_reward_funcs or r.reward_funcs):
         raise _fail("rewards.eval_reward_weights", tuple(r.eval_reward_weights), "empty or one weight per eval reward")
 
+    if config.rollout.spawn_server and config.rollout.backend != "server":
+        raise _fail("rollout.spawn_server", config.rollout.spawn_server,
+                    "'' unless rollout.backend is 'server' (the in-process sampler needs no server)")
     o = config.objective
     if o.sampler_correction_max <= o.sampler_correction_min:
         raise _fail("objective.sampler_correction_max", o.sampler_correction_max,

@@ -35,6 +35,7 @@ from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient
 from maxent_jax.rollout.remote import RemoteRollout
 from maxent_jax.rollout.sampler import Sampler
+from maxent_jax.rollout.spawn import SpawnedServer, start_for_policy
 
 Generation = tuple[list[list[int]], list[list[float]], np.ndarray]
 GenerateFn = Callable[[nnx.State, Sequence[Sequence[int]], SamplingParams, jax.Array], Generation]
@@ -57,6 +58,12 @@ class Policy:
     remote: RemoteRollout | None = None  # set when rollouts come from a rollout server
     # LoRA (`lora.enabled`): `params` are the adapters only and the frozen base is in `rest`.
     lora: LoRASettings | None = None
+    server: SpawnedServer | None = None  # the rollout server this run started (rollout.spawn_server)
+
+    def close(self) -> None:
+        """Stop the rollout server this policy started, if any."""
+        if self.server is not None:
+            self.server.stop()
 
     @property
     def pad_id(self) -> int:
@@ -110,8 +117,12 @@ def load_reference_params(config: ml_collections.ConfigDict, mesh: Mesh, rules: 
     return nnx.split(model, nnx.Param, ...)[1]
 
 
-def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None) -> Policy:
-    """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`)."""
+def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rules: Any = None,
+                workdir: pathlib.Path | None = None) -> Policy:
+    """The tiny random decoder with the offline tokenizer, or an HF checkpoint (placed by `shardings`).
+
+    With `rollout.spawn_server` it also starts the rollout server (log in `workdir`); close the policy.
+    """
     m = config.model
     path = None
     lora = LoRASettings.from_config(config.lora) if config.lora.enabled else None
@@ -129,10 +140,13 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
         apply_lora(model, lora, config.seed, adapter_dtype=m.param_dtype)
     graphdef, params, rest = nnx.split(model, LoRAParam if lora is not None else nnx.Param, ...)
     if config.rollout.backend == "server":
-        remote = RemoteRollout(RolloutClient.from_config(config), model_cfg,
+        server = start_for_policy(config, model, model_cfg, tokenizer_dir, workdir) if config.rollout.spawn_server else None
+        client = RolloutClient.from_config(config, url=server and server.url, token=server and server.token)
+        remote = RemoteRollout(client, model_cfg,
                                sync_interval_steps=config.rollout.sync_interval_steps,
                                max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
-        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, lora)
+        return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, lora,
+                      server=server)
     eos = eos_token_ids(path, model_cfg.eos_token_id, tokenizer)  # generation_config.json's too, as transformers
     sampler = Sampler(graphdef, eos_token_ids=eos, pad_token_id=model_cfg.pad_token_id or 0,
                       streams=decode_streams(config.rollout.decode_streams, mesh))

@@ -93,7 +93,7 @@ class Trainer:
         # split over host processes (each feeds its slice of the global batch).
         self.num_prompts = (c.train.per_device_train_batch_size * batch_devices
                             * c.train.gradient_accumulation_steps) // jax.process_count()
-        self.policy = load_policy(c, self.mesh, self.rules)
+        self.policy = load_policy(c, self.mesh, self.rules, workdir=workdir)
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
@@ -543,6 +543,7 @@ class Trainer:
         self.say(f"exported the final policy to {out} (transformers can load it)")
 
     def close(self) -> None:
+        self.policy.close()  # first: the spawned rollout server's devices and port go back at once
         self.checkpoints.close()
         self.telemetry.close()
         self.rewards.close()

@@ -205,18 +205,20 @@ class RolloutClient:
         self.server_limits: RequestLimits | None = None  # learnt from the server's first 413 that names them
 
     @classmethod
-    def from_config(cls, config: Any) -> "RolloutClient":
-        """A client from the run config (`config.vllm.*`, `config.rollout.max_prompt_length`)."""
+    def from_config(cls, config: Any, *, url: str | None = None, token: str | None = None) -> "RolloutClient":
+        """A client from the run config (`config.vllm.*`, `config.rollout.max_prompt_length`).
+
+        `url` and `token` replace `vllm.url` and `vllm.token_file` (a server the trainer spawned).
+        """
         v = config.vllm
-        token = None
-        if v.token_file:
+        if token is None and v.token_file:
             try:
                 with open(v.token_file, encoding="utf-8") as handle:
                     token = handle.read().strip() or None
             except OSError as err:
                 raise UserError(f"config field vllm.token_file={v.token_file!r}: cannot read it ({err.strerror})") from None
         return cls(
-            v.url,
+            url or v.url,
             client_tag=v.client_tag or None,
             timeout=v.server_timeout,
             max_retries=v.max_retries,
