@@ -145,10 +145,12 @@ def _all_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 def _closest(name: str, base: ml_collections.ConfigDict) -> str:
     fields = _all_fields(base)
-    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-    if not close:  # a known field name in the wrong section ('train.learning_rate')
-        close = [f for f in fields if f.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:1]
-    return f" (did you mean --config.{close[0]}?)" if close else ""
+    # A known field name without or in the wrong section ('train.learning_rate'): every field of that
+    # name (optim.learning_rate and lora.learning_rate); else the nearest miss.
+    close = [f for f in fields if f.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+    if not close:
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(f'--config.{f}' for f in close)}?)" if close else ""
 
 
 def _unknown_flag(name: str, flag_values: flags.FlagValues | None) -> str:
@@ -159,6 +161,17 @@ def _unknown_flag(name: str, flag_values: flags.FlagValues | None) -> str:
     known = ", ".join(f"--{n}" for n in sorted(flag_values) if n == flag_values[n].name and n not in _HIDDEN) \
         if flag_values is not None else ""
     return f"unknown flag --{name}" + (f"; the flags are {known} (and --config.SECTION.FIELD=VALUE)" if known else "")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, config_flag: Any) -> None:
+    """Write the command line's `--config.a.b=v` values onto a config that did not come from the
+    flag itself (a recipe, a run's own config.json): the flag applied them to its default only."""
+    for path, value in config_flags.get_override_values(config_flag).items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
 
 
 def validated(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:

@@ -274,8 +274,6 @@ def run_dir_of(kind: str, ckpt_path: pathlib.Path) -> pathlib.Path | None:
 def resolve_config(fv: Any, run_dir: pathlib.Path | None) -> Any:
     """--config=FILE if given; else the run's own config.json; else the default config file. Then the
     --config.a.b=v overrides, and validation."""
-    from ml_collections import config_flags
-
     from maxent_jax import cli
     from maxent_jax import config as config_lib
 
@@ -283,12 +281,7 @@ def resolve_config(fv: Any, run_dir: pathlib.Path | None) -> Any:
         return cli.validated(fv.config)
     path = run_dir / "config.json"
     config = config_lib.from_json_dict(json.loads(path.read_text()), source=str(path))
-    for field, value in config_flags.get_override_values(fv["config"]).items():
-        *parents, leaf = field.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    cli.apply_overrides(config, fv["config"])
     return cli.validated(config)
 
 

@@ -15,7 +15,6 @@ import time
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from maxent_jax import cli, console, recipes
 from maxent_jax import config as config_lib
@@ -154,12 +153,7 @@ def resolve_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
         if not fv["config"].present:
             config = config_lib.get_base_config()
         recipes.apply(config, recipe)
-        for path, value in config_flags.get_override_values(fv["config"]).items():
-            *parents, leaf = path.split(".")
-            node = config
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+        cli.apply_overrides(config, fv["config"])
     return cli.validated(config)
 
 

@@ -157,7 +157,7 @@ def test_dry_run_catches_what_the_run_would_fail_on(tmp_path, monkeypatch):
     (["--config.rollout.top_p=high"], "config field rollout.top_p takes a number"),
     (["--config.eval.do_eval=maybe"], "config field eval.do_eval takes true or false"),
     (["--config.mesh.shape", "fsdp"], "config field mesh.shape takes a tuple"),
-    (["--config.learning_rate=1"], "unknown config field (did you mean --config.optim.learning_rate?)"),
+    (["--config.learning_rate=1"], "unknown config field (did you mean --config.lora.learning_rate or --config.optim.learning_rate?)"),
     (["--config.train=3"], "'train' is a section, not a field"),
     (["--max_steps=5"], "unknown flag --max_steps: config fields are set as --config.SECTION.FIELD, here "
                         "--config.train.max_steps=VALUE"),
