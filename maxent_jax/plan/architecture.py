@@ -71,3 +71,10 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: missing or malformed field {err}; expected a Hugging Face config.json") from None
 
+
+def divides(cfg: ModelConfig, shape: tuple[int, int, int]) -> bool:
+    """Whether every sharded weight dimension divides by its mesh axes (embed by fsdp; vocab, heads
+    and the MLP width by tensor)."""
+    _, fsdp, tensor = shape
+    return cfg.hidden_size % fsdp == 0 and all(d % tensor == 0 for d in (cfg.vocab_size, cfg.num_heads,
+                                                                           cfg.intermediate_size))

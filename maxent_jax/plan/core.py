@@ -34,7 +34,7 @@ from maxent_jax.parallel.flops import decoder_matmul_params
 from maxent_jax.parallel.mesh import make_mesh, resolve_mesh_shape
 from maxent_jax.parallel.rules import resolve_rules
 from maxent_jax.plan import programs
-from maxent_jax.plan.architecture import model_config
+from maxent_jax.plan.architecture import divides, model_config
 
 PHASES = ("update", "score", "sample")
 ITEMS = ("params", "optimizer", "reference", "gradients", "batch", "kv_cache", "temporaries")
@@ -194,12 +194,6 @@ def _check_divisible(config: ml_collections.ConfigDict, cfg: ModelConfig, shape:
             raise UserError(f"mesh.shape={shape}: the model's {name}={size} is not divisible by {parts} devices, so "
                             f"those weights would be replicated; use a mesh whose fsdp/tensor sizes divide it, "
                             f"e.g. {suggest_mesh(cfg, math.prod(shape))}")
-
-
-def divides(cfg: ModelConfig, shape: tuple[int, int, int]) -> bool:
-    _, fsdp, tensor = shape
-    return (cfg.hidden_size % fsdp == 0 and (tensor == 1 or (cfg.vocab_size % tensor == 0 and cfg.num_heads % tensor == 0
-                                                             and cfg.intermediate_size % tensor == 0)))
 
 
 def suggest_mesh(cfg: ModelConfig, devices: int) -> str:
