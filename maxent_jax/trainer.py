@@ -46,6 +46,7 @@ from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
 from maxent_jax.parallel.distributed import global_batch, read_scalars
 from maxent_jax.parallel.rules import batch_spec, resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
+from maxent_jax.plan.guard import check_fits
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
@@ -87,6 +88,7 @@ class Trainer:
         # split over host processes (each feeds its slice of the global batch).
         self.num_prompts = (c.train.per_device_train_batch_size * batch_devices
                             * c.train.gradient_accumulation_steps) // jax.process_count()
+        check_fits(c, tuple(self.mesh.devices.shape))  # accelerators only: the planned peak vs the device's memory
         self.policy = load_policy(c, self.mesh, self.rules)
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,

@@ -247,6 +247,7 @@ def test_dry_run_plan(slurm, nodes):
     plan = json.loads((r.fake / "plan.json").read_text())
     devices = 6 if nodes == 1 else 8 * (nodes - 1)
     assert f"--devices={devices}" in plan and f"--config={CONFIG}" in plan and "--device-memory=80GB" in plan
+    assert "--cache" in plan  # stored where the trainer's pre-run check (maxent_jax.plan.guard) finds it
     assert "plan: (fake) verdict: fits" in r.out and "dry run: nothing started" in r.out
 
 

@@ -177,3 +177,38 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_the_trainers_check_refuses_a_plan_over_the_device_memory_in_one_line():
+    from maxent_jax.plan import guard
+
+    plan = {"mesh": [1, 8, 1], "phases": {"score": {"peak_bytes": 30 * 10**9}, "update": {"peak_bytes": 93 * 10**9}}}
+    assert guard.verdict(plan, 100 * 10**9) is None
+    line = guard.verdict(plan, 80 * 10**9)
+    assert line.startswith("the run does not fit: its 'update' phase needs 93.0 GB per device (planned on mesh "
+                           "(1, 8, 1)) and the device has 80.0 GB") and "\n" not in line
+
+
+def test_the_trainers_check_is_a_no_op_on_cpu_and_keys_only_what_shapes_the_programs(tmp_path, monkeypatch):
+    from maxent_jax.plan import guard
+
+    monkeypatch.setenv("MAXENT_CACHE_DIR", str(tmp_path))
+    config = small_config()
+    guard.check_fits(config, (2, 4, 1))  # CPU: returns at once, plans nothing
+    assert not (tmp_path / "plans").exists()
+    key = guard.plan_key(config, (2, 4, 1))
+    assert guard.plan_key(core.apply_overrides(config, {"vllm.url": "http://elsewhere:1/generate"}), (2, 4, 1)) == key
+    assert guard.plan_key(core.apply_overrides(config, {"train.gradient_accumulation_steps": 4}), (2, 4, 1)) != key
+    assert guard.plan_key(config, (1, 8, 1)) != key
+
+
+def test_the_trainers_config_reaches_the_planner_unchanged(tmp_path):
+    from maxent_jax import cli, train
+    from maxent_jax.config import to_json_dict
+    from maxent_jax.plan import guard
+
+    config = small_config(**{"rollout.stop_sequences": ("</answer>",), "mesh.shape": (1, 8, 1)})
+    path = tmp_path / "run_config.py"
+    path.write_text(guard._config_module(config))
+    fv, _ = cli.parse(train.define_flags, ["plan", f"--config={path}"])
+    assert to_json_dict(train.resolve_config(fv)) == to_json_dict(config)

@@ -56,6 +56,8 @@ def define_flags():
     flags.DEFINE_string("device_memory", "80GB", "Memory of one device: 80GB (10^9 bytes), 80GiB, 141GB.",
                         flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the plan as JSON here.", flag_values=fv)
+    flags.DEFINE_boolean("cache", False, "Also store the plan where the trainer's pre-run check looks for it "
+                         "(the launcher's --dry-run does).", flag_values=fv)
     flags.DEFINE_boolean("fixes", True, "When the plan does not fit, plan candidate fixes and print the cheapest "
                          "that fits.", flag_values=fv)
     return fv
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from maxent_jax.plan.run import run
 
     return run(fv.config, config_name=fv["config"].config_filename, devices=fv.devices, mesh=fv.mesh,
-               device_memory=fv.device_memory, json_path=fv.json, fixes=fv.fixes)
+               device_memory=fv.device_memory, json_path=fv.json, fixes=fv.fixes, cache=fv.cache)
 
 
 if __name__ == "__main__":

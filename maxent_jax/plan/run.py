@@ -27,7 +27,7 @@ def resolve(config: ml_collections.ConfigDict, *, devices: int, mesh: str | None
 
 
 def run(config: ml_collections.ConfigDict, *, config_name: str, devices: int, mesh: str | None,
-        device_memory: str, json_path: str | None, fixes: bool = True) -> int:
+        device_memory: str, json_path: str | None, fixes: bool = True, cache: bool = False) -> int:
     """Print the plan; 0 when it fits, 1 when it does not (the table says why and what would fit)."""
     memory = core.parse_bytes(device_memory)
     config = resolve(config, devices=devices, mesh=mesh)
@@ -35,13 +35,17 @@ def run(config: ml_collections.ConfigDict, *, config_name: str, devices: int, me
     if not result.fits and fixes:
         result.fix = core.find_fix(config, result, devices=devices)
     print(core.table(result), flush=True)
-    if json_path:
-        path = pathlib.Path(json_path)
+    paths = [pathlib.Path(json_path)] if json_path else []
+    if cache:  # where the trainer's check (plan.guard) looks for this run's plan
+        from maxent_jax.plan.guard import plan_file
+
+        paths.append(plan_file(config, result.mesh))
+    for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
         except OSError as err:
-            raise UserError(f"--json={json_path}: cannot write ({err.strerror or err})") from None
+            raise UserError(f"--json={path}: cannot write ({err.strerror or err})") from None
     return 0 if result.fits else 1
 
 
