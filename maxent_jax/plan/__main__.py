@@ -56,6 +56,9 @@ def define_flags():
     flags.DEFINE_string("device_memory", "80GB", "Memory of one device: 80GB (10^9 bytes), 80GiB, 141GB.",
                         flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the plan as JSON here.", flag_values=fv)
+    flags.DEFINE_boolean("extrapolate", False, "Compile the model at 2 and 3 layers and extend every count "
+                         "linearly to its depth: minutes instead of tens of minutes for a 28-layer model.",
+                         flag_values=fv)
     flags.DEFINE_boolean("cache", False, "Also store the plan where the trainer's pre-run check looks for it "
                          "(the launcher's --dry-run does).", flag_values=fv)
     flags.DEFINE_boolean("fixes", True, "When the plan does not fit, plan candidate fixes and print the cheapest "
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from maxent_jax.plan.run import run
 
     return run(fv.config, config_name=fv["config"].config_filename, devices=fv.devices, mesh=fv.mesh,
-               device_memory=fv.device_memory, json_path=fv.json, fixes=fv.fixes, cache=fv.cache)
+               device_memory=fv.device_memory, json_path=fv.json, fixes=fv.fixes, cache=fv.cache,
+               extrapolate=fv.extrapolate)
 
 
 if __name__ == "__main__":

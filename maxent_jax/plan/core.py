@@ -85,6 +85,7 @@ class Plan:
     shapes: programs.StepShapes
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # phase -> why it is not planned
     fix: "Fix | None" = None
+    extrapolated_from: tuple[int, int] | None = None  # compiled depths when extended to the real one
 
     @property
     def peak(self) -> Phase:
@@ -107,7 +108,7 @@ class Plan:
             "phases": {p.name: {"peak_bytes": p.peak_bytes, **{f"{k}_bytes": v for k, v in p.items.items()},
                                 "flops": p.flops, "model_flops": p.model_flops,
                                 "compile_seconds": round(p.compile_seconds, 1)} for p in self.phases},
-            "skipped": self.skipped,
+            "skipped": self.skipped, "extrapolated_from_layers": self.extrapolated_from,
         }
         if self.fix is not None:
             out["fix"] = self.fix.to_json()
@@ -132,14 +133,24 @@ def analytic_flops(cfg: ModelConfig, shapes: programs.StepShapes, *, training: b
 
 
 def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int, config_name: str = "",
-         phases: Sequence[str] = PHASES, flops: bool = True) -> Plan:
-    """Compile the step's programs for `config` on `devices` host devices and account their memory."""
+         phases: Sequence[str] = PHASES, flops: bool = True, extrapolate: bool = False,
+         num_layers: int | None = None) -> Plan:
+    """Compile the step's programs for `config` on `devices` host devices and account their memory.
+
+    `extrapolate`: compile the model at 2 and 3 layers and extend every byte and FLOP count linearly
+    to its real depth (see `extrapolated`); `num_layers` overrides the depth (used by that).
+    """
+    if extrapolate:
+        return extrapolated(config, devices=devices, device_memory=device_memory, config_name=config_name,
+                            phases=phases, flops=flops)
     available = jax.devices()
     if len(available) < devices:
         raise UserError(f"--devices={devices}: only {len(available)} host devices here; set "
                         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts")
     shape = resolve_mesh_shape(tuple(config.mesh.shape), devices)
     cfg = model_config(config)
+    if num_layers is not None:
+        cfg = cfg.replace(num_layers=num_layers)
     mesh = make_mesh(shape, available[:devices])
     rules = resolve_rules(tuple(config.mesh.rules))
     _check_divisible(config, cfg, shape)
@@ -180,6 +191,34 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
             out.append(Phase("sample", items, c.peak + optimizer + reference, c.seconds))
     name = config.model.name_or_path or "tiny (built-in)"
     return Plan(config_name, name, shape, device_memory, out, setup.shapes, skipped)
+
+
+def extrapolated(config: ml_collections.ConfigDict, *, devices: int, device_memory: int, config_name: str,
+                 phases: Sequence[str], flops: bool) -> Plan:
+    """The plan of the model at its depth L from plans at 2 and 3 layers: x(L) = x(3) + (L - 3) (x(3) - x(2)).
+
+    Why it is exact enough: every layer adds the same parameters, optimizer state, gradients, saved
+    residuals (remat) and FLOPs, and with the memory-minimising schedule (`__main__.PLAN_XLA_FLAGS`)
+    a layer's transient buffers are reused by the next, so each count is affine in the depth
+    (tests/test_plan.py compares a 6-layer plan with its extrapolation). Compile time no longer grows
+    with the depth: a 28-layer 7B recipe compiles as two small programs.
+    """
+    depth = model_config(config).num_layers
+    two, three = (plan(config, devices=devices, device_memory=device_memory, config_name=config_name,
+                       phases=phases, flops=flops, num_layers=n) for n in (2, 3))
+
+    def at_depth(a: float | None, b: float | None) -> Any:
+        if a is None or b is None:
+            return None
+        value = b + (depth - 3) * (b - a)
+        return int(value) if isinstance(b, int) else float(value)
+
+    phases_out = [Phase(p3.name, {k: at_depth(p2.items[k], p3.items[k]) for k in p3.items},
+                        at_depth(p2.peak_bytes, p3.peak_bytes), p2.compile_seconds + p3.compile_seconds,
+                        at_depth(p2.flops, p3.flops), at_depth(p2.model_flops, p3.model_flops))
+                  for p2, p3 in zip(two.phases, three.phases)]
+    return Plan(config_name, three.model, three.mesh, device_memory, phases_out, three.shapes, three.skipped,
+                extrapolated_from=(2, 3))
 
 
 def _check_divisible(config: ml_collections.ConfigDict, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
@@ -268,7 +307,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     return out
 
 
-def find_fix(config: ml_collections.ConfigDict, base: Plan, *, devices: int, limit: int = 6) -> Fix | None:
+def find_fix(config: ml_collections.ConfigDict, base: Plan, *, devices: int, limit: int = 6,
+             extrapolate: bool = False) -> Fix | None:
     """The first candidate (cheapest first) whose plan fits; only the phases that did not fit are
     recompiled, and at most `limit` candidates are tried."""
     failing = [p.name for p in base.phases if p.peak_bytes > base.device_memory]
@@ -282,7 +322,7 @@ def find_fix(config: ml_collections.ConfigDict, base: Plan, *, devices: int, lim
         if tried > limit:
             break
         candidate = plan(changed, devices=devices, device_memory=base.device_memory, config_name=base.config_name,
-                         phases=failing, flops=False)
+                         phases=failing, flops=False, extrapolate=extrapolate)
         if candidate.fits:
             return Fix(what, overrides, candidate)
     return None
@@ -298,6 +338,9 @@ def table(p: Plan) -> str:
              f"{math.prod(p.mesh)} devices of {gb(p.device_memory)} GB",
              f"step: {s.prompts} prompts x {s.group} completions, {s.num_micro} micro-batches, "
              f"{s.prompt_len}+{s.completion_len} tokens per row", ""]
+    if p.extrapolated_from:
+        lines.insert(2, f"(compiled at {p.extrapolated_from[0]} and {p.extrapolated_from[1]} layers, extended "
+                        "linearly to the model's depth: --extrapolate)")
     unit, scale = _unit(max(ph.peak_bytes for ph in p.phases))
     header = [f"per device ({unit})"] + [p_.name for p_ in p.phases]
     rows = [[ITEM_LABELS[k]] + [f"{ph.items[k] / scale:.2f}" for ph in p.phases] for k in ITEMS

@@ -2,7 +2,8 @@
 
     python -m maxent_jax.plan.recipes_doc --write [--only configs/qwen2_5_7b/maxent_math.py]
 
-plans each recipe (`python -m maxent_jax.plan --json`, minutes per 7B recipe on a small CPU),
+plans each recipe (`python -m maxent_jax.plan --extrapolate --json`: compiled at 2 and 3 layers
+and extended to the model's depth, a few minutes per recipe on a 2-core CPU),
 stores the JSON under docs/plans/ with a fingerprint of its inputs (the resolved config and the
 model's config.json), and rewrites the section between the markers of docs/recipes.md from the
 stored JSONs. Without --write it only re-renders from the stored plans.
@@ -56,7 +57,8 @@ def generate(recipe: str) -> None:
     """Plan one recipe in a fresh process (8 host devices) and store its JSON with the fingerprint."""
     out = plan_path(recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "maxent_jax.plan", f"--config={recipe}", "--json", str(out), "--nofixes"],
+    proc = subprocess.run([sys.executable, "-m", "maxent_jax.plan", f"--config={recipe}", "--json", str(out), "--nofixes",
+                           "--extrapolate"],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode not in (0, 1):
         raise SystemExit(f"planning {recipe} failed (exit {proc.returncode})")

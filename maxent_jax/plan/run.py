@@ -27,13 +27,15 @@ def resolve(config: ml_collections.ConfigDict, *, devices: int, mesh: str | None
 
 
 def run(config: ml_collections.ConfigDict, *, config_name: str, devices: int, mesh: str | None,
-        device_memory: str, json_path: str | None, fixes: bool = True, cache: bool = False) -> int:
+        device_memory: str, json_path: str | None, fixes: bool = True, cache: bool = False,
+        extrapolate: bool = False) -> int:
     """Print the plan; 0 when it fits, 1 when it does not (the table says why and what would fit)."""
     memory = core.parse_bytes(device_memory)
     config = resolve(config, devices=devices, mesh=mesh)
-    result = core.plan(config, devices=devices, device_memory=memory, config_name=_short(config_name))
+    result = core.plan(config, devices=devices, device_memory=memory, config_name=_short(config_name),
+                       extrapolate=extrapolate)
     if not result.fits and fixes:
-        result.fix = core.find_fix(config, result, devices=devices)
+        result.fix = core.find_fix(config, result, devices=devices, extrapolate=extrapolate)
     print(core.table(result), flush=True)
     paths = [pathlib.Path(json_path)] if json_path else []
     if cache:  # where the trainer's check (plan.guard) looks for this run's plan
