@@ -29,7 +29,7 @@ def test_a_changed_recipe_makes_its_plan_stale(monkeypatch, tmp_path):
     import configs.openr1_math as task
 
     original = task.task_config
-    monkeypatch.setattr(task, "task_config", lambda name: _with(original(name), "rollout", "max_completion_length", 4096))
+    monkeypatch.setattr(task, "task_config", lambda name: _with(original(name), "rollout", "temperature", 0.5))
     assert recipes_doc.fingerprint(recipe) != before
 
 
