@@ -86,6 +86,7 @@ class Plan:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # phase -> why it is not planned
     fix: "Fix | None" = None
     extrapolated_from: tuple[int, int] | None = None  # compiled depths when extended to the real one
+    fixes_searched: bool = False
 
     @property
     def peak(self) -> Phase:
@@ -362,7 +363,7 @@ def table(p: Plan) -> str:
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"verdict: {verdict}: peak {peak.peak_bytes / scale:.2f} {unit} in '{peak.name}' of "
                  f"{gb(p.device_memory)} GB per device (margin {gb(p.margin)} GB)")
-    if not p.fits:
+    if not p.fits and p.fixes_searched:
         if p.fix is None:
             lines.append("no single change tried (more fsdp, remat, gradient_chunks, smaller micro-batch, tensor "
                          "parallelism) fits; use more devices")

@@ -36,6 +36,7 @@ def run(config: ml_collections.ConfigDict, *, config_name: str, devices: int, me
                        extrapolate=extrapolate)
     if not result.fits and fixes:
         result.fix = core.find_fix(config, result, devices=devices, extrapolate=extrapolate)
+        result.fixes_searched = True
     print(core.table(result), flush=True)
     paths = [pathlib.Path(json_path)] if json_path else []
     if cache:  # where the trainer's check (plan.guard) looks for this run's plan
