@@ -106,8 +106,11 @@ class Trainer:
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
                                                c.info_seed.pooling, c.model.score_prompt_once),
                                        self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks)
+        # Reference log-probs in the update's micro-batches: scored all at once, a step's rows (512 prompts
+        # x 16 for the 1.5B recipes) needed ~650 GB per device of activations (python -m maxent_jax.plan).
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
                                      self.rules, chunk_size=c.model.logprob_chunk_size,
+                                     micro_batches=c.train.gradient_accumulation_steps,
                                      group=self.group if c.model.score_prompt_once else 1)
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)

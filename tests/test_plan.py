@@ -237,3 +237,17 @@ def test_extrapolating_from_two_and_three_layers_gives_the_deeper_plan(tmp_path)
         assert b["phases"][name]["params_bytes"] == a["phases"][name]["params_bytes"]
         assert b["phases"][name]["peak_bytes"] == pytest.approx(a["phases"][name]["peak_bytes"], rel=0.02), name
     assert b["phases"]["update"]["flops"] == pytest.approx(a["phases"]["update"]["flops"], rel=0.02)
+
+
+def test_the_trainer_scores_reference_logprobs_in_the_updates_micro_batches(tmp_path, monkeypatch):
+    """The planner found the 1.5B recipes' reference pass scoring all 8,192 rows of a step at once
+    (~650 GB per device); the trainer now scores them in the update's micro-batches."""
+    from maxent_jax.trainer import Trainer
+
+    monkeypatch.setenv("MAXENT_CACHE_DIR", str(tmp_path / "cache"))
+    config = small_config(**{"data.synthetic.num_train": 32, "data.synthetic.num_eval": 4, "logging.progress": False})
+    trainer = Trainer(config, tmp_path / "run")
+    try:
+        assert trainer.score.divisor == 8 * config.train.gradient_accumulation_steps
+    finally:
+        trainer.close()

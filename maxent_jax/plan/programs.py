@@ -239,7 +239,8 @@ def compile_score(setup: Setup) -> Compiled:
     c, s = setup.config, setup.shapes
     start = time.monotonic()
     fn = make_logprob_fn(setup.graphdef, setup.rest, setup.state.params, setup.mesh, setup.rules,
-                         chunk_size=c.model.logprob_chunk_size, group=s.group if c.model.score_prompt_once else 1)
+                         chunk_size=c.model.logprob_chunk_size, micro_batches=s.num_micro,
+                         group=s.group if c.model.score_prompt_once else 1)
     rows_sh = NamedSharding(setup.mesh, batch_spec(setup.rules, micro_batched=False))
     widths = {"input_ids": s.seq, "positions": s.seq, "attention_mask": s.seq, "completion_ids": s.completion_len}
     rows = {k: _abstract((s.rows, widths[k]), jnp.bool_ if k == "attention_mask" else jnp.int32, rows_sh)
