@@ -251,3 +251,12 @@ def test_the_trainer_scores_reference_logprobs_in_the_updates_micro_batches(tmp_
         assert trainer.score.divisor == 8 * config.train.gradient_accumulation_steps
     finally:
         trainer.close()
+
+
+def test_the_reference_pass_compiles_in_micro_batches_with_remat():
+    """Scoring in micro-batches (`lax.map`) with per-layer remat once failed to trace (an nnx model
+    merged outside the map); the planner compiles it as the trainer builds it."""
+    config = small_config(**{"model.remat": True})
+    setup = programs.build_setup(config, model_config(config), make_mesh((2, 4, 1)), resolve_rules(()))
+    assert setup.shapes.num_micro == 2
+    assert programs.compile_score(setup).temp > 0
