@@ -80,7 +80,7 @@ tests() {  # the device-agnostic tests (TEST_FILES: a subset) on one GPU, in par
 
 # STEPS picks and orders the steps (default: all of them). `update_big+FIELD=VALUE+...` is `update_big`
 # with ModelConfig fields changed (bench --model), e.g. update_big+attention=cudnn+remat_policy=save_dots.
-for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small update_big_sharded}; do
+for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small update_big_sharded plan_check}; do
     case $name in
         update_big | update_big+*)
             fields=()
@@ -94,6 +94,12 @@ for name in ${STEPS:-update_big sampler_big train_step_small tests sampler_small
         sampler_small) bench sampler_small "${T_SAMPLER_SMALL:-60}" sampler --preset "$small" --repeats 3 --vs transformers ;;
         # The born-sharded initialiser's compile time.
         update_big_sharded) bench update_big_sharded "${T_SHARDED:-90}" update --preset "$big" --repeats 1 --init sharded ;;
+        # The planner's update peak (compiled on CPU host devices) vs this GPU's peak_bytes_in_use for the
+        # Qwen2.5-1.5B update on one device (docs/planning.md); exit 1 beyond 10%.
+        plan_check) XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step plan_check "${T_PLAN:-400}" "$py" -m maxent_jax.plan.gpu_check \
+                --config=configs/qwen2_5_1_5b/grpo_math.py "--config.mesh.shape=(1,1,1)" \
+                --config.rollout.max_completion_length=1024 --config.train.per_device_train_batch_size=1 \
+                --config.train.gradient_accumulation_steps=2 ;;
         *) echo "unknown step $name" >&2; exit 2 ;;
     esac
 done

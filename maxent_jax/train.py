@@ -115,12 +115,16 @@ LENGTH_FIELDS = ("train.max_steps", "train.num_train_epochs")  # a finished run 
 
 
 def enable_compilation_cache() -> None:
-    """Persist compiled programs under the cache dir, so a rerun (or a resumed run) skips compilation."""
+    """Persist compiled programs under the cache dir, so a rerun (or a resumed run) skips compilation.
+
+    JAX_COMPILATION_CACHE_DIR, when set (the launcher sets var/cache/jax), is where they go."""
+    import os
+
     import jax
 
     from maxent_jax.run_setup import cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -51,6 +51,7 @@ from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
 from maxent_jax.parallel.distributed import global_batch, read_scalars
 from maxent_jax.parallel.rules import batch_spec, resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
+from maxent_jax.plan.guard import check_fits
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
@@ -93,6 +94,7 @@ class Trainer:
         # split over host processes (each feeds its slice of the global batch).
         self.num_prompts = (c.train.per_device_train_batch_size * batch_devices
                             * c.train.gradient_accumulation_steps) // jax.process_count()
+        check_fits(c, tuple(self.mesh.devices.shape))  # accelerators only: the planned peak vs the device's memory
         self.policy = load_policy(c, self.mesh, self.rules, workdir=workdir)
         self.task: Task = load_task(c, self.policy.tokenizer)
         self.stream = BatchStream(self.task.train, self.num_prompts, c.seed,
@@ -109,8 +111,11 @@ class Trainer:
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
                                                c.info_seed.pooling, c.model.score_prompt_once),
                                        self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks)
+        # Reference log-probs in the update's micro-batches: scored all at once, a step's rows (512 prompts
+        # x 16 for the 1.5B recipes) needed ~650 GB per device of activations (python -m maxent_jax.plan).
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
                                      self.rules, chunk_size=c.model.logprob_chunk_size,
+                                     micro_batches=c.train.gradient_accumulation_steps,
                                      group=self.group if c.model.score_prompt_once else 1)
         self.packer = (packing.packer_for(c, self.policy.model_cfg, batch_devices, self.policy.pad_id)
                        if c.train.packing else None)

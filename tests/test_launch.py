@@ -38,6 +38,11 @@ if argv[:1] == ["-c"] and "snapshot_download" in argv[1]:
         json.dump(argv[2:], f)
     print(os.path.join(fake, "snapshot"))
     sys.exit(0)
+if argv[:2] == ["-m", "maxent_jax.plan"]:  # the planner is tested in tests/test_plan.py; record its call
+    with open(os.path.join(fake, "plan.json"), "w") as f:
+        json.dump(argv[2:], f)
+    print("plan: (fake) verdict: fits")
+    sys.exit(int(os.environ.get("FAKE_PLAN_RC", "0")))
 if argv[:2] not in (["-m", "maxent_jax.serve"], ["-m", "maxent_jax.train"]):
     os.execv("{python}", ["{python}"] + argv)
 role = argv[1].split(".")[1]
@@ -129,7 +134,7 @@ done
 script="$1"; shift
 list=""
 for ((i = 0; i < nodes; i++)); do list+="${list:+,}n$i"; done
-export SLURM_JOB_ID=4242 SLURM_JOB_NODELIST="$list" SLURM_JOB_NUM_NODES=$nodes SLURM_GPUS_ON_NODE=8
+export SLURM_JOB_ID=${FAKE_JOB_ID:-4242} SLURM_JOB_NODELIST="$list" SLURM_JOB_NUM_NODES=$nodes SLURM_GPUS_ON_NODE=8
 export SLURM_SUBMIT_DIR="$PWD" SLURM_NTASKS=$nodes
 exec bash "$script" "$@"
 '''
@@ -223,8 +228,10 @@ def test_dry_run_plan(slurm, nodes):
     (vllm,), (train,), (env,) = r.plan("vllm"), r.plan("train"), r.plan("env")
     last = f"n{nodes - 1}"
     if nodes == 1:
-        assert "node=n0 gpus=0 " in vllm and "--host 127.0.0.1" in vllm
-        assert "processes=1 gpus/process=7 (CUDA_VISIBLE_DEVICES=1,2,3,4,5,6,7) mesh=1,7,1" in train
+        # 7 trainer GPUs would not divide Qwen2.5-1.5B's hidden size 1536: vLLM takes 2 (dp 2), training 6.
+        assert "using --dp 2 --tp 1: vLLM on 2 GPUs, training on 6 (mesh 1,6,1)" in r.out
+        assert "node=n0 gpus=0,1 dp=2 tp=1" in vllm and "--host 127.0.0.1" in vllm
+        assert "processes=1 gpus/process=6 (CUDA_VISIBLE_DEVICES=2,3,4,5,6,7) mesh=1,6,1" in train
         assert "--config.vllm.url=http://127.0.0.1:29525/generate" in train and "srun" not in train
     else:
         assert f"node={last} gpus=0 " in vllm and f"srun --nodes=1 --ntasks=1 --nodelist={last}" in vllm
@@ -236,6 +243,41 @@ def test_dry_run_plan(slurm, nodes):
     assert "HF_TOKEN=<set>" in env and "hf_secret" not in r.out and "WANDB_PROJECT=proj" in env
     assert ("MASTER_ADDR=n0 MASTER_PORT=" in env) == (nodes > 2)
     assert f"train_{JOB_ID}.log" in r.out and f"vllm-{JOB_ID}.out" in r.out
+    # The plan for the trainer's devices and mesh (its table is tests/test_plan.py's business).
+    plan = json.loads((r.fake / "plan.json").read_text())
+    devices = 6 if nodes == 1 else 8 * (nodes - 1)
+    assert f"--devices={devices}" in plan and f"--config={CONFIG}" in plan and "--device-memory=80GB" in plan
+    assert "--cache" in plan  # stored where the trainer's pre-run check (maxent_jax.plan.guard) finds it
+    assert "plan: (fake) verdict: fits" in r.out and "dry run: nothing started" in r.out
+
+
+def test_dry_run_refuses_a_plan_that_does_not_fit(slurm):
+    r = slurm("--config", CONFIG, "--dry-run", env={"FAKE_PLAN_RC": "1", "MAXENT_DEVICE_MEMORY": "16GB"})
+    assert r.rc == 2 and "dry run: nothing started" not in r.out
+    assert r.err.strip().splitlines() == [
+        "launch: error: the plan above does not fit 16GB per GPU on mesh 1,6,1: apply its fix (--args) or use more GPUs"]
+
+
+def test_a_given_split_that_does_not_divide_the_model_is_refused(slurm):
+    r = slurm("--config", CONFIG, "--dp", "1", "--dry-run")
+    assert r.rc == 2 and not (r.fake / "plan.json").exists()
+    (line,) = r.err.strip().splitlines()
+    assert "mesh 1,7,1 on 7 trainer GPUs (8 - vLLM's dp*tp=1) does not divide Qwen/Qwen2.5-1.5B-Instruct" in line
+    assert line.endswith("use --dp 2 --tp 1 (vLLM on 2 GPUs, training on 6: mesh 1,6,1)")
+
+
+def test_dry_run_checks_the_vllm_environment(slurm):
+    r = slurm("--config", CONFIG, "--dry-run", env={"VLLM_PYTHON": "/nonexistent/python"})
+    assert r.rc == 2 and "rollout-server interpreter /nonexistent/python not found" in r.err
+
+
+def test_a_resubmitted_job_uses_the_same_run_directory(slurm):
+    first = slurm("--config", CONFIG, "--dry-run", env={"FAKE_JOB_ID": "100"})
+    second = slurm("--config", CONFIG, "--dry-run", env={"FAKE_JOB_ID": "101"})
+    named = slurm("--config", CONFIG, "--run-name", "trial-2", "--dry-run")
+    assert [f"train_{job}.log" in r.out for r, job in ((first, 100), (second, 101))] == [True, True]
+    workdirs = [_flag(r.plan("train")[0].split(), "workdir") for r in (first, second, named)]
+    assert workdirs == ["var/runs/qwen2_5_1_5b-maxent_math"] * 2 + ["var/runs/trial-2"]
 
 
 def test_one_node_run(slurm):
@@ -244,13 +286,13 @@ def test_one_node_run(slurm):
     assert r.rc == 0, r.err
     (server,), (trainer,) = r.records("serve"), r.records("train")
     s_argv, t_argv = server["argv"], trainer["argv"]
-    assert server["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert server["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert _flag(s_argv, "backend") == "vllm" and _flag(s_argv, "host") == "127.0.0.1"
     assert _flag(s_argv, "port") == "31000" and _flag(s_argv, "max-model-len") == "4144"
     assert _flag(s_argv, "model") == str(r.fake / "snapshot")  # fetched from the hub id first
     assert json.loads((r.fake / "fetch.json").read_text()) == ["Qwen/Qwen2.5-1.5B-Instruct", "main"]
-    assert trainer["env"]["CUDA_VISIBLE_DEVICES"] == "1,2,3,4,5,6,7"
-    assert _flag(t_argv, "config") == CONFIG and _flag(t_argv, "config.mesh.shape") == "(1,7,1)"
+    assert trainer["env"]["CUDA_VISIBLE_DEVICES"] == "2,3,4,5,6,7"
+    assert _flag(t_argv, "config") == CONFIG and _flag(t_argv, "config.mesh.shape") == "(1,6,1)"
     assert _flag(t_argv, "config.rollout.backend") == "server"
     assert _flag(t_argv, "config.vllm.url") == "http://127.0.0.1:31000/generate"
     assert _flag(t_argv, "config.vllm.token_file") == _flag(s_argv, "token-file")

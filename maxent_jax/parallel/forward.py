@@ -69,21 +69,22 @@ def completion_logprobs(model: nnx.Module, batch: dict[str, jax.Array], *, chunk
     return completion_logprobs_and_hidden(model, batch, chunk_size=chunk_size, group=group)[0]
 
 
-def _in_micro_batches(fn: Any, batch: dict[str, jax.Array], micro_batches: int, group: int) -> jax.Array:
-    """Apply `fn` to `micro_batches` strided slices of whole groups of rows, one after the other.
+def _in_micro_batches(fn: Any, state: Any, batch: dict[str, jax.Array], micro_batches: int, group: int) -> jax.Array:
+    """Apply `fn(state, slice)` to `micro_batches` strided slices of whole groups of rows, one after the other.
 
     Groups of `group` rows are split as [N/G] -> [N/(G m), m] (group i goes to slice i % m), which
     keeps each device's block of rows on that device, so no data moves; only one slice's
-    activations are live.
+    activations are live. `state` (the parameters) travels as the loop's carry rather than by
+    closure: an nnx model merged from closed-over arrays cannot be rematerialised inside the loop.
     """
     if micro_batches == 1:
-        return fn(batch)
+        return fn(state, batch)
 
     def split(x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0] // (group * micro_batches), micro_batches, group, *x.shape[1:]).swapaxes(0, 1)
         return x.reshape(micro_batches, -1, *x.shape[3:])
 
-    out = jax.lax.map(fn, jax.tree.map(split, batch))  # [m, N/m, Tc]
+    _, out = jax.lax.scan(lambda carry, b: (carry, fn(carry, b)), state, jax.tree.map(split, batch))  # [m, N/m, Tc]
     out = out.reshape(micro_batches, -1, group, *out.shape[2:]).swapaxes(0, 1)
     return out.reshape(-1, *out.shape[3:])
 
@@ -138,10 +139,11 @@ def make_logprob_fn(
     rows = NamedSharding(mesh, batch_spec(rules, micro_batched=False))
 
     def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-        model = nnx.merge(graphdef, params, rest)
-        score = lambda b: completion_logprobs(model, b, chunk_size=chunk_size, group=group)  # noqa: E731
+        def score(state: tuple[nnx.State, nnx.State], b: dict[str, jax.Array]) -> jax.Array:
+            return completion_logprobs(nnx.merge(graphdef, *state), b, chunk_size=chunk_size, group=group)
+
         with activation_sharding(mesh, rules):
-            return _in_micro_batches(score, batch, micro_batches, group).astype(jnp.float32)
+            return _in_micro_batches(score, (params, rest), batch, micro_batches, group).astype(jnp.float32)
 
     jitted = jax.jit(forward, in_shardings=(params_sh, rest_sh, rows), out_shardings=rows)
     blocking = mesh.devices.flat[0].platform == "cpu"
