@@ -88,7 +88,7 @@ class Trainer:
         self.group = c.rollout.num_generations + self.seeds  # K: completions per prompt group
         self.seed_rng = np.random.default_rng([c.seed, 9])  # seeded seed ids (the reference's are not, Q20)
         self.mesh = make_mesh(tuple(c.mesh.shape))
-        self.rules = resolve_rules(_rule_overrides(c.mesh.rules))
+        self.rules = resolve_rules(c.mesh.rules)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         # Prompts this host samples per optimizer step: per_device x batch devices x accumulation,
         # split over host processes (each feeds its slice of the global batch).
@@ -583,15 +583,4 @@ def _interleave(originals: list, seeds: list, n: int, s: int) -> list:
     out = []
     for p in range(len(originals) // n):
         out += originals[p * n:(p + 1) * n] + seeds[p * s:(p + 1) * s]
-    return out
-
-
-def _rule_overrides(rules: Sequence[str]) -> list[tuple[str, str | None]]:
-    """`("vocab=tensor", "embed=none")` -> [("vocab", "tensor"), ("embed", None)]."""
-    out = []
-    for rule in rules:
-        logical, sep, axis = rule.partition("=")
-        if not sep or not logical or not axis:
-            raise UserError(f"config field mesh.rules entry {rule!r} is invalid: use 'logical=mesh_axis' or 'logical=none'")
-        out.append((logical.strip(), None if axis.strip() == "none" else axis.strip()))
     return out

@@ -294,3 +294,16 @@ def test_init_sharded_model_equals_eager_init():
     for got, spec in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         assert got.sharding.is_equivalent_to(spec, got.ndim)
     assert params["embedding"].get_value().sharding.spec == P("tensor", "fsdp")
+
+
+def test_the_trainer_applies_mesh_rules_from_the_config(tmp_path):
+    """`mesh.rules` strings reach the trainer's table (they were once re-parsed as tuples and refused)."""
+    from maxent_jax.trainer import Trainer
+    from tests.fault_fixtures import tiny_config
+
+    trainer = Trainer(tiny_config(**{"mesh.rules": ("embed=none", "mlp=fsdp+tensor")}), tmp_path)
+    try:
+        table = dict(trainer.rules)
+        assert table["embed"] == () and table["mlp"] == ("fsdp", "tensor")
+    finally:
+        trainer.close()
