@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxent_jax.errors import UserError
+from maxent_jax.errors import StorageFault, UserError
 from maxent_jax.storage import QuietStorageFailures, silence_late_write_callbacks, storage_problem
 
 log = logging.getLogger(__name__)
@@ -455,7 +455,7 @@ class CheckpointManager:
             whole = [s for s in list_steps(self.directory)
                      if s != step and checkpoint_problem(self.directory / str(s)) is None]
             kept = f"the newest whole checkpoint is step {whole[-1]}" if whole else "no whole checkpoint was saved yet"
-            raise UserError(
+            raise StorageFault(
                 f"could not write checkpoint step {step} in {self.directory}: {problem}; {kept}. Free space "
                 f"(or make the workdir writable) and rerun the same command to resume") from None
 
@@ -489,10 +489,13 @@ class CheckpointManager:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
+        reported = self._failed
         try:
-            self._manager.close()
-        except Exception as err:
-            if not (self._failed and storage_problem(err)):  # already reported as one line
+            # A save still in flight when another write failed (metrics.jsonl) fails here too: one line.
+            with self._reporting_storage_faults(self._pending_step):
+                self._manager.close()
+        except StorageFault:
+            if not reported:  # else already reported as one line
                 raise
         finally:
             if not self._failed:  # after a fault, its write tasks still log when they are collected at exit

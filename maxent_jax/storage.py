@@ -8,10 +8,14 @@ reduced here to the OS's own words so the entry point can print one line (exit 2
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
 import sys
+from typing import Iterator
+
+from maxent_jax.errors import StorageFault
 
 # errno -> the words the user sees; these are the storage faults a rerun can recover from.
 STORAGE_ERRNOS = {
@@ -69,3 +73,17 @@ def silence_late_write_callbacks() -> None:
 
     hook._drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def reporting_storage_faults(what: str) -> Iterator[None]:
+    """A full disk / read-only workdir while writing `what` -> one `StorageFault` line (the entry
+    point prints it and exits 2); any other error passes through."""
+    try:
+        yield
+    except OSError as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        raise StorageFault(f"could not write {what}: {problem}; free space (or make the workdir writable) and "
+                           "rerun the same command to resume from the newest checkpoint") from None

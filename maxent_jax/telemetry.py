@@ -27,7 +27,7 @@ import ml_collections
 
 from maxent_jax.config import to_json_dict
 from maxent_jax.console import CompileClock
-from maxent_jax.errors import UserError
+from maxent_jax.errors import StorageFault
 from maxent_jax.storage import storage_problem
 
 METRICS_FILE = "metrics.jsonl"
@@ -426,7 +426,7 @@ def write_whole_line(f: TextIO, line: str) -> None:
         problem = storage_problem(err)
         if problem is None:
             raise
-        raise UserError(f"could not write {f.name}: {problem}; free space (or make the workdir writable) and "
+        raise StorageFault(f"could not write {f.name}: {problem}; free space (or make the workdir writable) and "
                         "rerun the same command to resume from the newest checkpoint") from None
 
 

@@ -56,6 +56,7 @@ from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.storage import reporting_storage_faults
 from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
 from maxent_jax.telemetry import Telemetry
 
@@ -513,7 +514,8 @@ class Trainer:
                 if (not stopping and c.eval.do_eval and c.eval.eval_steps and self.step % c.eval.eval_steps == 0
                         and self.task.eval):
                     self.telemetry.log_eval(self.step, self.evaluate())
-                write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
+                with reporting_storage_faults(CONTROLLER_FILE):
+                    write_controller_state(self.workdir / CONTROLLER_FILE, self.controllers, self.controller_settings)
                 saved = self.checkpoints.due(self.step) or stopping
                 if saved:
                     self.save()
