@@ -166,12 +166,7 @@ def _unknown_flag(name: str, flag_values: flags.FlagValues | None) -> str:
 def apply_overrides(config: ml_collections.ConfigDict, config_flag: Any) -> None:
     """Write the command line's `--config.a.b=v` values onto a config that did not come from the
     flag itself (a recipe, a run's own config.json): the flag applied them to its default only."""
-    for path, value in config_flags.get_override_values(config_flag).items():
-        *parents, leaf = path.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    config_lib.set_fields(config, config_flags.get_override_values(config_flag))
 
 
 def validated(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:

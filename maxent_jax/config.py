@@ -652,3 +652,13 @@ def from_json_dict(data: dict, source: str = "config.json") -> ml_collections.Co
     with config.unlocked():
         fill(config, data, "")
     return config
+
+
+def set_fields(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    """Write `{'train.max_steps': 5, ...}` (dotted field names) onto `config` in place."""
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value

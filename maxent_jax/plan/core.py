@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
+from maxent_jax.config import set_fields
 from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.parallel.flops import decoder_matmul_params
@@ -299,12 +300,7 @@ def candidate_fixes(config: ml_collections.ConfigDict, devices: int) -> list[tup
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     out = copy.deepcopy(config)
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    set_fields(out, overrides)
     return out
 
 
