@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax import flag_spelling
 from maxent_jax.errors import UserError
 
@@ -170,7 +171,7 @@ def apply_overrides(config: ml_collections.ConfigDict, config_flag: Any) -> None
 
 
 def validated(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:
-    config_lib.validate(config, device_count)
+    config_check.validate(config, device_count)
     return config
 
 

@@ -30,6 +30,7 @@ import ml_collections
 
 from maxent_jax import checkpoint as checkpoint_lib
 from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax import workdir as workdir_lib
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
@@ -84,8 +85,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, accept_
         import jax
 
         device_count, device_kind = jax.device_count(), jax.devices()[0].platform
-    config_lib.validate(config, device_count)
-    shape = config_lib.validate_mesh_shape(tuple(config.mesh.shape), device_count)
+    config_check.validate(config, device_count)
+    shape = config_check.validate_mesh_shape(tuple(config.mesh.shape), device_count)
     mesh = dict(zip(config_lib.MESH_AXES, shape))
 
     existing, changes = workdir_lib.check_reuse(workdir, config, accept_changes=accept_changes)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import ml_collections
 import yaml
 
-from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax.errors import UserError
 from maxent_jax.recipe_keys import FIELDS, IGNORED, KL_ALIASES, NEUTRAL_ONLY, RULE_KEYS, TRL_KEYS, as_list, url
 
@@ -334,7 +334,7 @@ def apply(config: ml_collections.ConfigDict, recipe: Recipe) -> ml_collections.C
             written.append(field)
         except (TypeError, ValueError):
             problems.append(f"key {key}={value!r} cannot set {field}: expected {kind.__name__}")
-    problems += [f"key {recipe.updates[f][1]}: {message}" for f, message in config_lib.field_problems(config, written)]
+    problems += [f"key {recipe.updates[f][1]}: {message}" for f, message in config_check.field_problems(config, written)]
     if problems:
         raise UserError(f"recipe {recipe.source}: " + "; ".join(problems) + " (docs/recipes.md lists every key)")
     return config

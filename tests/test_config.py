@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
 from configs.tiny import get_config as tiny_config
@@ -72,7 +73,7 @@ def test_bad_value_names_the_field(path, value):
     config = tiny_config()
     _set(config, path, value)
     with pytest.raises(UserError) as err:
-        config_lib.validate(config)
+        config_check.validate(config)
     message = str(err.value)
     assert path in message and "\n" not in message
 
@@ -98,16 +99,16 @@ def test_cross_field_rules(overrides, field):
     for path, value in overrides.items():
         _set(config, path, value)
     with pytest.raises(UserError, match=field.replace(".", r"\.")):
-        config_lib.validate(config)
+        config_check.validate(config)
 
 
 def test_mesh_must_fit_the_devices():
     config = tiny_config()
     config.mesh.shape = (1, 3, 1)
-    config_lib.validate(config)
+    config_check.validate(config)
     with pytest.raises(UserError, match="mesh.shape"):
-        config_lib.validate(config, device_count=8)
-    assert config_lib.validate_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+        config_check.validate(config, device_count=8)
+    assert config_check.validate_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
 
 
 def test_decode_streams_need_a_one_device_mesh():
@@ -121,18 +122,18 @@ def test_decode_streams_need_a_one_device_mesh():
     config = tiny_config()
     config.rollout.decode_streams = 2
     config.mesh.shape = (1, 1, 1)
-    config_lib.validate(config, device_count=1)
+    config_check.validate(config, device_count=1)
     config.mesh.shape = (1, -1, 1)
     with pytest.raises(UserError, match=r"rollout\.decode_streams=2 is invalid: 0 or 1 on a mesh of 8 devices"):
-        config_lib.validate(config, device_count=8)
+        config_check.validate(config, device_count=8)
     assert decode_streams(3, None) == 3  # as configured
     assert decode_streams(0, make_mesh((1, 1, 1), jax.devices()[:1])) == min(2, os.cpu_count())  # auto, one CPU device
     assert decode_streams(0, make_mesh((1, -1, 1))) == 1  # auto, the 8-device mesh
 
 
 def test_defaults_and_recipes_validate():
-    config_lib.validate(config_lib.get_base_config(), device_count=8)
-    config_lib.validate(tiny_config(), device_count=1)
+    config_check.validate(config_lib.get_base_config(), device_count=8)
+    config_check.validate(tiny_config(), device_count=1)
 
 
 def _run_train(*args):

@@ -14,7 +14,7 @@ from maxent_jax.experiments.__main__ import parse_args
 from maxent_jax.experiments.arms import ARMS, arm_config
 from maxent_jax.experiments import diversity
 from maxent_jax.experiments.diversity import diversity_metrics, score_samples
-from maxent_jax.config import validate
+from maxent_jax.config_check import validate
 from maxent_jax.errors import UserError
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maxent_jax.config import get_base_config, validate
+from maxent_jax.config import get_base_config
+from maxent_jax.config_check import validate
 from maxent_jax.errors import UserError
 from maxent_jax.model import Decoder, ModelConfig
 from maxent_jax.objectives import ObjectiveSettings, get_objective

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 from hypothesis import given, strategies as st
 
-from maxent_jax.config import get_base_config, validate
+from maxent_jax.config import get_base_config
+from maxent_jax.config_check import validate
 from maxent_jax.errors import UserError
 from maxent_jax.model import Decoder, ModelConfig
 from maxent_jax.objectives import ObjectiveSettings, get_objective

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax import recipe_keys, recipes, train
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
@@ -49,7 +50,7 @@ def test_every_model_has_its_recipes():
 def test_recipe_validates_with_spec14_values(path):
     model, kind = path.parent.name, path.stem.removesuffix("_math")
     c = _recipe(model, kind)
-    config_lib.validate(c, device_count=8)
+    config_check.validate(c, device_count=8)
     assert c.model.name_or_path == MODELS[model][0]
     assert (c.data.dataset_name, c.data.dataset_prompt_column, c.data.dataset_solution_column) == (
         "open-r1/OpenR1-Math-220k", "problem", "answer")
@@ -290,7 +291,7 @@ def _yaml(tmp_path, text, name="recipe.yaml"):
 def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
     recipe = recipes.load(_yaml(tmp_path, SPEC14_MAXENT_YAML))
     config = recipes.apply(config_lib.get_base_config(), recipe)
-    config_lib.validate(config)
+    config_check.validate(config)
     ours = _flat(_recipe("qwen2_5_1_5b", "maxent"))
     got = _flat(config)
     # Fields we deliberately set differently from the reference (quirk fixes, launcher wiring,

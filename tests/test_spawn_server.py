@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from configs.tiny import get_config
-from maxent_jax import config as config_lib
+from maxent_jax import config_check
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.client import RolloutClient, base_url
@@ -63,7 +63,7 @@ def test_config_checks_the_fields(field, value, fragment):
     config = get_config()
     config.rollout[field] = value
     with pytest.raises(UserError, match="^config field ") as err:
-        config_lib.validate(config)
+        config_check.validate(config)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
