@@ -130,6 +130,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # The spawned server's CUDA_VISIBLE_DEVICES, e.g. '0,1' (start the trainer with the other
     # devices visible); '' = the trainer's own environment.
     c.rollout.spawn_server_devices = ""
+    # DAPO's group filter: drop groups whose rewards are all equal (no signal for GRPO or MaxEnt)
+    # and draw more prompts until the batch is full of informative groups (docs/rollout.md).
+    c.rollout.dynamic_sampling = False
+    # Rounds of prompts one step may draw with dynamic_sampling (the first included); after the
+    # last the step trains on the informative groups it has, the rest of the batch masked out.
+    c.rollout.dynamic_sampling_max_rounds = 10
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"

@@ -104,6 +104,8 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.top_k", *_NONNEG_INT),
     ("rollout.sync_interval_steps", *_NONNEG_INT),
     ("rollout.spawn_server", *_one_of(SPAWN_SERVERS)),
+    ("rollout.dynamic_sampling", lambda v: isinstance(v, bool), "True or False"),
+    ("rollout.dynamic_sampling_max_rounds", *_POS_INT),
     ("rollout.spawn_server_devices", lambda v: isinstance(v, str) and re.fullmatch(r"(\d+(,\d+)*)?", v) is not None,
      "'' or comma-separated device indices such as '0,1'"),
     ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),

@@ -55,6 +55,7 @@ from maxent_jax.plan.guard import check_fits
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
+from maxent_jax.rollout import dynamic_sampling
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.storage import reporting_storage_faults
 from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
@@ -75,6 +76,7 @@ class Rollout:
     texts: list[str]
     lengths: np.ndarray  # [P * G] completion tokens
     seconds: float
+    valid: np.ndarray | None = None  # [P, G] bool; None = all (dynamic sampling marks its filler groups invalid)
 
 
 class Trainer:
@@ -234,7 +236,7 @@ class Trainer:
         c = self.config
         grouped = self._grouped(ro.batch)
         mask = grouped["completion_mask"]
-        valid = np.ones(ro.utilities.shape, bool)
+        valid = np.ones(ro.utilities.shape, bool) if ro.valid is None else ro.valid
         lengths = mask.sum(-1).astype(np.float32)
         packed, pack_stats = self.packer(grouped) if self.packer else ({}, {})
         ref_logp = self.reference_logprobs(ro.batch, {**packed, "completion_mask": mask}).reshape(mask.shape)
@@ -290,7 +292,11 @@ class Trainer:
         if remote is not None:  # a LoRA run pushes its merged weights (the server holds a plain model)
             remote.maybe_push(self.state.params if self.policy.lora is None else lora_io.merged_state(
                 nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)), self.step)
-        ro = self.rollout(rows)
+        ro, sampling = self.rollout(rows), {}
+        if c.rollout.dynamic_sampling:  # keep informative groups, draw more prompts (rollout/dynamic_sampling.py)
+            rows, ro, sampling = dynamic_sampling.fill_batch(
+                (rows, ro), self.stream.next, self.rollout, max_rounds=c.rollout.dynamic_sampling_max_rounds,
+                micro_batches=c.train.gradient_accumulation_steps, pad_id=self.policy.pad_id)
         arrays, stats, inputs = self.prepare(ro)
         self.tokens_seen += int(ro.batch["attention_mask"].sum())
         if c.logging.log_completions:
@@ -319,6 +325,7 @@ class Trainer:
             **{f"train/{k}": v for k, v in stats.items()},
             **read_scalars(controller_metrics),
             **self._rollout_metrics(ro),
+            **sampling,
             "train/tau": used_tau,
             "train/beta": used_beta,
             "train/skipped_steps": float(skipped),
