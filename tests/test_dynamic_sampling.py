@@ -64,6 +64,21 @@ def _fill(rounds, max_rounds, micro_batches=1):
                       micro_batches=micro_batches, pad_id=PAD)
 
 
+@pytest.mark.parametrize("field, value", [("rollout.dynamic_sampling", "yes"),
+                                          ("rollout.dynamic_sampling_max_rounds", 0)])
+def test_bad_settings_are_one_line_naming_the_field(field, value):
+    from maxent_jax import config as config_lib, config_check
+    from maxent_jax.errors import UserError
+
+    config = config_lib.get_base_config()
+    section, leaf = field.split(".")
+    with config[section].ignore_type():
+        config[section][leaf] = value
+    with pytest.raises(UserError, match=rf"{field}={value!r}.*(True or False|>= 1)") as err:
+        config_check.validate(config)
+    assert "\n" not in str(err.value)
+
+
 def test_informative_means_rewards_not_all_equal():
     u = np.array([[1, 1, 1, 1], [0, 0, 0, 1], [0.5, 0.5, 0.5, 0.5 + 1e-9], [0.3, 0.2, 0.3, 0.3]])
     assert informative_groups(u).tolist() == [False, True, False, True]
