@@ -48,6 +48,9 @@ TINY = {
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "maxent": {"maxent.target_weight_entropy": 1.0, "maxent.tau_lr": 0.05, "maxent.tau_max": 1.0},
     "grpo": {"objective.train_grpo_objective": True},
+    # several rounds of prompts per step (rollout.dynamic_sampling): the stream position after them resumes
+    "grpo_dynamic_sampling": {"objective.train_grpo_objective": True, "rollout.dynamic_sampling": True,
+                              "rollout.dynamic_sampling_max_rounds": 3},
     "infoseed": {"info_seed.enabled": True, "info_seed.num_seeds": 2, "info_seed.lambda_": 0.01},
     "meta_analytic": {"controller_meta.enabled": True, "controller_meta.method": "analytic",
                       "controller_meta.lr": 0.01, "maxent.target_weight_entropy": 1.0},
