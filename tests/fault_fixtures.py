@@ -48,7 +48,9 @@ TINY = {
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "maxent": {"maxent.target_weight_entropy": 1.0, "maxent.tau_lr": 0.05, "maxent.tau_max": 1.0},
     "grpo": {"objective.train_grpo_objective": True},
-    # several rounds of prompts per step (rollout.dynamic_sampling): the stream position after them resumes
+    # rollout.dynamic_sampling: 3 rounds of prompts per step, the stream position and keys after them must
+    # resume exactly. The untrained tiny policy scores 0 on every completion here, so each step's batch is
+    # all masked filler (tests/test_dynamic_sampling.py trains on a mixed batch)
     "grpo_dynamic_sampling": {"objective.train_grpo_objective": True, "rollout.dynamic_sampling": True,
                               "rollout.dynamic_sampling_max_rounds": 3},
     "infoseed": {"info_seed.enabled": True, "info_seed.num_seeds": 2, "info_seed.lambda_": 0.01},
