@@ -286,7 +286,8 @@ def test_a_training_step_drops_redraws_and_masks(tmp_path):
     assert {k: step2[f"train/dynamic_sampling/{k}"] for k in ("rounds", "groups_dropped", "groups_short")} == {
         "rounds": 3.0, "groups_dropped": 21.0, "groups_short": 5.0}
     # the step's batch (what the objective and the update see) masks the 5 filler groups
-    assert seen[1][1].shape == (8, 4) and seen[1][1].any(-1).sum() == 3 and (seen[1][1].all(-1) == seen[1][1].any(-1)).all()
+    valid = seen[1][1]
+    assert valid.shape == (8, 4) and valid.any(-1).sum() == 3 and (valid.all(-1) == valid.any(-1)).all()
     assert (np.ptp(seen[1][0].utilities, -1) > 0).sum() == 3
     # the trained batch is what the reward stats describe: 3 informative groups, reward 0.5 each
     assert step2["train/reward"] == pytest.approx((3 * 0.5 + 5 * 1.0) / 8)
