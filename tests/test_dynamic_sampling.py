@@ -140,6 +140,30 @@ def test_rounds_run_out_and_the_rest_of_the_batch_is_masked_dropped_groups():
     assert metrics["train/dynamic_sampling/groups_dropped"] == 7.0
 
 
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(st.sampled_from([(4, 1), (4, 2), (6, 3), (8, 4)]), st.integers(1, 4), st.data())
+def test_any_rounds_give_a_full_batch_of_whole_distinct_groups(shape, max_rounds, data):
+    p, micro = shape
+    rounds = [data.draw(st.lists(st.lists(st.integers(0, 1), min_size=4, max_size=4), min_size=p, max_size=p))
+              for _ in range(max_rounds)]
+    rows, ro, metrics = _fill(rounds, max_rounds, micro)
+    picked = [(r["round"], r["group"]) for r in rows]
+    used = int(metrics["train/dynamic_sampling/rounds"])
+    informative = [(t, g) for t in range(used) for g in range(p) if len(set(rounds[t][g])) > 1]
+    real = [x for x, v in zip(picked, ro.valid[:, 0]) if v]
+    assert len(rows) == p and len(set(picked)) == p  # full, never a group twice
+    assert sorted(real) == informative[:p]  # the first informative groups in draw order (spread over slots)
+    assert (ro.valid.all(-1) == ro.valid.any(-1)).all()  # a group is valid or invalid as a whole
+    assert metrics["train/dynamic_sampling/groups_short"] == p - len(real)
+    assert used == max_rounds or len(informative) >= p
+    counts = np.bincount(np.flatnonzero(ro.valid[:, 0]) // (p // micro), minlength=micro)
+    assert counts.max() - counts.min() <= 1
+    # each slot's rows, utilities and tokens are its group's
+    for slot, (t, g) in enumerate(picked):
+        np.testing.assert_array_equal(ro.utilities[slot], rounds[t][g])
+        assert ro.batch["input_ids"][slot * 4:(slot + 1) * 4, 2].tolist() == [t * 1000 + g * 4 + j for j in range(4)]
+
+
 def test_one_round_that_is_already_full_draws_nothing_more():
     full = [[0, 1, 0, 0]] * 4
     rows, ro, metrics = _fill([full, full], max_rounds=3)
