@@ -399,6 +399,7 @@ class CheckpointManager:
         self._quiet = QuietStorageFailures()
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).addFilter(self._quiet)
+        silence_late_write_callbacks()  # before a save can fail: its late callbacks may come first
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             create=True,
@@ -448,7 +449,6 @@ class CheckpointManager:
             if problem is None:
                 raise
             self._failed = True
-            silence_late_write_callbacks()
             if step is not None:
                 for tmp in self.directory.glob(f"{step}{_TMP_MARKER}*"):
                     shutil.rmtree(tmp, ignore_errors=True)
