@@ -86,9 +86,8 @@ def _healthy(url: str) -> bool:
 BIG = 2**70
 
 
-@pytest.mark.parametrize(
-    "method, body, headers, status, fragment",
-    [
+# (method, body, extra headers, status, what the error says); tests/test_vllm_backend.py sends them to vLLM too.
+HOSTILE = [
         ("POST", {"prompts": [""]}, {}, 400, "prompt 0 is empty after tokenization"),
         ("POST", {"prompt_token_ids": [[1, 2]], "seed": BIG}, {}, 400, "'seed': must be in [0, 2**63)"),
         ("POST", {"prompt_token_ids": [[1, 2]], "top_k": BIG}, {}, 400, "'top_k': must fit in a 32-bit integer"),
@@ -100,8 +99,10 @@ BIG = 2**70
         ("PUT", {"prompt_token_ids": [[1]]}, {}, 405, "method 'PUT' is not allowed; this server answers GET and POST"),
         ("DELETE", None, {}, 405, "method 'DELETE' is not allowed"),
         ("FROB", None, {}, 405, "method 'FROB' is not allowed"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize("method, body, headers, status, fragment", HOSTILE)
 def test_hostile_requests_get_a_json_4xx_and_the_server_keeps_serving(server, method, body, headers, status, fragment):
     url, _ = server
     raw = body if isinstance(body, bytes) or body is None else json.dumps({"max_tokens": 2, **body}).encode()  # within LIMITS
