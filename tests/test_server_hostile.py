@@ -196,8 +196,8 @@ def test_a_client_dribbling_its_request_is_cut_off_at_the_deadline_and_others_ar
         served += 1
         time.sleep(0.2)
     assert served >= 5
-    assert REQUEST_DEADLINE_S - 0.5 < in_headers.seconds < REQUEST_DEADLINE_S + 2 and in_headers.reply == b""
-    assert REQUEST_DEADLINE_S - 0.5 < in_body.seconds < REQUEST_DEADLINE_S + 2
+    assert REQUEST_DEADLINE_S - 0.5 < in_headers.seconds < REQUEST_DEADLINE_S + 4 and in_headers.reply == b""
+    assert REQUEST_DEADLINE_S - 0.5 < in_body.seconds < REQUEST_DEADLINE_S + 4
     status_line, _, body = in_body.reply.partition(b"\r\n\r\n")
     assert status_line.startswith(b"HTTP/1.1 408 "), in_body.reply[:300]
     assert "within the server's deadline of 3 s" in json.loads(body)["error"]
@@ -214,7 +214,7 @@ def test_connections_beyond_the_bound_get_a_503_and_the_server_recovers(server):
     assert headers.get("Content-Type") == "application/json" and headers.get("Retry-After") == "1"
     for d in dribblers:
         d.join(timeout=REQUEST_DEADLINE_S + 5)
-        assert not d.is_alive() and d.seconds < REQUEST_DEADLINE_S + 2
+        assert not d.is_alive() and d.seconds < REQUEST_DEADLINE_S + 4
     assert _healthy(url)
 
 
