@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from maxent_jax import checkpoint as checkpoint_lib
+from maxent_jax import checkpoint_verify
+from maxent_jax import export as export_lib
 from maxent_jax.config import get_base_config
 from maxent_jax.workdir import config_fields
 
@@ -84,10 +85,10 @@ def next_steps(workdir: pathlib.Path, config: ml_collections.ConfigDict, config_
     """The commands a user runs after training: curves of the run and an evaluation of its policy."""
     here = shlex.quote(str(workdir))
     if config.checkpoint.export_final:
-        checkpoint = workdir / checkpoint_lib.FINAL_EXPORT_DIR
+        checkpoint = workdir / export_lib.FINAL_EXPORT_DIR
     else:
-        steps = checkpoint_lib.list_steps(workdir / checkpoint_lib.CHECKPOINTS_DIR)
-        checkpoint = workdir / checkpoint_lib.CHECKPOINTS_DIR / str(steps[-1]) if steps else None
+        steps = checkpoint_verify.list_steps(workdir / checkpoint_verify.CHECKPOINTS_DIR)
+        checkpoint = workdir / checkpoint_verify.CHECKPOINTS_DIR / str(steps[-1]) if steps else None
     lines = ["next:", f"  python -m maxent_jax.plot {here}"]
     if checkpoint is not None:
         with_config = f" --config={shlex.quote(config_path)}" if config_path and not _is_default(config_path) else ""

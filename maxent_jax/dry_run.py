@@ -28,9 +28,10 @@ from typing import Any
 
 import ml_collections
 
-from maxent_jax import checkpoint as checkpoint_lib
+from maxent_jax import checkpoint_verify
 from maxent_jax import config as config_lib
 from maxent_jax import config_check
+from maxent_jax import disk_space
 from maxent_jax import workdir as workdir_lib
 from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
@@ -251,10 +252,10 @@ def check_disk(workdir: pathlib.Path, *, checkpoint_bytes: int, keep: int, extra
         here = here.parent
     if not os.access(here, os.W_OK):
         raise UserError(f"--workdir={workdir} is not writable ({here} is read-only for this user)")
-    existing = len(checkpoint_lib.list_steps(workdir / checkpoint_lib.CHECKPOINTS_DIR))
-    needed = checkpoint_lib.bytes_needed(checkpoint_bytes, keep=keep, existing=existing, extra_bytes=extra_bytes)
+    existing = len(checkpoint_verify.list_steps(workdir / checkpoint_verify.CHECKPOINTS_DIR))
+    needed = disk_space.bytes_needed(checkpoint_bytes, keep=keep, existing=existing, extra_bytes=extra_bytes)
     free = shutil.disk_usage(here).free
-    size = checkpoint_lib.format_bytes
+    size = disk_space.format_bytes
     if free < needed:
         raise UserError(f"--workdir={workdir} has {size(free)} free but the run needs about {size(needed)} for its "
                         f"checkpoints (checkpoint.save_total_limit={keep}): free space or lower it")

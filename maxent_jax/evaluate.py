@@ -197,19 +197,20 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 def resolve_checkpoint_arg(path_arg: str) -> tuple[str, pathlib.Path]:
     """('hf', dir) for an HF model directory (or a run directory with final_hf/), ('orbax', step dir)
     for an Orbax step directory or a run directory without final_hf (its newest whole checkpoint)."""
-    from maxent_jax import checkpoint as checkpoint_lib
+    from maxent_jax import checkpoint_verify
+    from maxent_jax import export as export_lib
 
     path = pathlib.Path(path_arg).expanduser()
     if not path.exists():
         raise UserError(f"--checkpoint={path_arg}: no such file or directory")
     if (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHTS):
         return "hf", path
-    if (path / checkpoint_lib.FINAL_EXPORT_DIR / "config.json").is_file():
-        return "hf", path / checkpoint_lib.FINAL_EXPORT_DIR
-    steps_dir = path / checkpoint_lib.CHECKPOINTS_DIR if (path / checkpoint_lib.CHECKPOINTS_DIR).is_dir() else path
-    if not (path / "state").is_dir() and not checkpoint_lib.list_steps(steps_dir):
+    if (path / export_lib.FINAL_EXPORT_DIR / "config.json").is_file():
+        return "hf", path / export_lib.FINAL_EXPORT_DIR
+    steps_dir = path / checkpoint_verify.CHECKPOINTS_DIR if (path / checkpoint_verify.CHECKPOINTS_DIR).is_dir() else path
+    if not (path / "state").is_dir() and not checkpoint_verify.list_steps(steps_dir):
         raise UserError(f"--checkpoint={path_arg}: neither an HF model directory nor an Orbax checkpoint")
-    point = checkpoint_lib.resolve_resume(str(path), path)
+    point = checkpoint_verify.resolve_resume(str(path), path)
     return "orbax", point.path
 
 
@@ -255,12 +256,13 @@ def _parse(argv: list[str]) -> tuple[Any, list[int]]:
 def run_dir_of(kind: str, ckpt_path: pathlib.Path) -> pathlib.Path | None:
     """The training run a checkpoint belongs to (WORKDIR of WORKDIR/checkpoints/N or WORKDIR/final_hf),
     recognised by its run config.json; None for a model directory outside a run."""
-    from maxent_jax import checkpoint as checkpoint_lib
+    from maxent_jax import checkpoint_verify
+    from maxent_jax import export as export_lib
 
     ckpt_path = ckpt_path.resolve()
-    if kind == "orbax" and ckpt_path.parent.name == checkpoint_lib.CHECKPOINTS_DIR:
+    if kind == "orbax" and ckpt_path.parent.name == checkpoint_verify.CHECKPOINTS_DIR:
         run = ckpt_path.parent.parent
-    elif kind == "hf" and ckpt_path.name == checkpoint_lib.FINAL_EXPORT_DIR:
+    elif kind == "hf" and ckpt_path.name == export_lib.FINAL_EXPORT_DIR:
         run = ckpt_path.parent
     else:
         return None

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from maxent_jax import flag_spelling
 from maxent_jax.errors import UserError, exit_on_user_error
 from maxent_jax.rollout.backend import RolloutBackend
+from maxent_jax.rollout.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_DEADLINE_S
 from maxent_jax.rollout.limits import (
     DEFAULT_MAX_COMPLETIONS,
     DEFAULT_MAX_QUEUED,
@@ -70,6 +71,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"(default {DEFAULT_MAX_QUEUED}; weight pushes always wait)")
     parser.add_argument("--read-timeout", type=_positive(float, "a number of seconds"), default=DEFAULT_READ_TIMEOUT_S,
                         help=f"seconds a socket read may stall before the connection is closed (default {DEFAULT_READ_TIMEOUT_S:g})")
+    parser.add_argument("--request-deadline", type=_positive(float, "a number of seconds"), default=DEFAULT_REQUEST_DEADLINE_S,
+                        help="seconds a whole request (line, headers, body; not an authenticated weight push's body) may "
+                             f"take to arrive from its first byte (default {DEFAULT_REQUEST_DEADLINE_S:g})")
+    parser.add_argument("--max-connections", type=_positive(int, "an integer"), default=DEFAULT_MAX_CONNECTIONS,
+                        help=f"connections served at once; more get a 503 (default {DEFAULT_MAX_CONNECTIONS})")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="jax backend: parameter and compute dtype")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence (default: the model's max positions)")
     parser.add_argument("--seed", type=int, default=0, help="jax backend: PRNG seed for requests without one")
@@ -118,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         backend, max_completions_per_request=args.max_completions_per_request,
         max_request_tokens=args.max_request_tokens, max_queued_requests=args.max_queued_requests)
     server = RolloutServer(backend, host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
-                           limits=limits, read_timeout=args.read_timeout)
+                           limits=limits, read_timeout=args.read_timeout, request_deadline=args.request_deadline,
+                           max_connections=args.max_connections)
     # Everything alive now lives as long as the process: keep it out of the cyclic collector's
     # scans, so the collection the jax backend runs after a native weight push takes milliseconds.
     gc.collect()

@@ -57,10 +57,15 @@ class QuietStorageFailures(logging.Filter):
 
 
 def silence_late_write_callbacks() -> None:
-    """After a failed save, tensorstore writes still in flight finish on their own threads and call
-    back into Orbax's event loop, which is closed by then; each prints an `Event loop is closed`
-    traceback through `sys.unraisablehook`. Drop exactly those (the fault is already reported);
-    anything else still goes to the previous hook."""
+    """Drop the `Event loop is closed` tracebacks of tensorstore writes that outlive their save.
+
+    Orbax runs a save's writes in an event loop that it closes as soon as one write fails; the
+    writes still in flight (a full disk fails them all) finish later on tensorstore's threads and
+    call back into that closed loop, and each prints an `Event loop is closed` traceback through
+    `sys.unraisablehook`. The failure behind them is the save's own, which the manager raises from
+    `wait`/`close` (a storage fault as one line). Installed when a manager is built, not when it
+    sees the fault: when metrics.jsonl fails first, the callbacks fire before the manager learns of
+    the save's failure. Anything else still goes to the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_callbacks", False):
         return

@@ -31,6 +31,8 @@ import numpy as np
 from flax import nnx
 
 from maxent_jax import checkpoint as checkpoint_lib
+from maxent_jax import checkpoint_verify, disk_space
+from maxent_jax import export as export_lib
 from maxent_jax import optimizer as optimizer_lib
 from maxent_jax import packing, scoring
 from maxent_jax.controllers.persistence import resume_controller_state, to_json, write_controller_state
@@ -147,16 +149,16 @@ class Trainer:
         self.checkpoints = checkpoint_lib.CheckpointManager(
             workdir, save_steps=c.checkpoint.save_steps, keep=c.checkpoint.save_total_limit,
             async_save=c.checkpoint.async_save)
-        self.resume_point = checkpoint_lib.resolve_resume(c.checkpoint.resume, workdir)
+        self.resume_point = checkpoint_verify.resolve_resume(c.checkpoint.resume, workdir)
         self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=self.total_steps,
                                    config_path=config_path,
                                    resume_step=self.resume_point.step if self.resume_point else 0)
-        checkpoint_lib.preflight(
-            workdir, checkpoint_bytes=checkpoint_lib.state_nbytes(self._checkpoint_state()) * 2,
+        disk_space.preflight(
+            workdir, checkpoint_bytes=disk_space.state_nbytes(self._checkpoint_state()) * 2,
             keep=c.checkpoint.save_total_limit,
-            saves=checkpoint_lib.planned_saves(self.resume_point.step if self.resume_point else 0,
+            saves=disk_space.planned_saves(self.resume_point.step if self.resume_point else 0,
                                                self.total_steps, c.checkpoint.save_steps),
-            extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
+            extra_bytes=disk_space.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
         self.stopped_by: signal.Signals | None = None  # the signal that stopped run() early, if any
@@ -469,7 +471,7 @@ class Trainer:
     def save(self) -> None:
         self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
 
-    def restore(self, point: checkpoint_lib.ResumePoint) -> None:
+    def restore(self, point: checkpoint_verify.ResumePoint) -> None:
         self.reference_params = self.state.params
         state, extras = self.checkpoints.restore(point.path, self._checkpoint_state())
         self.state, self.reference_params = state["train"], state["reference"]
@@ -543,15 +545,15 @@ class Trainer:
             return
         if self.policy.lora is not None:
             model = nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)
-            out = checkpoint_lib.export_adapter(model, self.policy.lora, self.workdir, base=self.lora_base,
+            out = export_lib.export_adapter(model, self.policy.lora, self.workdir, base=self.lora_base,
                                                 tokenizer_dir=self.policy.tokenizer_dir,
                                                 controller_state=to_json(self.controllers, self.controller_settings))
-            merged = checkpoint_lib.export_merged(model, self.policy.model_cfg, self.workdir,
+            merged = export_lib.export_merged(model, self.policy.model_cfg, self.workdir,
                                                   tokenizer_dir=self.policy.tokenizer_dir)
             self.say(f"exported the LoRA adapter to {out} (peft can load it on {self.lora_base['path']}) and the "
                      f"merged model to {merged}")
             return
-        out = checkpoint_lib.export_final(self.state.params, self.policy.model_cfg, self.workdir,
+        out = export_lib.export_final(self.state.params, self.policy.model_cfg, self.workdir,
                                           tokenizer_dir=self.policy.tokenizer_dir,
                                           controller_state=to_json(self.controllers, self.controller_settings))
         self.say(f"exported the final policy to {out} (transformers can load it)")

@@ -17,6 +17,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxent_jax import checkpoint as ckpt
+from maxent_jax import checkpoint_verify, disk_space
+from maxent_jax import export as export_lib
 from maxent_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ def test_round_trip_is_exact(tmp_path):
     assert not restored["key"].committed and restored["params"]["w"].committed
     w = restored["params"]["w"]
     jax.jit(lambda k, x: jax.random.normal(jax.random.wrap_key_data(k), ()) + x)(restored["key_data"], w)
-    assert (tmp_path / "checkpoints" / "5" / ckpt.MANIFEST).exists()
+    assert (tmp_path / "checkpoints" / "5" / checkpoint_verify.MANIFEST).exists()
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -104,14 +106,14 @@ def test_keeps_only_the_newest_steps(tmp_path):
             manager.save(step, state, {"step": step})
         manager.wait()
         assert manager.all_steps() == [3, 4]
-    assert ckpt.list_steps(tmp_path / "checkpoints") == [3, 4]
+    assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == [3, 4]
 
 
 def test_save_returns_before_the_checkpoint_is_written(tmp_path, monkeypatch):
     """The background writer is held on an event: an asynchronous save() returns while nothing is
     committed; a synchronous save would only return after the commit (and fail the first assert)."""
     release = threading.Event()
-    real_write = ckpt.write_manifest
+    real_write = checkpoint_verify.write_manifest
 
     def held_write(step_dir, step):
         release.wait(timeout=60)
@@ -121,14 +123,14 @@ def test_save_returns_before_the_checkpoint_is_written(tmp_path, monkeypatch):
     state = _state(_mesh((1, 8, 1)))
     with ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0, async_save=True) as manager:
         manager.save(1, state, EXTRAS)
-        assert ckpt.list_steps(tmp_path / "checkpoints") == []
+        assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == []
         release.set()
         manager.wait()
-        assert ckpt.list_steps(tmp_path / "checkpoints") == [1]
+        assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == [1]
     monkeypatch.setattr(ckpt, "write_manifest", real_write)
     with ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0, async_save=False) as manager:
         manager.save(2, state, EXTRAS)
-        assert ckpt.list_steps(tmp_path / "checkpoints") == [1, 2]
+        assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == [1, 2]
 
 
 def _three_checkpoints(tmp_path) -> dict:
@@ -140,7 +142,7 @@ def _three_checkpoints(tmp_path) -> dict:
 
 
 def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
-    return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST), key=lambda p: p.stat().st_size)
+    return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint_verify.MANIFEST), key=lambda p: p.stat().st_size)
 
 
 def test_damaged_latest_falls_back_to_the_previous_one(tmp_path, caplog):
@@ -152,21 +154,21 @@ def test_damaged_latest_falls_back_to_the_previous_one(tmp_path, caplog):
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
     flipped.write_bytes(bytes(data))
-    assert "bytes, the manifest says" in ckpt.checkpoint_problem(steps_dir / "3")
-    assert "CRC32" in ckpt.checkpoint_problem(steps_dir / "2")
+    assert "bytes, the manifest says" in checkpoint_verify.checkpoint_problem(steps_dir / "3")
+    assert "CRC32" in checkpoint_verify.checkpoint_problem(steps_dir / "2")
 
-    with caplog.at_level(logging.WARNING, logger="maxent_jax.checkpoint"):
-        point = ckpt.resolve_resume("latest", tmp_path)
-    assert point == ckpt.ResumePoint(1, steps_dir / "1")
+    with caplog.at_level(logging.WARNING, logger="maxent_jax.checkpoint_verify"):
+        point = checkpoint_verify.resolve_resume("latest", tmp_path)
+    assert point == checkpoint_verify.ResumePoint(1, steps_dir / "1")
     assert "falling back to the previous one" in caplog.text
-    assert ckpt.list_steps(steps_dir) == [1]
-    assert sorted(p.name for p in (tmp_path / ckpt.REJECTED_DIR).iterdir()) == ["2", "3"]
+    assert checkpoint_verify.list_steps(steps_dir) == [1]
+    assert sorted(p.name for p in (tmp_path / checkpoint_verify.REJECTED_DIR).iterdir()) == ["2", "3"]
     with ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0) as manager:
         restored, extras = manager.restore(point.step, state)
         manager.save(2, state, {"step": 2})  # the replayed run saves step 2 again without colliding
     assert extras == {"step": 1}
     _assert_same(state, restored)
-    assert ckpt.list_steps(steps_dir) == [1, 2]
+    assert checkpoint_verify.list_steps(steps_dir) == [1, 2]
 
 
 def test_no_usable_checkpoint_is_an_error(tmp_path):
@@ -174,25 +176,25 @@ def test_no_usable_checkpoint_is_an_error(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").unlink()
     with pytest.raises(UserError, match=r"checkpoint.resume='latest': no usable checkpoint .*step 3: missing"):
-        ckpt.resolve_resume("latest", tmp_path)
+        checkpoint_verify.resolve_resume("latest", tmp_path)
 
 
 def test_resume_policy(tmp_path):
-    assert ckpt.resolve_resume("latest", tmp_path) is None
-    assert ckpt.resolve_resume("none", tmp_path) is None
+    assert checkpoint_verify.resolve_resume("latest", tmp_path) is None
+    assert checkpoint_verify.resolve_resume("none", tmp_path) is None
     _three_checkpoints(tmp_path)
-    assert ckpt.resolve_resume("latest", tmp_path).step == 3
+    assert checkpoint_verify.resolve_resume("latest", tmp_path).step == 3
     with pytest.raises(UserError, match=r"checkpoint.resume='none' but .* already holds checkpoints \[1, 2, 3\]"):
-        ckpt.resolve_resume("none", tmp_path)
+        checkpoint_verify.resolve_resume("none", tmp_path)
     other = tmp_path / "other"
-    assert ckpt.resolve_resume(str(tmp_path / "checkpoints" / "2"), other) == ckpt.ResumePoint(
+    assert checkpoint_verify.resolve_resume(str(tmp_path / "checkpoints" / "2"), other) == checkpoint_verify.ResumePoint(
         2, tmp_path / "checkpoints" / "2")
-    assert ckpt.resolve_resume(str(tmp_path), other).step == 3  # a run directory: its newest step
+    assert checkpoint_verify.resolve_resume(str(tmp_path), other).step == 3  # a run directory: its newest step
     with pytest.raises(UserError, match=r"checkpoint.resume='/nonexistent/x': no such checkpoint path"):
-        ckpt.resolve_resume("/nonexistent/x", other)
+        checkpoint_verify.resolve_resume("/nonexistent/x", other)
     (tmp_path / "checkpoints" / "2" / "extras").rename(tmp_path / "moved")
     with pytest.raises(UserError, match="the checkpoint is not usable: missing extras"):
-        ckpt.resolve_resume(str(tmp_path / "checkpoints" / "2"), other)
+        checkpoint_verify.resolve_resume(str(tmp_path / "checkpoints" / "2"), other)
 
 
 def test_partial_restore_reads_only_the_named_subtrees(tmp_path):
@@ -220,7 +222,7 @@ manager.save(1, state, {"step": 1})
 manager.wait()
 def crash(step_dir, step):
     os._exit(9)  # the process dies after writing the data, before Orbax's commit rename
-ckpt.write_manifest = crash
+ckpt.write_manifest = crash  # the manager's own reference
 manager.save(2, state, {"step": 2})
 manager.wait()
 """
@@ -231,9 +233,9 @@ def test_a_crash_mid_save_leaves_no_checkpoint_that_looks_valid(tmp_path):
                           text=True, timeout=120, env={**__import__("os").environ, "XLA_FLAGS": ""})
     assert proc.returncode == 9, proc.stderr[-2000:]
     steps_dir = tmp_path / "checkpoints"
-    assert any(ckpt._TMP_MARKER in p.name for p in steps_dir.iterdir())  # the unfinished save is there ...
-    assert ckpt.list_steps(steps_dir) == [1]  # ... but is not a step
-    assert ckpt.resolve_resume("latest", tmp_path).step == 1
+    assert any(checkpoint_verify.TMP_MARKER in p.name for p in steps_dir.iterdir())  # the unfinished save is there ...
+    assert checkpoint_verify.list_steps(steps_dir) == [1]  # ... but is not a step
+    assert checkpoint_verify.resolve_resume("latest", tmp_path).step == 1
     with ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0) as manager:
         manager.wait()
         assert manager.all_steps() == [1]
@@ -245,23 +247,23 @@ def test_preflight_rejects_an_unwritable_or_full_workdir(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match=r"--workdir=.*a_file/run is not writable"):
-        ckpt.preflight(blocker / "run", checkpoint_bytes=10, keep=3)
+        disk_space.preflight(blocker / "run", checkpoint_bytes=10, keep=3)
 
-    ckpt.preflight(tmp_path / "ok", checkpoint_bytes=10, keep=3)
+    disk_space.preflight(tmp_path / "ok", checkpoint_bytes=10, keep=3)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**30))
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**30))
     with pytest.raises(UserError, match=r"has 3.0 GiB free but the run needs about 4.2 GiB \(4 more checkpoint\(s\) of 1.0 GiB"):
-        ckpt.preflight(tmp_path / "full", checkpoint_bytes=2**30, keep=3)
-    ckpt.preflight(tmp_path / "fits", checkpoint_bytes=2**30, keep=1)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=5 * 2**20))
+        disk_space.preflight(tmp_path / "full", checkpoint_bytes=2**30, keep=3)
+    disk_space.preflight(tmp_path / "fits", checkpoint_bytes=2**30, keep=1)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda _: usage._replace(free=5 * 2**20))
     with pytest.raises(UserError, match=r"has 5.0 MiB free but the run needs about 6.3 MiB \(2 more checkpoint\(s\) of 3.0 MiB"):
-        ckpt.preflight(tmp_path / "small", checkpoint_bytes=3 * 2**20, keep=1)  # not '0.00 GiB free'
+        disk_space.preflight(tmp_path / "small", checkpoint_bytes=3 * 2**20, keep=1)  # not '0.00 GiB free'
 
 
 def test_state_nbytes_counts_every_leaf():
     state = {"a": jnp.zeros((4, 8), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16),
              "k": jax.random.key(0), "n": 3}
-    assert ckpt.state_nbytes(state) == 4 * 8 * 4 + 3 * 2 + 8
+    assert disk_space.state_nbytes(state) == 4 * 8 * 4 + 3 * 2 + 8
 
 
 def test_extras_must_be_json(tmp_path):
@@ -285,7 +287,7 @@ def test_final_export_is_a_loadable_hf_directory_with_controller_state(tmp_path)
     params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(a.dtype)), abstract)
     controller = {"beta": 0.04, "tau": 0.1, "tau_log": -2.302585, "tau_entropy_ema": 0.1}
     tokenizer_dir = build_offline_tokenizer(tmp_path / "tok")
-    out = ckpt.export_final(params, cfg, tmp_path, tokenizer_dir=tokenizer_dir, controller_state=controller)
+    out = export_lib.export_final(params, cfg, tmp_path, tokenizer_dir=tokenizer_dir, controller_state=controller)
     assert out == tmp_path / "final_hf"
     assert json.loads((out / "controller_state.json").read_text()) == controller
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}

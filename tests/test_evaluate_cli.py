@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from maxent_jax import checkpoint as ckpt
+from maxent_jax import export as export_lib
 from maxent_jax import evaluate as ev
 from maxent_jax import run_setup
 from maxent_jax.errors import UserError
@@ -27,7 +28,7 @@ def tiny_run(tmp_path_factory):
     policy = run_setup.load_policy(config)
     with ckpt.CheckpointManager(workdir, save_steps=1, keep=0) as manager:
         manager.save(1, {"train": {"params": policy.params, "step": jax.numpy.int32(1)}}, {"step": 1})
-    ckpt.export_final(policy.params, policy.model_cfg, workdir, tokenizer_dir=policy.tokenizer_dir,
+    export_lib.export_final(policy.params, policy.model_cfg, workdir, tokenizer_dir=policy.tokenizer_dir,
                       controller_state=None)
     # the run's own config, as train writes it: the small eval settings live here, not on the command line
     small = config.copy_and_resolve_references()

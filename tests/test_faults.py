@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from maxent_jax import checkpoint as ckpt
-from maxent_jax import scoring
+from maxent_jax import checkpoint_verify, disk_space, scoring
 from maxent_jax.errors import UserError
 from tests.fault_fixtures import metrics, params_equal, run, tiny_config
 
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     """An uninterrupted run of STEPS steps with a checkpoint after each (the reference outcome)."""
     workdir = tmp_path_factory.mktemp("trained")
     trainer = run(tiny_config(**{"train.max_steps": STEPS}), workdir)
-    assert ckpt.list_steps(workdir / "checkpoints") == [1, 2, 3]
+    assert checkpoint_verify.list_steps(workdir / "checkpoints") == [1, 2, 3]
     return workdir, trainer
 
 
@@ -69,7 +69,7 @@ def _state_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _remove_manifest_and_truncate(step_dir):
-    (step_dir / ckpt.MANIFEST).unlink()
+    (step_dir / checkpoint_verify.MANIFEST).unlink()
     largest = _state_files(step_dir)[0]
     os.truncate(largest, largest.stat().st_size // 2)
 
@@ -91,12 +91,12 @@ def _remove_step_metadata(step_dir):
 
 
 def _remove_manifest_and_state_metadata(step_dir):
-    (step_dir / ckpt.MANIFEST).unlink()
+    (step_dir / checkpoint_verify.MANIFEST).unlink()
     (step_dir / "state" / "_METADATA").unlink()
 
 
 def _remove_manifest_and_a_data_file(step_dir):
-    (step_dir / ckpt.MANIFEST).unlink()
+    (step_dir / checkpoint_verify.MANIFEST).unlink()
     _state_files(step_dir)[0].unlink()
 
 
@@ -115,17 +115,17 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(saved, tmp_
     workdir = _copy(saved, tmp_path)
     hurt, problem = DAMAGE[damage]
     hurt(workdir / "checkpoints" / "3")
-    point = ckpt.resolve_resume("latest", workdir)
+    point = checkpoint_verify.resolve_resume("latest", workdir)
     assert point.step == 2
     assert any("checkpoints/3 is damaged" in r.getMessage() and problem in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
-    assert (workdir / ckpt.REJECTED_DIR / "3").is_dir() and ckpt.list_steps(workdir / "checkpoints") == [1, 2]
+    assert (workdir / checkpoint_verify.REJECTED_DIR / "3").is_dir() and checkpoint_verify.list_steps(workdir / "checkpoints") == [1, 2]
 
 
 def test_a_checkpoint_without_its_manifest_but_whole_still_resumes(saved, tmp_path, caplog):
     workdir = _copy(saved, tmp_path)
-    (workdir / "checkpoints" / "3" / ckpt.MANIFEST).unlink()
-    assert ckpt.resolve_resume("latest", workdir).step == 3
+    (workdir / "checkpoints" / "3" / checkpoint_verify.MANIFEST).unlink()
+    assert checkpoint_verify.resolve_resume("latest", workdir).step == 3
     assert any("cannot be verified" in r.getMessage() for r in caplog.records)
 
 
@@ -134,7 +134,7 @@ def test_every_checkpoint_damaged_is_one_error_naming_each(saved, tmp_path):
     for step in (1, 2, 3):
         _remove_manifest_and_truncate(workdir / "checkpoints" / str(step))
     with pytest.raises(UserError, match=r"no usable checkpoint .*step 3: unreadable state.*step 1: unreadable state"):
-        ckpt.resolve_resume("latest", workdir)
+        checkpoint_verify.resolve_resume("latest", workdir)
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_a_run_resumed_past_a_damaged_checkpoint_replays_the_lost_step_exactly(t
     resumed = run(tiny_config(**{"train.max_steps": STEPS}), workdir)
     assert metrics(workdir) == metrics(trained[0])
     assert params_equal(resumed, trained[1])
-    assert ckpt.checkpoint_problem(workdir / "checkpoints" / "3") is None
+    assert checkpoint_verify.checkpoint_problem(workdir / "checkpoints" / "3") is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def test_sigterm_in_any_rl_phase_stops_within_one_step_with_a_checkpoint(tmp_pat
     trainer = run(config, tmp_path, patch=_signal_during(phase, 2))
     assert trainer.step == stops_after
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stops_after + 1))
-    assert ckpt.list_steps(tmp_path / "checkpoints")[-1] == stops_after
-    assert ckpt.checkpoint_problem(tmp_path / "checkpoints" / str(stops_after)) is None
+    assert checkpoint_verify.list_steps(tmp_path / "checkpoints")[-1] == stops_after
+    assert checkpoint_verify.checkpoint_problem(tmp_path / "checkpoints" / str(stops_after)) is None
     out = capsys.readouterr()
     assert "received SIGTERM" in out.err and trainer.stopped_by == signal.SIGTERM  # the entry point says 'interrupted'
     assert "replacing existing checkpoint" not in caplog.text  # the due save and the stop save are one
@@ -209,7 +209,7 @@ def test_sigterm_during_the_supervised_warmup_stops_after_that_warmup_step(tmp_p
     assert len(calls) == 3 and trainer.step == 0 and not trainer.sft_done
     assert trainer.stopped_by == signal.SIGTERM  # so the entry point records 'interrupted', not 'finished'
     assert "preempted during the supervised warm-up (step 2/20)" in capsys.readouterr().out
-    assert ckpt.list_steps(tmp_path / "checkpoints") == []
+    assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == []
     assert not [r for r in metrics(tmp_path) if "train/loss" in r]
 
 
@@ -272,8 +272,8 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_keeps_the_last_checkpoint(sma
         run(config, workdir, patch=patch)
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # every line whole
-    assert ckpt.list_steps(workdir / "checkpoints")[-1] == 2
-    assert ckpt.checkpoint_problem(workdir / "checkpoints" / "2") is None
+    assert checkpoint_verify.list_steps(workdir / "checkpoints")[-1] == 2
+    assert checkpoint_verify.checkpoint_problem(workdir / "checkpoints" / "2") is None
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
 
 
@@ -281,18 +281,85 @@ def test_the_space_preflight_counts_every_checkpoint_the_run_keeps(tmp_path, mon
     """save_total_limit=0 keeps every save: 10 of them need 10 slots, not 2 (issue 21)."""
     free = 5 * 2**20
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(free, 0, free))
-    saves = ckpt.planned_saves(0, 100, 10)
+    saves = disk_space.planned_saves(0, 100, 10)
     assert saves == 11
-    ckpt.preflight(tmp_path, checkpoint_bytes=2**20, keep=3, saves=saves)  # 4 at once fit in 5 MiB
+    disk_space.preflight(tmp_path, checkpoint_bytes=2**20, keep=3, saves=saves)  # 4 at once fit in 5 MiB
     with pytest.raises(UserError, match=r"11 more checkpoint\(s\) of 1.0 MiB with checkpoint.save_total_limit=0"):
-        ckpt.preflight(tmp_path, checkpoint_bytes=2**20, keep=0, saves=saves)
-    assert ckpt.planned_saves(40, 100, 10) == 7 and ckpt.planned_saves(0, 100, 0) == 1
+        disk_space.preflight(tmp_path, checkpoint_bytes=2**20, keep=0, saves=saves)
+    assert disk_space.planned_saves(40, 100, 10) == 7 and disk_space.planned_saves(0, 100, 0) == 1
 
 
 def test_a_read_only_workdir_is_refused_before_training(small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(UserError, match=r"--workdir=.* is not writable: Read-only file system"):
-        ckpt.preflight(small_disk / "run", checkpoint_bytes=1, keep=1)
+        disk_space.preflight(small_disk / "run", checkpoint_bytes=1, keep=1)
+
+
+# metrics.jsonl fails while an async save is in flight on the same full disk. Orbax closes the
+# save's event loop at its first failed write; whether some other write of it completes after that
+# (and prints `Event loop is closed` from tensorstore's thread) is a race (seen in 1 of 5 runs of
+# this script without the `late_write` line). `late_write` makes that timing certain: a
+# tensorstore future awaited in a loop that is closed before the future completes.
+_METRICS_FAIL_DURING_SAVE = """
+import asyncio, os, pathlib, shutil, sys
+import jax.numpy as jnp
+import tensorstore as ts
+from maxent_jax import checkpoint as ckpt, telemetry
+from maxent_jax.errors import exit_on_user_error
+
+disk = pathlib.Path(sys.argv[1])
+pending = []
+
+
+def late_write():
+    promise, future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+    pending.append(loop.create_task(_await(future)))  # kept: the exit never collects it
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    promise.set_result(None)
+
+
+async def _await(future):
+    await future
+
+
+def main():
+    state = {f"w{i}": jnp.full((8192,), i, jnp.float32) for i in range(64)}
+    with ckpt.CheckpointManager(disk / "run", save_steps=1, keep=2, async_save=True) as manager, \\
+            open(disk / "run" / "metrics.jsonl", "a") as metrics:
+        manager.save(1, state, {})
+        manager.wait()
+        manager.save(2, state, {})  # in flight ...
+        with open(disk / "filler", "wb", buffering=0) as f:  # ... when the disk fills
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - (1 << 16))
+            while True:
+                try:
+                    f.write(bytes(4096))
+                except OSError:
+                    break
+        late_write()
+        telemetry.write_whole_line(metrics, '{"step": 2}\\n')
+
+
+exit_on_user_error(main)
+"""
+
+
+def test_metrics_failing_while_a_save_is_in_flight_is_one_line(small_disk):
+    """The entry point's exit path when metrics.jsonl is the first write to fail on a full disk and
+    a checkpoint is still being written: exit 2 and exactly one line on stderr (before: the save's
+    late tensorstore callbacks printed `Event loop is closed` tracebacks above it)."""
+    import sys
+
+    from tests.fault_fixtures import REPO
+
+    done = subprocess.run([sys.executable, "-c", _METRICS_FAIL_DURING_SAVE, str(small_disk)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: could not write") and "no space left on device" in lines[0]
 
 
 @pytest.mark.slow
@@ -311,18 +378,18 @@ def test_the_entry_point_reports_a_disk_filled_mid_run_as_one_line(small_disk):
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while 2 not in ckpt.list_steps(workdir / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+    while 2 not in checkpoint_verify.list_steps(workdir / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     _fill(small_disk, 256 << 10)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-3000:]
-    lines = err.strip().splitlines()
-    # The error is the last line. When metrics.jsonl fails first while an async save is in flight,
-    # tensorstore's write threads may still print 'Event loop is closed' tracebacks above it (a known
-    # gap, docs/checkpoints.md); a checkpoint that fails first gives that one line alone.
-    assert lines[-1].startswith("error: could not write") and "no space left on device" in lines[-1], err[-3000:]
-    assert not [line for line in lines if line.startswith("error:")][:-1], err[-3000:]
+    # Whichever write fails first (a checkpoint, metrics.jsonl with a save in flight), one line. On a
+    # loaded host Orbax may also have noted, earlier in the run, that a save waited for the one
+    # before ('Waiting for previous save to complete took 1.2 seconds'): a run's notice, not the fault's.
+    lines = [line for line in err.strip().splitlines() if "Waiting for previous save to complete" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: could not write"), err[-3000:]
+    assert "no space left on device" in lines[0], err[-3000:]
     assert all(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
     steps = workdir / "checkpoints"
-    whole = [s for s in ckpt.list_steps(steps) if ckpt.checkpoint_problem(steps / str(s)) is None]
+    whole = [s for s in checkpoint_verify.list_steps(steps) if checkpoint_verify.checkpoint_problem(steps / str(s)) is None]
     assert whole and whole[-1] >= 2

@@ -17,8 +17,7 @@ from unittest import mock
 
 import pytest
 
-from maxent_jax import checkpoint as ckpt
-from maxent_jax import cli, train
+from maxent_jax import checkpoint_verify, cli, disk_space, train
 from maxent_jax import workdir as workdir_lib
 from maxent_jax.errors import UserError
 
@@ -140,7 +139,7 @@ def test_dry_run_catches_what_the_run_would_fail_on(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"config field vllm.token_file='.*nope' is not a readable file"):
         plan(*server, f"--config.vllm.token_file={tmp_path / 'nope'}")
     assert plan(*server).notes[0].startswith("no rollout server answers at http://127.0.0.1:9/health yet")
-    usage = ckpt.shutil.disk_usage(tmp_path)
+    usage = disk_space.shutil.disk_usage(tmp_path)
     monkeypatch.setattr("maxent_jax.dry_run.shutil.disk_usage", lambda _: usage._replace(free=3 * 2**20))
     with pytest.raises(UserError, match=r"has 3.0 MiB free but the run needs about \d+\.\d MiB"):
         plan()
@@ -177,7 +176,7 @@ def test_resolve_config_has_help():
 
 
 def test_sizes_show_their_unit():
-    assert [ckpt.format_bytes(n) for n in (512, 5 * 2**20, 0.01 * 2**30, 3 * 2**30)] == \
+    assert [disk_space.format_bytes(n) for n in (512, 5 * 2**20, 0.01 * 2**30, 3 * 2**30)] == \
         ["512 B", "5.0 MiB", "10.2 MiB", "3.0 GiB"]
 
 
@@ -240,7 +239,7 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_the_run_with_each_step_once(tmp
     assert f"resumed from {workdir / 'checkpoints' / str(stopped)} at step {stopped}" in again.stdout
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
-    assert STEPS in ckpt.list_steps(workdir / "checkpoints")  # the last step is saved (save_steps=3)
+    assert STEPS in checkpoint_verify.list_steps(workdir / "checkpoints")  # the last step is saved (save_steps=3)
     assert f"next:\n  python -m maxent_jax.plot {workdir}\n  python -m maxent_jax.evaluate " \
            f"--checkpoint={workdir / 'checkpoints' / str(STEPS)}" in again.stdout
     assert json.loads((workdir / "run.json").read_text())["status"] == "finished"

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from maxent_jax import checkpoint as ckpt
+from maxent_jax import checkpoint_verify
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -70,7 +70,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path, env, vari
             for name, workdir in (("straight", straight), ("killed", killed))}
     proc = runs["killed"]
     deadline = time.monotonic() + 900
-    while 1 not in ckpt.list_steps(killed / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+    while 1 not in checkpoint_verify.list_steps(killed / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
@@ -121,7 +121,7 @@ def test_every_objective_resumes_bitwise_at_a_random_kill_point(tmp_path, object
     kill_after = random.Random(objective).randrange(1, config.train.max_steps)
     straight = run(config, tmp_path / "straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
-    for step in ckpt.list_steps(tmp_path / "killed" / "checkpoints"):
+    for step in checkpoint_verify.list_steps(tmp_path / "killed" / "checkpoints"):
         if step > kill_after:
             shutil.rmtree(tmp_path / "killed" / "checkpoints" / str(step))
     resumed = run(config, tmp_path / "killed")

@@ -2,15 +2,18 @@
 issue found crashing or monopolising it, and a property-based fuzz of the whole protocol.
 
 One server for the module (thread mode, so its parameter state can be compared), with small
-limits so that whatever the fuzz makes valid compiles only a few small programs, and a 1 s
-read timeout so stalled connections are seen to be closed.
+limits so that whatever the fuzz makes valid compiles only a few small programs, a 1 s
+read timeout so stalled connections are seen to be closed, and a 3 s request deadline and 6
+connection threads so a client that dribbles its request is seen to be cut off.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -26,6 +29,8 @@ from tests.rollout_fixtures import TOKEN, rollout_model_dirs, start_rollout_serv
 
 LIMITS = RequestLimits(max_completions_per_request=4, max_request_tokens=40, max_queued_requests=8)
 READ_TIMEOUT_S = 1.0
+REQUEST_DEADLINE_S = 3.0
+MAX_CONNECTIONS = 6
 JSON_HEADERS = {"Content-Type": "application/json"}
 # The one shape of valid request the module runs (the split test's too), so the server compiles
 # one program per prompt count (1 and 2).
@@ -34,7 +39,8 @@ _VALID = {"prompt_token_ids": [[1, 20, 30]], "n": 2, "max_tokens": 4, "temperatu
 
 @pytest.fixture(scope="module")
 def server(rollout_model_dirs):
-    with start_rollout_server("jax", rollout_model_dirs[0], limits=LIMITS, read_timeout=READ_TIMEOUT_S) as (url, srv):
+    with start_rollout_server("jax", rollout_model_dirs[0], limits=LIMITS, read_timeout=READ_TIMEOUT_S,
+                              request_deadline=REQUEST_DEADLINE_S, max_connections=MAX_CONNECTIONS) as (url, srv):
         for prompts in (1, 2):  # compile the module's two programs here, not inside whichever test is first
             payload = json.dumps({**_VALID, "prompt_token_ids": _VALID["prompt_token_ids"] * prompts}).encode()
             assert _request(url, "POST", "/generate", payload, JSON_HEADERS)[0] == 200
@@ -80,9 +86,8 @@ def _healthy(url: str) -> bool:
 BIG = 2**70
 
 
-@pytest.mark.parametrize(
-    "method, body, headers, status, fragment",
-    [
+# (method, body, extra headers, status, what the error says); tests/test_vllm_backend.py sends them to vLLM too.
+HOSTILE = [
         ("POST", {"prompts": [""]}, {}, 400, "prompt 0 is empty after tokenization"),
         ("POST", {"prompt_token_ids": [[1, 2]], "seed": BIG}, {}, 400, "'seed': must be in [0, 2**63)"),
         ("POST", {"prompt_token_ids": [[1, 2]], "top_k": BIG}, {}, 400, "'top_k': must fit in a 32-bit integer"),
@@ -94,8 +99,10 @@ BIG = 2**70
         ("PUT", {"prompt_token_ids": [[1]]}, {}, 405, "method 'PUT' is not allowed; this server answers GET and POST"),
         ("DELETE", None, {}, 405, "method 'DELETE' is not allowed"),
         ("FROB", None, {}, 405, "method 'FROB' is not allowed"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize("method, body, headers, status, fragment", HOSTILE)
 def test_hostile_requests_get_a_json_4xx_and_the_server_keeps_serving(server, method, body, headers, status, fragment):
     url, _ = server
     raw = body if isinstance(body, bytes) or body is None else json.dumps({"max_tokens": 2, **body}).encode()  # within LIMITS
@@ -144,6 +151,73 @@ def test_stalled_connections_are_closed_after_the_read_timeout(server):
     assert time.monotonic() - start < 8 and _healthy(url)
 
 
+class _Dribbler(threading.Thread):
+    """A slowloris: sends `data` one byte every `interval` s (each read gets its byte long before
+    the 1 s read timeout) until the server answers or closes; records when and what came back."""
+
+    def __init__(self, url: str, data: bytes, interval: float = 0.3):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port), timeout=30)
+        self.data, self.interval = data, interval
+        self.reply, self.seconds = b"", None
+
+    def run(self) -> None:
+        start = time.monotonic()
+        with self.sock:
+            for byte in self.data:
+                try:
+                    self.sock.sendall(bytes([byte]))
+                except OSError:  # reset: the server closed it
+                    break
+                readable, _, _ = select.select([self.sock], [], [], self.interval)
+                if readable:
+                    break
+            chunks = []
+            try:
+                while chunk := self.sock.recv(65536):
+                    chunks.append(chunk)
+            except OSError:
+                pass
+            self.reply, self.seconds = b"".join(chunks), time.monotonic() - start
+
+
+def test_a_client_dribbling_its_request_is_cut_off_at_the_deadline_and_others_are_served(server):
+    """One byte every 0.3 s never trips the 1 s read timeout; the 3 s request deadline ends it,
+    in the headers (closed: no request to answer) or in the body (a JSON 408 naming the deadline)."""
+    url, _ = server
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n"
+    in_headers = _Dribbler(url, head * 4)
+    in_body = _Dribbler(url, b"{" * 200)
+    in_body.sock.sendall(head)
+    in_headers.start(), in_body.start()
+    served = 0
+    while in_headers.is_alive() or in_body.is_alive():
+        assert _healthy(url)  # the server answers others meanwhile
+        served += 1
+        time.sleep(0.2)
+    assert served >= 5
+    assert REQUEST_DEADLINE_S - 0.5 < in_headers.seconds < REQUEST_DEADLINE_S + 4 and in_headers.reply == b""
+    assert REQUEST_DEADLINE_S - 0.5 < in_body.seconds < REQUEST_DEADLINE_S + 4
+    status_line, _, body = in_body.reply.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408 "), in_body.reply[:300]
+    assert "within the server's deadline of 3 s" in json.loads(body)["error"]
+
+
+def test_connections_beyond_the_bound_get_a_503_and_the_server_recovers(server):
+    url, _ = server
+    dribblers = [_Dribbler(url, b"GET /health HTTP/1.1\r\nHost: x\r\n" * 4) for _ in range(MAX_CONNECTIONS)]
+    for d in dribblers:
+        d.start()
+    time.sleep(0.5)  # every dribbler holds a connection thread now
+    status, headers, raw = _request(url, "GET", "/health")
+    assert status == 503 and "max_connections=6" in json.loads(raw)["error"], raw[:300]
+    assert headers.get("Content-Type") == "application/json" and headers.get("Retry-After") == "1"
+    for d in dribblers:
+        d.join(timeout=REQUEST_DEADLINE_S + 5)
+        assert not d.is_alive() and d.seconds < REQUEST_DEADLINE_S + 4
+    assert _healthy(url)
+
+
 def test_work_per_request_is_bounded_and_a_small_request_does_not_wait_behind_it(server):
     url, _ = server
     cases = [
@@ -161,7 +235,8 @@ def test_work_per_request_is_bounded_and_a_small_request_does_not_wait_behind_it
         assert status == 413 and asked in body["error"] and limit in body["error"] and body["limits"] == LIMITS.as_json()
         assert time.monotonic() - start < 30  # refused before any engine work (n=200000 held it 91 s)
     info = json.loads(_request(url, "GET", "/info")[2])
-    assert info["limits"] == {**LIMITS.as_json(), "max_request_bytes": 16 << 20, "read_timeout_s": READ_TIMEOUT_S}
+    assert info["limits"] == {**LIMITS.as_json(), "max_request_bytes": 16 << 20, "read_timeout_s": READ_TIMEOUT_S,
+                              "request_deadline_s": REQUEST_DEADLINE_S, "max_connections": MAX_CONNECTIONS}
     status, _, raw = _request(url, "POST", "/generate", json.dumps(_VALID).encode(), JSON_HEADERS)
     assert status == 200 and len(json.loads(raw)["results"][0]["outputs"]) == 2
 

@@ -13,6 +13,7 @@ CI (CI=true), where a missing environment is a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -161,6 +162,21 @@ def test_greedy_with_n_gives_n_equal_completions(server):
 def test_a_request_vllm_refuses_is_a_400_naming_the_field(server):
     with pytest.raises(RolloutError, match=r"HTTP 400.*temperature must be in \[0, 2\], got 2.5"):
         client(server).generate([PROMPTS[0]], SamplingParams(n=1, max_tokens=4, temperature=2.5))
+    assert len(greedy(server, [PROMPTS[1]])) == 1
+
+
+def test_hostile_requests_get_a_json_4xx_on_the_vllm_backend_too(server):
+    """The jax server's hostile-input cases (tests/test_server_hostile.py: an empty prompt, ints of
+    2**70, JSON 200k deep, PUT/DELETE, ...) and n over the default completions limit, against the
+    vLLM server: each a 4xx with the JSON error body, the server serving after them."""
+    from tests.test_server_hostile import HOSTILE, JSON_HEADERS, _assert_json_answer, _request
+
+    over_limit = ("POST", {"prompt_token_ids": [[1, 2]], "n": 200_000}, {}, 413, "max_completions_per_request=8192")
+    for method, body, headers, status, fragment in [*HOSTILE, over_limit]:
+        raw = body if isinstance(body, bytes) or body is None else json.dumps({"max_tokens": 2, **body}).encode()
+        got, response_headers, reply = _request(server, method, "/generate", raw, {**JSON_HEADERS, **headers})
+        _assert_json_answer(method, got, response_headers, reply)
+        assert got == status and fragment in json.loads(reply)["error"], (method, str(body)[:80], got, reply[:300])
     assert len(greedy(server, [PROMPTS[1]])) == 1
 
 

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from maxent_jax import checkpoint as checkpoint_lib
+from maxent_jax import export as export_lib
 from maxent_jax.data.pair_sum import solution_counts
 from maxent_jax.eval_metrics import pass_at_k
 from maxent_jax.experiments import arms as arms_lib
@@ -109,7 +109,7 @@ def warm_start(out: pathlib.Path, warmup_steps: int, max_operand: int, say: Call
     directory = out / WARM_START_DIR
     settings = {"warmup_steps": warmup_steps, "config": arms_lib.base_config(max_operand).to_json(sort_keys=True)}
     stamp = directory / "warm_start.json"
-    exported = directory / checkpoint_lib.FINAL_EXPORT_DIR
+    exported = directory / export_lib.FINAL_EXPORT_DIR
     if exported.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         say(f"warm start: reusing {exported}")
         return exported

@@ -5,7 +5,8 @@ environment and in the vLLM environment (which has no jax): this module imports 
 One engine turn (`fair_queue.FairQueue`) serialises every call into the backend, which is what
 makes a weight push atomic for generation: a generate call runs entirely under the old or
 entirely under the new weights. The turn passes round-robin between clients and its queue is
-bounded; `limits.RequestLimits` bounds the work of one request; every socket read has a timeout.
+bounded; `limits.RequestLimits` bounds the work of one request; every socket read has a timeout,
+a whole request a deadline and the connection threads a bound (`connections`).
 Whatever a request holds, the answer is a JSON body: 2xx, a 4xx naming what is wrong, or a 500
 for a backend failure.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import io
 import json
 import logging
 import re
@@ -22,11 +24,13 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
 from maxent_jax.rollout.backend import RolloutBackend, SamplingParams
+from maxent_jax.rollout.connections import (DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_DEADLINE_S,
+                                            BoundedThreadingHTTPServer, DeadlineSocketReader, RequestDeadline)
 from maxent_jax.rollout.fair_queue import FairQueue
 from maxent_jax.rollout.limits import DEFAULT_READ_TIMEOUT_S, RequestLimits
 from maxent_jax.rollout.protocol import HF_LAYOUT, ProtocolError
@@ -170,16 +174,21 @@ class RolloutServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         limits: RequestLimits | None = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+        request_deadline: float = DEFAULT_REQUEST_DEADLINE_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ):
         """`limits` None: the backend's defaults, `RequestLimits.for_backend`.
 
         `read_timeout`: seconds one socket read (or write) may wait, so a client that stalls
-        mid-request releases its thread instead of holding it forever.
+        mid-request releases its thread instead of holding it forever. `request_deadline`: seconds
+        a whole request (line, headers, body) may take from its first byte, so one that trickles in
+        cannot either; `max_connections`: connection threads at once (`connections`).
         """
         self.backend = backend
         self.token = token
         self.max_request_bytes = max_request_bytes
         self.read_timeout = read_timeout
+        self.request_deadline = request_deadline
         self.weight_version = 0
         self.receive_buffers = ReceiveBuffers()
         self.weight_layouts = tuple(getattr(backend, "weight_layouts", (HF_LAYOUT,)))
@@ -188,9 +197,9 @@ class RolloutServer:
         self.engine = FairQueue(self.limits.max_queued_requests)
         self._info = {**backend_info, "weight_layouts": list(self.weight_layouts),
                       "limits": {**self.limits.as_json(), "max_request_bytes": max_request_bytes,
-                                 "read_timeout_s": read_timeout}}
-        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
-        self._httpd.daemon_threads = True
+                                 "read_timeout_s": read_timeout, "request_deadline_s": request_deadline,
+                                 "max_connections": max_connections}}
+        self._httpd = BoundedThreadingHTTPServer((host, port), _handler_class(self), max_connections=max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -346,6 +355,19 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "maxent-jax-rollout/1"
     rollout: RolloutServer
+    _reader: DeadlineSocketReader
+
+    def setup(self) -> None:
+        """Reads go through a `DeadlineSocketReader`: a per-read timeout and a whole-request deadline."""
+        super().setup()
+        self.rfile.close()  # the stdlib's reader: its reference would keep the socket open after close
+        self._reader = DeadlineSocketReader(self.connection, read_timeout=self.rollout.read_timeout,
+                                            deadline=self.rollout.request_deadline)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._reader.next_request()
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
@@ -393,8 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(err.status, str(err), body, err.details)
         except WeightStreamError as err:
             self._refuse(400, f"weight push refused, nothing applied: {err}", body)
-        except TimeoutError:
-            self._timed_out()
+        except TimeoutError as err:
+            self._timed_out(err)
         except Exception as err:  # a backend failure must not take the server down
             log.exception("%s %s failed", self.command, self.path)
             self._error(500, f"{type(err).__name__}: {err}", close=True)
@@ -408,11 +430,12 @@ class _Handler(BaseHTTPRequestHandler):
                 close = True
         self._error(status, message, close=close, details=details)
 
-    def _timed_out(self) -> None:
-        """A client that stopped sending mid-body: answer if it still reads, and free the thread."""
+    def _timed_out(self, err: TimeoutError) -> None:
+        """A client that stopped sending mid-body (or sent it too slowly): answer if it still reads, and free the thread."""
+        message = str(err) if isinstance(err, RequestDeadline) else (
+            f"request body stalled: no bytes for {self.rollout.read_timeout:g} s (read_timeout_s in GET /info)")
         try:
-            self._error(int(HTTPStatus.REQUEST_TIMEOUT), f"request body stalled: no bytes for {self.rollout.read_timeout:g} s "
-                        "(read_timeout_s in GET /info)", close=True)
+            self._error(int(HTTPStatus.REQUEST_TIMEOUT), message, close=True)
         except OSError:
             self.close_connection = True
 
@@ -444,8 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (ProtocolError, WeightStreamError) as err:
             self._error(getattr(err, "status", 400), str(err), close=True)
             return
-        except TimeoutError:
-            self._timed_out()
+        except TimeoutError as err:
+            self._timed_out(err)
             return
         peer = self.client_address[0]
         if path == "/reset_prefix_cache":
@@ -478,6 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[len("Bearer ") :].strip().encode(), token.encode()):
             self._refuse(401, "weight push needs 'Authorization: Bearer <token>' with the server's token", body)
             return
+        self._reader.lift()  # the trainer's push: gigabytes, no total deadline (each read still times out)
         raw_version = self.headers.get(protocol.WEIGHT_VERSION_HEADER)
         version = None
         if raw_version is not None:

@@ -1,0 +1,73 @@
+"""The end of training: the policy as a Hugging Face directory (or a LoRA run's PEFT adapter and
+merged model), with the controllers' state beside it so the directory alone can seed another run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Mapping
+
+import jax
+
+FINAL_EXPORT_DIR = "final_hf"
+CONTROLLER_STATE_FILE = "controller_state.json"
+
+
+def export_final(
+    params: Any,
+    model_config: Any,
+    workdir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None,
+    controller_state: Mapping[str, Any] | None,
+    dtype: str | None = None,
+) -> pathlib.Path:
+    """Write WORKDIR/final_hf: HF config, safetensors weights and tokenizer, plus controller_state.json.
+
+    `params` / `model_config` are the policy's `nnx.State` (or Decoder) and `ModelConfig`;
+    `controller_state` is the controllers' JSON (spec 8.4), stored beside the weights so the
+    directory alone can seed another run. Transformers ignores the extra file. The weights
+    directory is renamed into place whole; the JSON is then replaced atomically.
+    """
+    from maxent_jax.model.hf_io import export_hf_checkpoint
+
+    out = export_hf_checkpoint(params, model_config, pathlib.Path(workdir) / FINAL_EXPORT_DIR,
+                               tokenizer_dir=tokenizer_dir, dtype=dtype)
+    if controller_state is not None and jax.process_index() == 0:
+        tmp = out / (CONTROLLER_STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(dict(controller_state), indent=2) + "\n")
+        os.replace(tmp, out / CONTROLLER_STATE_FILE)
+    return out
+
+
+MERGED_EXPORT_DIR = "final_merged_hf"
+
+
+def export_adapter(model: Any, settings: Any, workdir: str | os.PathLike, *, base: Mapping[str, Any],
+                   tokenizer_dir: str | os.PathLike | None, controller_state: Mapping[str, Any] | None) -> pathlib.Path:
+    """A LoRA run's WORKDIR/final_hf: a PEFT adapter directory (`adapter_config.json`,
+    `adapter_model.safetensors`) on the base `base` names, with the tokenizer and controller_state.json."""
+    from maxent_jax.model.hf_io import TOKENIZER_FILES
+    from maxent_jax.model.lora_io import write_peft_adapter
+
+    out = write_peft_adapter(model, settings, pathlib.Path(workdir) / FINAL_EXPORT_DIR, base_model=base["path"],
+                             revision=base["revision"])
+    if jax.process_index() == 0:
+        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+            if (pathlib.Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(pathlib.Path(tokenizer_dir) / name, out / name)
+        if controller_state is not None:
+            tmp = out / (CONTROLLER_STATE_FILE + ".tmp")
+            tmp.write_text(json.dumps(dict(controller_state), indent=2) + "\n")
+            os.replace(tmp, out / CONTROLLER_STATE_FILE)
+    return out
+
+
+def export_merged(model: Any, model_config: Any, workdir: str | os.PathLike, *,
+                  tokenizer_dir: str | os.PathLike | None) -> pathlib.Path:
+    """WORKDIR/final_merged_hf: a LoRA run's adapters folded into its base, as a plain HF checkpoint."""
+    from maxent_jax.model.lora_io import export_merged as write_merged
+
+    return write_merged(model, model_config, pathlib.Path(workdir) / MERGED_EXPORT_DIR, tokenizer_dir=tokenizer_dir)
