@@ -146,6 +146,16 @@ def test_dry_run_catches_what_the_run_would_fail_on(tmp_path, monkeypatch):
         plan()
 
 
+def test_dry_run_counts_an_epochs_driven_run_as_the_trainer_does(tmp_path):
+    """max_steps=-1 (a TRL recipe's `max_steps: -1`) is num_train_epochs passes: the plan printed `steps: -1`."""
+    from maxent_jax.dry_run import dry_run
+
+    config = _config(*RUN, "--config.train.max_steps=-1", "--config.train.num_train_epochs=2")
+    plan = dry_run(config, tmp_path / "run", device_count=1, device_kind="cpu")
+    prompts_per_step = config.train.per_device_train_batch_size
+    assert plan.total_steps == 2 * (config.data.synthetic.num_train // prompts_per_step) > 0 and not plan.notes
+
+
 # ---------------------------------------------------------------------------------------
 # One clear line for every user mistake
 
