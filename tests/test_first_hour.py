@@ -186,6 +186,20 @@ def test_resolve_config_has_help():
     assert "--config.SECTION.FIELD=VALUE" in proc.stdout
 
 
+def test_the_launchers_compilation_cache_dir_is_honoured(tmp_path, monkeypatch):
+    """The launcher exports JAX_COMPILATION_CACHE_DIR=var/cache/jax; the trainer's own default overrode it."""
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    try:
+        train.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
 def test_sizes_show_their_unit():
     assert [ckpt.format_bytes(n) for n in (512, 5 * 2**20, 0.01 * 2**30, 3 * 2**30)] == \
         ["512 B", "5.0 MiB", "10.2 MiB", "3.0 GiB"]
