@@ -229,6 +229,20 @@ def test_readme_demo_figures_come_from_the_script(tmp_path):
     assert set(demo_report.read_table(readme)) == set(values)  # README carries the script's block
 
 
+def test_the_demo_time_is_quoted_only_from_the_measured_block():
+    """docs/index.md said the demo takes 30-35 s while README's measured block said 49 s."""
+    import re
+
+    from maxent_jax import demo_report
+
+    duration = re.compile(r"\b\d+(?:-\d+)? ?(?:s|seconds|minutes)\b(?! per| of CPU)")
+    readme = demo_report.README.read_text()
+    outside = readme.replace(demo_report._block(readme), "")
+    for name, text in (("README.md", outside), ("docs/index.md", (REPO / "docs" / "index.md").read_text())):
+        demo = [p for p in text.split("\n\n") if "demo" in p]
+        assert not [m.group() for p in demo for m in duration.finditer(p)], name
+
+
 # ---------------------------------------------------------------------------------------
 # One real run: Ctrl-C, then the same command again
 
