@@ -103,7 +103,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, accept_
     prompts = t.per_device_train_batch_size * mesh["data"] * mesh["fsdp"] * t.gradient_accumulation_steps
     group = config.rollout.num_generations + (config.info_seed.num_seeds if config.info_seed.enabled else 0)
     steps_per_epoch = max(1, rows // prompts)
-    total_steps = optimizer_lib.total_steps(t.max_steps, steps_per_epoch, t.num_train_epochs)  # the trainer's count (-1: epochs)
+    # The trainer's count: max_steps -1 means num_train_epochs passes.
+    total_steps = optimizer_lib.total_steps(t.max_steps, steps_per_epoch, t.num_train_epochs)
     if 0 <= total_steps < t.max_steps:
         notes.append(f"the dataset's {rows} prompts give {steps_per_epoch} steps per epoch: the run stops after "
                      f"{total_steps} (train.num_train_epochs={t.num_train_epochs}), not train.max_steps={t.max_steps}")

@@ -95,6 +95,24 @@ def test_a_finished_run_rerun_says_so_and_exits_0(tmp_path, capsys):
     assert (tmp_path / "config.json").read_bytes() == stored
 
 
+def test_the_next_evaluate_command_keeps_the_runs_own_config(tmp_path, capsys):
+    """evaluate with --config=FILE replaces the run's config.json, dropping the run's overrides:
+    the printed command named the --config of a non-default run."""
+    variant = tmp_path / "variant.py"
+    variant.write_text("from configs import tiny\n\n\ndef get_config():\n    c = tiny.get_config()\n"
+                       "    c.rollout.max_completion_length = 12\n    return c\n")
+    workdir = tmp_path / "run"
+    args = (f"--config={variant}", *RUN, "--config.rollout.max_completion_length=10",
+            "--config.checkpoint.export_final=True")
+    _stored_run(workdir, *args, status="finished", step=STEPS)
+    argv = ["train", f"--workdir={workdir}", *args]
+    with mock.patch.object(sys, "argv", argv):
+        train.main(argv)
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"next:\n  python -m maxent_jax.plot {workdir}\n"
+                                 f"  python -m maxent_jax.evaluate --checkpoint={workdir / 'final_hf'}"), out
+
+
 def test_an_unknown_reward_stops_the_run_before_the_model_loads_and_writes_no_config(tmp_path):
     proc = _train(f"--workdir={tmp_path}", "--config.rewards.reward_funcs=('accuracy',)")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -285,3 +303,22 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_the_run_with_each_step_once(tmp
 
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "holds a finished run (8 of 8 steps): nothing to do" in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_workdir_names_the_workdir_to_resume(tmp_path):
+    """Without --workdir the same command starts a fresh var/runs/<time>: the line names the flag."""
+    env = {**ENV, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "maxent_jax.train", *RUN], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    (workdir,) = (tmp_path / "var" / "runs").iterdir()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and last.endswith(
+        f"; saved; rerun the same command with --workdir={workdir} to resume"), last
+    assert ckpt.list_steps(workdir / "checkpoints")
