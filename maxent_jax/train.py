@@ -23,8 +23,9 @@ from maxent_jax.errors import UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
 The fields that differ from the defaults are printed; the whole config is written to
-WORKDIR/config.json. Rerunning the same command resumes the run; a different config is refused
-before anything in the workdir is touched (docs/training.md, "Workdirs")."""
+WORKDIR/config.json. The same command with the same --workdir resumes the run (without --workdir
+each run gets a fresh var/runs/<time>); a different config is refused before anything in the
+workdir is touched (docs/training.md, "Workdirs")."""
 
 
 def define_flags() -> flags.FlagValues:

@@ -197,6 +197,13 @@ def test_flag_mistakes_are_one_line(args, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_train_help_says_resuming_needs_the_workdir(capsys):
+    """--help said "Rerunning the same command resumes the run": without --workdir it starts a new one."""
+    train.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The same command with the same --workdir resumes the run" in out and "fresh var/runs/<time>" in out
+
+
 def test_resolve_config_has_help():
     proc = subprocess.run([sys.executable, "-m", "launch.resolve_config", "--help"], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
