@@ -84,10 +84,12 @@ def next_steps(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> str:
     """The commands a user runs after training: curves of the run and an evaluation of its policy.
 
     No --config for evaluate: a checkpoint inside the run is evaluated with the run's own
-    config.json, overrides included, which a --config file would replace."""
+    config.json, overrides included, which a --config file would replace. A LoRA run's final_hf
+    holds adapters only: its merged model is the one evaluate loads."""
     here = shlex.quote(str(workdir))
     if config.checkpoint.export_final:
-        checkpoint = workdir / checkpoint_lib.FINAL_EXPORT_DIR
+        export = checkpoint_lib.MERGED_EXPORT_DIR if config.lora.enabled else checkpoint_lib.FINAL_EXPORT_DIR
+        checkpoint = workdir / export
     else:
         steps = checkpoint_lib.list_steps(workdir / checkpoint_lib.CHECKPOINTS_DIR)
         checkpoint = workdir / checkpoint_lib.CHECKPOINTS_DIR / str(steps[-1]) if steps else None

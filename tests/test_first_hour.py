@@ -113,6 +113,22 @@ def test_the_next_evaluate_command_keeps_the_runs_own_config(tmp_path, capsys):
                                  f"  python -m maxent_jax.evaluate --checkpoint={workdir / 'final_hf'}"), out
 
 
+def test_a_lora_run_points_evaluate_at_its_merged_model(tmp_path):
+    """A LoRA run's final_hf holds adapters: the printed evaluate command failed on it."""
+    from maxent_jax import console, evaluate
+
+    config = _config(*RUN, "--config.lora.enabled=True", "--config.checkpoint.export_final=True")
+    assert console.next_steps(tmp_path, config).endswith(f"--checkpoint={tmp_path / 'final_merged_hf'}")
+    adapter = tmp_path / "final_hf"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"is a LoRA adapter directory .*evaluate the run's merged model: "
+                                        f"--checkpoint={tmp_path / 'final_merged_hf'}$"):
+        evaluate.resolve_checkpoint_arg(str(adapter))
+    workdir_lib.write_config(tmp_path, config)
+    assert evaluate.run_dir_of("hf", tmp_path / "final_merged_hf") == tmp_path  # its config and results: the run's
+
+
 def test_an_unknown_reward_stops_the_run_before_the_model_loads_and_writes_no_config(tmp_path):
     proc = _train(f"--workdir={tmp_path}", "--config.rewards.reward_funcs=('accuracy',)")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
