@@ -81,25 +81,30 @@ class CompileClock:
         return seconds
 
 
-def next_steps(workdir: pathlib.Path, config: ml_collections.ConfigDict, config_path: str | None) -> str:
-    """The commands a user runs after training: curves of the run and an evaluation of its policy."""
+def next_steps(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> str:
+    """The commands a user runs after training: curves of the run and an evaluation of its policy.
+
+    No --config for evaluate: a checkpoint inside the run is evaluated with the run's own
+    config.json, overrides included, which a --config file would replace. A LoRA run's final_hf
+    holds adapters only: its merged model is the one evaluate loads."""
     here = shlex.quote(str(workdir))
     if config.checkpoint.export_final:
-        checkpoint = workdir / export_lib.FINAL_EXPORT_DIR
+        export = export_lib.MERGED_EXPORT_DIR if config.lora.enabled else export_lib.FINAL_EXPORT_DIR
+        checkpoint = workdir / export
     else:
         steps = checkpoint_verify.list_steps(workdir / checkpoint_verify.CHECKPOINTS_DIR)
         checkpoint = workdir / checkpoint_verify.CHECKPOINTS_DIR / str(steps[-1]) if steps else None
     lines = ["next:", f"  python -m maxent_jax.plot {here}"]
     if checkpoint is not None:
-        with_config = f" --config={shlex.quote(config_path)}" if config_path and not _is_default(config_path) else ""
-        lines.append(f"  python -m maxent_jax.evaluate --checkpoint={shlex.quote(str(checkpoint))}{with_config}")
+        lines.append(f"  python -m maxent_jax.evaluate --checkpoint={shlex.quote(str(checkpoint))}")
     return "\n".join(lines)
 
 
-def _is_default(config_path: str) -> bool:
-    from maxent_jax.cli import DEFAULT_CONFIG
-
-    return pathlib.Path(config_path).resolve() == DEFAULT_CONFIG.resolve()
+def interrupted(step: int, workdir: pathlib.Path, workdir_given: bool) -> str:
+    """The Ctrl-C line. Without --workdir the same command starts a new run in a fresh
+    var/runs/<time>, so the line then names the flag that resumes this one."""
+    flag = "" if workdir_given else f" with --workdir={shlex.quote(str(workdir))}"
+    return f"interrupted at step {step}; saved; rerun the same command{flag} to resume"
 
 
 def summary(record: Mapping[str, Any], keys: tuple[str, ...]) -> str:

@@ -82,6 +82,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, accept_
 
     `device_count` defaults to this process's JAX devices; the launcher passes the job's.
     """
+    from maxent_jax import optimizer as optimizer_lib  # imports jax: not at module load (the launcher's check)
+
     if device_count is None:
         import jax
 
@@ -102,8 +104,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, accept_
     prompts = t.per_device_train_batch_size * mesh["data"] * mesh["fsdp"] * t.gradient_accumulation_steps
     group = config.rollout.num_generations + (config.info_seed.num_seeds if config.info_seed.enabled else 0)
     steps_per_epoch = max(1, rows // prompts)
-    total_steps = min(t.max_steps, steps_per_epoch * t.num_train_epochs)
-    if total_steps < t.max_steps:
+    # The trainer's count: max_steps -1 means num_train_epochs passes.
+    total_steps = optimizer_lib.total_steps(t.max_steps, steps_per_epoch, t.num_train_epochs)
+    if 0 <= total_steps < t.max_steps:
         notes.append(f"the dataset's {rows} prompts give {steps_per_epoch} steps per epoch: the run stops after "
                      f"{total_steps} (train.num_train_epochs={t.num_train_epochs}), not train.max_steps={t.max_steps}")
 

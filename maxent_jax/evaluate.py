@@ -207,6 +207,10 @@ def resolve_checkpoint_arg(path_arg: str) -> tuple[str, pathlib.Path]:
         return "hf", path
     if (path / export_lib.FINAL_EXPORT_DIR / "config.json").is_file():
         return "hf", path / export_lib.FINAL_EXPORT_DIR
+    if (path / "adapter_config.json").is_file():  # a LoRA run's final_hf: adapters without their base
+        merged = path.parent / export_lib.MERGED_EXPORT_DIR
+        raise UserError(f"--checkpoint={path_arg} is a LoRA adapter directory (adapters without their base); "
+                        f"evaluate the run's merged model: --checkpoint={merged}")
     steps_dir = path / checkpoint_verify.CHECKPOINTS_DIR if (path / checkpoint_verify.CHECKPOINTS_DIR).is_dir() else path
     if not (path / "state").is_dir() and not checkpoint_verify.list_steps(steps_dir):
         raise UserError(f"--checkpoint={path_arg}: neither an HF model directory nor an Orbax checkpoint")
@@ -254,15 +258,16 @@ def _parse(argv: list[str]) -> tuple[Any, list[int]]:
 
 
 def run_dir_of(kind: str, ckpt_path: pathlib.Path) -> pathlib.Path | None:
-    """The training run a checkpoint belongs to (WORKDIR of WORKDIR/checkpoints/N or WORKDIR/final_hf),
-    recognised by its run config.json; None for a model directory outside a run."""
+    """The training run a checkpoint belongs to (WORKDIR of WORKDIR/checkpoints/N, WORKDIR/final_hf or a
+    LoRA run's WORKDIR/final_merged_hf), recognised by its run config.json; None for a model directory
+    outside a run."""
     from maxent_jax import checkpoint_verify
     from maxent_jax import export as export_lib
 
     ckpt_path = ckpt_path.resolve()
     if kind == "orbax" and ckpt_path.parent.name == checkpoint_verify.CHECKPOINTS_DIR:
         run = ckpt_path.parent.parent
-    elif kind == "hf" and ckpt_path.name == export_lib.FINAL_EXPORT_DIR:
+    elif kind == "hf" and ckpt_path.name in (export_lib.FINAL_EXPORT_DIR, export_lib.MERGED_EXPORT_DIR):
         run = ckpt_path.parent
     else:
         return None

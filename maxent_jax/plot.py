@@ -65,10 +65,16 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 MIN_RELATIVE_SPAN = 0.1  # the y-axis spans at least this fraction of the series' magnitude
+FEW_POINTS = 5  # a series this short (evals: 2 points in the demo) is drawn on its metric's whole range
+# Metrics with a natural range: accuracies on a few dozen problems move by whole problems, so
+# 0.32 -> 0.40 (2 of 25) filling the axis reads as a trend where there is noise.
+NATURAL_RANGE = {"eval/mean_reward": (0.0, 1.0)}
 
 
-def y_limits(values: list[float]) -> tuple[float, float] | None:
+def y_limits(values: list[float], natural_range: tuple[float, float] | None = None) -> tuple[float, float] | None:
     """Y-limits that do not blow a flat or nearly flat series up to full height, else None (matplotlib's).
+
+    Fewer than FEW_POINTS values inside their metric's `natural_range` are drawn on that range.
 
     A constant (tau, beta with the controllers off; equal up to float noise) is drawn mid-plot
     on [v/2, 3v/2]; a series whose values differ by less than MIN_RELATIVE_SPAN of their
@@ -76,6 +82,9 @@ def y_limits(values: list[float]) -> tuple[float, float] | None:
     its middle, so a 0.41 -> 0.42 step does not fill the axis like 0.1 -> 0.9 would.
     """
     lo, hi = min(values), max(values)
+    if natural_range is not None and len(values) < FEW_POINTS and natural_range[0] <= lo <= hi <= natural_range[1]:
+        pad = 0.03 * (natural_range[1] - natural_range[0])  # the end markers stay visible
+        return natural_range[0] - pad, natural_range[1] + pad
     magnitude = max(abs(lo), abs(hi))
     if magnitude == 0.0:
         return None
@@ -97,7 +106,7 @@ def _draw(ax: plt.Axes, title: str, ylabel: str, key: str, steps: list[int], val
         ax.legend(fontsize=8)
     else:
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, linewidth=1.5)
-    limits = y_limits(values)
+    limits = y_limits(values, NATURAL_RANGE.get(key))
     if limits is not None:
         ax.set_ylim(*limits)
     ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-8 + 5e-2" offset labels on a flat line

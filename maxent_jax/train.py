@@ -23,8 +23,9 @@ from maxent_jax.errors import UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
 The fields that differ from the defaults are printed; the whole config is written to
-WORKDIR/config.json. Rerunning the same command resumes the run; a different config is refused
-before anything in the workdir is touched (docs/training.md, "Workdirs")."""
+WORKDIR/config.json. The same command with the same --workdir resumes the run (without --workdir
+each run gets a fresh var/runs/<time>); a different config is refused before anything in the
+workdir is touched (docs/training.md, "Workdirs")."""
 
 
 def define_flags() -> flags.FlagValues:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     existing, changes = workdir_lib.check_reuse(workdir, config, accept_changes=fv.accept_changes)
     if existing is not None and existing.finished and not any(c.field in LENGTH_FIELDS for c in changes):
         print(f"{workdir} holds a finished run ({existing.step} of {existing.total_steps} steps): nothing to do")
-        print(console.next_steps(workdir, config, config_path))
+        print(console.next_steps(workdir, config))
         return
     from maxent_jax.dry_run import check_rewards
 
@@ -101,13 +102,13 @@ def main(argv: list[str] | None = None) -> None:
                                  step=trainer.step, total_steps=trainer.total_steps)
     if stopped is not None:
         if trainer.sft_done:  # (a stop in the warm-up was already reported: nothing saved)
-            print(f"interrupted at step {trainer.step}; saved; rerun the same command to resume", file=sys.stderr)
+            print(console.interrupted(trainer.step, workdir, workdir_given=fv.workdir is not None), file=sys.stderr)
         if stopped == signal.SIGINT:
             raise SystemExit(128 + signal.SIGINT)  # 130, as a shell reports Ctrl-C
         return  # SIGTERM (preemption): exit 0, the job's requeue resumes it
     if last:
         print("final: " + console.summary(last, SUMMARY_KEYS))
-    print(console.next_steps(workdir, config, config_path))
+    print(console.next_steps(workdir, config))
 
 
 SUMMARY_KEYS = ("train/reward", "train/kl", "train/tau", "train/beta", "eval/mean_reward")

@@ -94,6 +94,40 @@ def test_a_finished_run_rerun_says_so_and_exits_0(tmp_path, capsys):
     assert (tmp_path / "config.json").read_bytes() == stored
 
 
+def test_the_next_evaluate_command_keeps_the_runs_own_config(tmp_path, capsys):
+    """evaluate with --config=FILE replaces the run's config.json, dropping the run's overrides:
+    the printed command named the --config of a non-default run."""
+    variant = tmp_path / "variant.py"
+    variant.write_text("from configs import tiny\n\n\ndef get_config():\n    c = tiny.get_config()\n"
+                       "    c.rollout.max_completion_length = 12\n    return c\n")
+    workdir = tmp_path / "run"
+    args = (f"--config={variant}", *RUN, "--config.rollout.max_completion_length=10",
+            "--config.checkpoint.export_final=True")
+    _stored_run(workdir, *args, status="finished", step=STEPS)
+    argv = ["train", f"--workdir={workdir}", *args]
+    with mock.patch.object(sys, "argv", argv):
+        train.main(argv)
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"next:\n  python -m maxent_jax.plot {workdir}\n"
+                                 f"  python -m maxent_jax.evaluate --checkpoint={workdir / 'final_hf'}"), out
+
+
+def test_a_lora_run_points_evaluate_at_its_merged_model(tmp_path):
+    """A LoRA run's final_hf holds adapters: the printed evaluate command failed on it."""
+    from maxent_jax import console, evaluate
+
+    config = _config(*RUN, "--config.lora.enabled=True", "--config.checkpoint.export_final=True")
+    assert console.next_steps(tmp_path, config).endswith(f"--checkpoint={tmp_path / 'final_merged_hf'}")
+    adapter = tmp_path / "final_hf"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"is a LoRA adapter directory .*evaluate the run's merged model: "
+                                        f"--checkpoint={tmp_path / 'final_merged_hf'}$"):
+        evaluate.resolve_checkpoint_arg(str(adapter))
+    workdir_lib.write_config(tmp_path, config)
+    assert evaluate.run_dir_of("hf", tmp_path / "final_merged_hf") == tmp_path  # its config and results: the run's
+
+
 def test_an_unknown_reward_stops_the_run_before_the_model_loads_and_writes_no_config(tmp_path):
     proc = _train(f"--workdir={tmp_path}", "--config.rewards.reward_funcs=('accuracy',)")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -145,6 +179,16 @@ def test_dry_run_catches_what_the_run_would_fail_on(tmp_path, monkeypatch):
         plan()
 
 
+def test_dry_run_counts_an_epochs_driven_run_as_the_trainer_does(tmp_path):
+    """max_steps=-1 (a TRL recipe's `max_steps: -1`) is num_train_epochs passes: the plan printed `steps: -1`."""
+    from maxent_jax.dry_run import dry_run
+
+    config = _config(*RUN, "--config.train.max_steps=-1", "--config.train.num_train_epochs=2")
+    plan = dry_run(config, tmp_path / "run", device_count=1, device_kind="cpu")
+    prompts_per_step = config.train.per_device_train_batch_size
+    assert plan.total_steps == 2 * (config.data.synthetic.num_train // prompts_per_step) > 0 and not plan.notes
+
+
 # ---------------------------------------------------------------------------------------
 # One clear line for every user mistake
 
@@ -168,11 +212,32 @@ def test_flag_mistakes_are_one_line(args, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_train_help_says_resuming_needs_the_workdir(capsys):
+    """--help said "Rerunning the same command resumes the run": without --workdir it starts a new one."""
+    train.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The same command with the same --workdir resumes the run" in out and "fresh var/runs/<time>" in out
+
+
 def test_resolve_config_has_help():
     proc = subprocess.run([sys.executable, "-m", "launch.resolve_config", "--help"], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m launch.resolve_config"), proc.stderr
     assert "--config.SECTION.FIELD=VALUE" in proc.stdout
+
+
+def test_the_launchers_compilation_cache_dir_is_honoured(tmp_path, monkeypatch):
+    """The launcher exports JAX_COMPILATION_CACHE_DIR=var/cache/jax; the trainer's own default overrode it."""
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    try:
+        train.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 def test_sizes_show_their_unit():
@@ -202,6 +267,20 @@ def test_readme_demo_figures_come_from_the_script(tmp_path):
     assert demo_report.read_table(rewritten) == pytest.approx(values)
     assert "code `abc1234`" in rewritten and rewritten.replace(block, "") == readme.replace(demo_report._block(readme), "")
     assert set(demo_report.read_table(readme)) == set(values)  # README carries the script's block
+
+
+def test_the_demo_time_is_quoted_only_from_the_measured_block():
+    """docs/index.md said the demo takes 30-35 s while README's measured block said 49 s."""
+    import re
+
+    from maxent_jax import demo_report
+
+    duration = re.compile(r"\b\d+(?:-\d+)? ?(?:s|seconds|minutes)\b(?! per| of CPU)")
+    readme = demo_report.README.read_text()
+    outside = readme.replace(demo_report._block(readme), "")
+    for name, text in (("README.md", outside), ("docs/index.md", (REPO / "docs" / "index.md").read_text())):
+        demo = [p for p in text.split("\n\n") if "demo" in p]
+        assert not [m.group() for p in demo for m in duration.finditer(p)], name
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,3 +325,22 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_the_run_with_each_step_once(tmp
 
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "holds a finished run (8 of 8 steps): nothing to do" in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_workdir_names_the_workdir_to_resume(tmp_path):
+    """Without --workdir the same command starts a fresh var/runs/<time>: the line names the flag."""
+    env = {**ENV, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "maxent_jax.train", *RUN], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    (workdir,) = (tmp_path / "var" / "runs").iterdir()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and last.endswith(
+        f"; saved; rerun the same command with --workdir={workdir} to resume"), last
+    assert checkpoint_verify.list_steps(workdir / "checkpoints")

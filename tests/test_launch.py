@@ -249,6 +249,7 @@ def test_dry_run_plan(slurm, nodes):
     assert f"--devices={devices}" in plan and f"--config={CONFIG}" in plan and "--device-memory=80GB" in plan
     assert "--cache" in plan  # stored where the trainer's pre-run check (maxent_jax.plan.guard) finds it
     assert "plan: (fake) verdict: fits" in r.out and "dry run: nothing started" in r.out
+    assert "[plan] compiling the trainer's programs on this machine's CPU: minutes" in r.out  # not a hang
 
 
 def test_dry_run_refuses_a_plan_that_does_not_fit(slurm):
@@ -268,7 +269,7 @@ def test_a_given_split_that_does_not_divide_the_model_is_refused(slurm):
 
 def test_dry_run_checks_the_vllm_environment(slurm):
     r = slurm("--config", CONFIG, "--dry-run", env={"VLLM_PYTHON": "/nonexistent/python"})
-    assert r.rc == 2 and "rollout-server interpreter /nonexistent/python not found" in r.err
+    assert r.rc == 2 and "rollout-server interpreter /nonexistent/python not found: make vllm-env builds" in r.err
 
 
 def test_a_resubmitted_job_uses_the_same_run_directory(slurm):

@@ -87,3 +87,12 @@ def test_flat_and_two_point_series_get_honest_y_limits(values, window):
         assert (lo, hi) == pytest.approx(window, rel=1e-6)
         assert not ax.yaxis.get_major_formatter().get_useOffset()
     plot.plt.close(fig)
+
+
+def test_a_few_eval_points_are_drawn_on_the_whole_accuracy_range():
+    """The demo's two evals, 0.32 then 0.40 (2 of 25 problems), filled the panel like a trend."""
+    fig, ax = plot.plt.subplots()
+    plot._draw(ax, "Eval accuracy", "mean reward", "eval/mean_reward", [50, 100], [0.32, 0.40])
+    lo, hi = ax.get_ylim()
+    assert lo < 0.0 < 1.0 < hi < 1.1
+    plot.plt.close(fig)
