@@ -130,6 +130,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # The spawned server's CUDA_VISIBLE_DEVICES, e.g. '0,1' (start the trainer with the other
     # devices visible); '' = the trainer's own environment.
     c.rollout.spawn_server_devices = ""
+    # Asynchronous rollouts (backend 'server'): the server generates up to this many batches ahead of
+    # the update, with weights at most this many optimizer steps old (older completions are dropped and
+    # counted); 0 = the synchronous loop (push, generate, update in turn). docs/rollout.md.
+    c.rollout.max_staleness = 0
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"

@@ -1,0 +1,175 @@
+"""Asynchronous rollouts: a producer thread that collects batches ahead of the update, and a
+weight pusher that keeps the rollout server current without blocking training.
+
+With `rollout.max_staleness = s >= 1` (backend 'server') generation overlaps the update: while
+the trainer updates on batch k, the producer collects batches k+1..k+s from the server.
+Two rules bound how old the sampling weights can be:
+
+* the producer starts collecting batch b only once the server holds weights of version
+  >= b - s (`WeightPusher.wait_for`), so a completion trained at step b is at most s steps
+  stale (staleness is counted per completion from the version the server reports; anything
+  older is dropped by `rollout.staleness`, never silently);
+* the queue holds at most s ready batches, so the data stream never runs further ahead.
+
+Every batch carries the data-stream position after its prompts were drawn: a checkpoint
+records the position of the last batch an update was APPLIED to, so the prompts of batches
+still in flight are drawn again after a resume (none lost, none repeated).
+
+The producer's per-batch work is one callable, `collect(index) -> ReadyBatch` (the trainer's
+`Trainer.collect`): a batch filter such as dynamic sampling wraps that callable and the
+producer does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+_POLL_S = 0.1  # how often a blocked thread looks at its stop flag
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's completions, host side: prompts x G rows, prompt-major."""
+
+    batch: dict[str, np.ndarray]  # the score batch (maxent_jax.scoring), rows = P * G
+    utilities: np.ndarray  # [P, G] float32
+    reward_parts: dict[str, np.ndarray]  # reward name -> [P * G]
+    texts: list[str]
+    lengths: np.ndarray  # [P * G] completion tokens
+    seconds: float
+
+
+@dataclasses.dataclass
+class ReadyBatch:
+    """One step's collected rollouts, ready for the update."""
+
+    rows: list[dict[str, Any]]  # the prompts' dataset rows
+    rollout: Rollout  # completions, rewards, behaviour log-probs
+    versions: np.ndarray  # [P * K] the weight version that sampled each completion (prompt-major)
+    stream_state: dict[str, int]  # the data stream's position after these prompts were drawn
+
+
+class WeightPusher:
+    """Pushes the newest submitted weights on a thread; the caller never waits for a push.
+
+    `submit(params, version)` replaces any push still waiting (only the newest weights are
+    worth sending), so a push in flight delays the next push, not training. `pushed` is the
+    last version the server acknowledged; a push error is raised in the caller's thread at
+    its next `submit` or `wait_for`.
+    """
+
+    def __init__(self, push: Callable[[Any, int], None], pushed: int):
+        self._push = push
+        self.pushed = pushed
+        self._pending: tuple[Any, int] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="weight-pusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, params: Any, version: int) -> None:
+        with self._cond:
+            self._raise()
+            self._pending = (params, version)
+            self._cond.notify_all()
+
+    def wait_for(self, version: int, stop: threading.Event) -> bool:
+        """Block until the server holds weights of `version` or newer; False when `stop` is set first."""
+        with self._cond:
+            while self.pushed < version:
+                self._raise()
+                if stop.is_set() or self._closed:
+                    return False
+                self._cond.wait(_POLL_S)
+            return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                (params, version), self._pending = self._pending, None
+            try:
+                self._push(params, version)
+            except BaseException as err:  # noqa: BLE001 - handed to the trainer's thread
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.pushed = max(self.pushed, version)
+                self._cond.notify_all()
+
+
+class Producer:
+    """Collects batches `start, ..., end - 1` on a thread, at most `max_staleness` ahead."""
+
+    def __init__(self, collect: Callable[[int], ReadyBatch], start: int, max_staleness: int, pusher: WeightPusher,
+                 *, end: int):
+        self._collect = collect
+        self._next_index = start
+        self._end = end
+        self._s = max_staleness
+        self._pusher = pusher
+        self._queue: queue.Queue = queue.Queue(maxsize=max_staleness)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def next(self) -> ReadyBatch:
+        """The next batch in order; an error of the producer (or of a push) is raised here."""
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._thread.is_alive() or not self._queue.empty():
+                    continue
+                raise RuntimeError("the rollout producer stopped without a batch") from None
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def close(self) -> None:
+        """Stop collecting; batches in flight are dropped (their prompts were not consumed)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set() and self._next_index < self._end:
+                index = self._next_index
+                if not self._pusher.wait_for(index - self._s, self._stop):
+                    return
+                batch = self._collect(index)
+                if not self._put(batch):
+                    return
+                self._next_index = index + 1
+        except BaseException as err:  # noqa: BLE001 - handed to the trainer's thread
+            self._put(err)
