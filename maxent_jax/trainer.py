@@ -56,7 +56,7 @@ from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
 from maxent_jax.rollout import staleness
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.producer import Producer, ReadyBatch, Rollout, WeightPusher
+from maxent_jax.rollout.producer import Producer, ReadyBatch, Rollout, WeightPusher, shut_down
 from maxent_jax.rollout.step_metrics import rollout_metrics
 from maxent_jax.storage import reporting_storage_faults
 from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
@@ -147,8 +147,8 @@ class Trainer:
             extra_bytes=checkpoint_lib.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
-        self.applied_stream = self.stream.state()  # after the prompts of the last APPLIED update: what a checkpoint records
-        self.producer: Producer | None = None  # rollout.max_staleness >= 1: collects ahead of the update
+        self.applied_stream = self.stream.state()  # after the last APPLIED update's prompts: what a checkpoint records
+        self.producer: Producer | None = None  # rollout.max_staleness >= 1 (start_producer)
         self.pusher: WeightPusher | None = None
         self.stopped_by: signal.Signals | None = None  # the signal that stopped run() early, if any
         r = c.rewards
@@ -568,10 +568,7 @@ class Trainer:
         self.say(f"exported the final policy to {out} (transformers can load it)")
 
     def close(self) -> None:
-        self.policy.close()  # first: the spawned rollout server's devices and port go back at once
-        for worker in (self.producer, self.pusher):  # (a request they had in flight fails at once)
-            if worker is not None:
-                worker.close()
+        shut_down(self.producer, self.pusher, self.policy.close)  # first: the spawned server's devices and port go back at once
         self.checkpoints.close()
         self.telemetry.close()
         self.rewards.close()

@@ -2,6 +2,10 @@
 threads, the config check, and runs against a spawned jax rollout server."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,9 +15,11 @@ import pytest
 
 from configs.tiny import get_config
 from maxent_jax import config_check
+from maxent_jax.cli import REPO_ROOT
 from maxent_jax.errors import UserError
 from maxent_jax.rollout import staleness
 from maxent_jax.rollout.producer import Producer, ReadyBatch, WeightPusher
+from maxent_jax.trainer import Trainer
 from test_spawn_server import SPAWN
 from test_train_e2e import run, tiny_config
 
@@ -135,3 +141,67 @@ def test_max_staleness_0_is_the_synchronous_loop_of_before(tmp_path):
     for got, want in zip(records, expected):
         assert {k: got[k] for k in want} == want
         assert got["train/rollout/staleness_max"] == 0.0 and got["train/rollout/dropped_stale"] == 0.0
+
+
+@pytest.mark.slow  # ~60-120 s on a busy 2-core host
+def test_a_run_with_max_staleness_1_overlaps_within_the_bound_and_leaves_no_server(tmp_path):
+    """The done-when run (`--config.rollout.max_staleness=1` on a spawned jax server), shortened."""
+    trainer = Trainer(tiny_config(**{**RUN, "rollout.max_staleness": 1, "train.max_steps": 4}), tmp_path)
+    server = trainer.policy.server
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert server.process.poll() is not None and not server.scratch.exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/loss"]) and r["train/rollout/dropped_stale"] == 0.0 for r in train)
+    assert max(r["train/rollout/staleness_max"] for r in train) == 1.0
+    assert train[0]["train/rollout/staleness_max"] == 0.0  # the first batch: sampled with the weights it trains
+    assert all(r["train/rollout/staleness_mean"] == 1.0 for r in train[1:])  # then one step behind: overlap
+    assert all(r["train/sampler_is/logp_abs_diff"] >= 0.0 for r in train)
+
+
+# One device, 4 prompts a step, 16 prompts: an epoch is 4 steps. A checkpoint every step.
+RESUME = {**SPAWN, "rollout.max_staleness": 1, "train.sft_warmup_steps": 0, "train.per_device_train_batch_size": 4,
+          "data.synthetic.num_train": 16, "train.num_train_epochs": 3, "checkpoint.save_steps": 1, "checkpoint.async_save": False,
+          "logging.progress": False}
+
+
+@pytest.mark.slow  # ~2-4 min on a busy 2-core host: two trainer starts, each with its own server
+def test_sigkill_with_s1_then_resume_trains_every_prompt_once_per_epoch(tmp_path):
+    """Batches in flight when the run dies were drawn from the stream but never applied: the
+    checkpoint's stream position is the last applied update's, so they are drawn again."""
+    steps, per_epoch = 10, 4
+    command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(tmp_path), str(steps)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    trained = tmp_path / "trained.jsonl"
+
+    def records():
+        return [json.loads(line) for line in trained.read_text().splitlines()] if trained.exists() else []
+
+    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while sum("step" in r for r in records()) < 5:  # mid-way through the second epoch
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its 5th step"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    killed_at = max(r["step"] for r in records())
+    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    log = records()
+    resumed = [r["resumed"] for r in log if "resumed" in r]
+    assert len(resumed) == 1 and 1 <= resumed[0] <= killed_at
+    cut = log.index({"resumed": resumed[0]})
+    applied = [r for r in log[:cut] if r["step"] <= resumed[0]] + log[cut + 1:]  # what the model kept
+    assert [r["step"] for r in applied] == list(range(1, steps + 1))
+    for epoch in range(steps // per_epoch):
+        ids = [i for r in applied[epoch * per_epoch:(epoch + 1) * per_epoch] for i in r["ids"]]
+        assert sorted(ids) == list(range(16)), (epoch, ids)  # every prompt once: none lost, none repeated

@@ -90,8 +90,10 @@ class WeightPusher:
             return True
 
     def close(self) -> None:
+        """Send nothing more; a push in flight finishes first."""
         with self._cond:
             self._closed = True
+            self._pending = None
             self._cond.notify_all()
         self._thread.join(timeout=60)
 
@@ -147,9 +149,12 @@ class Producer:
                 raise item
             return item
 
-    def close(self) -> None:
-        """Stop collecting; batches in flight are dropped (their prompts were not consumed)."""
+    def stop(self) -> None:
+        """Collect no further batch; batches in flight are dropped (their prompts were not consumed)."""
         self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join(timeout=60)
 
     def _put(self, item: Any) -> bool:
@@ -173,3 +178,16 @@ class Producer:
                 self._next_index = index + 1
         except BaseException as err:  # noqa: BLE001 - handed to the trainer's thread
             self._put(err)
+
+
+def shut_down(producer: Producer | None, pusher: WeightPusher | None, close_server: Callable[[], None]) -> None:
+    """The end of a run, in the order that leaves nothing waiting on a dead server: the producer
+    collects no more, a push in flight finishes (the server is still up), then the server stops,
+    which ends at once a generation the producer still had in flight."""
+    if producer is not None:
+        producer.stop()
+    if pusher is not None:
+        pusher.close()
+    close_server()
+    if producer is not None:
+        producer.close()
