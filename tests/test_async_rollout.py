@@ -205,3 +205,15 @@ def test_sigkill_with_s1_then_resume_trains_every_prompt_once_per_epoch(tmp_path
     for epoch in range(steps // per_epoch):
         ids = [i for r in applied[epoch * per_epoch:(epoch + 1) * per_epoch] for i in r["ids"]]
         assert sorted(ids) == list(range(16)), (epoch, ids)  # every prompt once: none lost, none repeated
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["update", "--rollout", "server"], "--rollout and --max-staleness are for the e2e target only"),
+    (["e2e", "--max-staleness", "1"], "--max-staleness 1 needs --rollout server"),
+])
+def test_bench_e2e_async_flags_are_checked(argv, fragment):
+    from maxent_jax.bench.__main__ import parse_args
+
+    with pytest.raises(UserError, match=fragment):
+        parse_args(argv)
+    assert parse_args(["e2e", "--rollout", "server", "--max-staleness", "2"]).max_staleness == 2
