@@ -136,6 +136,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Rounds of prompts one step may draw with dynamic_sampling (the first included); after the
     # last the step trains on the informative groups it has, the rest of the batch masked out.
     c.rollout.dynamic_sampling_max_rounds = 10
+    # Asynchronous rollouts (backend 'server'): the server generates up to this many batches ahead of
+    # the update, with weights at most this many optimizer steps old (older completions are dropped and
+    # counted); 0 = the synchronous loop (push, generate, update in turn). docs/rollout.md.
+    c.rollout.max_staleness = 0
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"

@@ -106,6 +106,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.spawn_server", *_one_of(SPAWN_SERVERS)),
     ("rollout.dynamic_sampling", lambda v: isinstance(v, bool), "True or False"),
     ("rollout.dynamic_sampling_max_rounds", *_POS_INT),
+    ("rollout.max_staleness", *_NONNEG_INT),
     ("rollout.spawn_server_devices", lambda v: isinstance(v, str) and re.fullmatch(r"(\d+(,\d+)*)?", v) is not None,
      "'' or comma-separated device indices such as '0,1'"),
     ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),
@@ -293,6 +294,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if config.rollout.spawn_server and config.rollout.backend != "server":
         raise _fail("rollout.spawn_server", config.rollout.spawn_server,
                     "'' unless rollout.backend is 'server' (the in-process sampler needs no server)")
+    if config.rollout.max_staleness > 0:
+        _check_async(config)
     o = config.objective
     if o.sampler_correction_max <= o.sampler_correction_min:
         raise _fail("objective.sampler_correction_max", o.sampler_correction_max,
@@ -322,6 +325,22 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         if config.rollout.decode_streams > 1 and math.prod(shape) > 1:
             raise _fail("rollout.decode_streams", config.rollout.decode_streams,
                         f"0 or 1 on a mesh of {math.prod(shape)} devices (concurrent decode programs need one device)")
+
+
+def _check_async(config: ml_collections.ConfigDict) -> None:
+    """`rollout.max_staleness` >= 1 overlaps a rollout server's generation with the update; it needs
+    what makes that exact: the server backend, the sampler's log-probs for the ratio, a push per step."""
+    r, s = config.rollout, config.rollout.max_staleness
+    if r.backend != "server":
+        raise _fail("rollout.max_staleness", s, f"0 with rollout.backend={r.backend!r} (the in-process sampler cannot "
+                    "generate while the update runs); use --config.rollout.backend=server (rollout.spawn_server=jax "
+                    "starts a local server)")
+    if not config.vllm.return_logprobs:
+        raise _fail("rollout.max_staleness", s, "0 unless vllm.return_logprobs=True (the importance ratio of a stale "
+                    "completion needs the log-probs of the weights that sampled it)")
+    if r.sync_interval_steps != 1:
+        raise _fail("rollout.max_staleness", s, f"0 unless rollout.sync_interval_steps=1 (is {r.sync_interval_steps}): "
+                    "staleness is bounded by pushing the weights after every update")
 
 
 def validate_mesh_shape(shape: tuple[int, ...], device_count: int) -> tuple[int, ...]:

@@ -15,9 +15,9 @@ Host code here only orchestrates; every number is computed by jitted functions f
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import dataclasses
 import logging
 import pathlib
 import signal
@@ -50,15 +50,17 @@ from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.mesh import make_mesh
 from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
-from maxent_jax.parallel.distributed import global_batch, read_scalars
-from maxent_jax.parallel.rules import batch_spec, resolve_rules
+from maxent_jax.parallel.distributed import global_batch, host_rows, mean_over_hosts, read_scalars
+from maxent_jax.parallel.rules import resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
 from maxent_jax.plan.guard import check_fits
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
-from maxent_jax.rollout import dynamic_sampling
+from maxent_jax.rollout import dynamic_sampling, staleness
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.producer import Producer, ReadyBatch, Rollout, WeightPusher, shut_down
+from maxent_jax.rollout.step_metrics import rollout_metrics
 from maxent_jax.storage import reporting_storage_faults
 from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
 from maxent_jax.telemetry import Telemetry
@@ -66,19 +68,6 @@ from maxent_jax.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 CONTROLLER_FILE = "controller_state.json"
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One step's completions, host side: prompts x G rows, prompt-major."""
-
-    batch: dict[str, np.ndarray]  # the score batch (maxent_jax.scoring), rows = P * G
-    utilities: np.ndarray  # [P, G] float32
-    reward_parts: dict[str, np.ndarray]  # reward name -> [P * G]
-    texts: list[str]
-    lengths: np.ndarray  # [P * G] completion tokens
-    seconds: float
-    valid: np.ndarray | None = None  # [P, G] bool; None = all (dynamic sampling marks its filler groups invalid)
 
 
 class Trainer:
@@ -161,6 +150,9 @@ class Trainer:
             extra_bytes=disk_space.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
+        self.applied_stream = self.stream.state()  # after the last APPLIED update's prompts: what a checkpoint records
+        self.producer: Producer | None = None  # rollout.max_staleness >= 1 (start_producer)
+        self.pusher: WeightPusher | None = None
         self.stopped_by: signal.Signals | None = None  # the signal that stopped run() early, if any
         r = c.rewards
         workers = r.num_workers or None  # config 0 = in-process
@@ -233,12 +225,15 @@ class Trainer:
         m = self.config.train.gradient_accumulation_steps
         return global_batch({k: v.reshape(m, -1, *v.shape[1:]) for k, v in arrays.items()}, self.mesh, self.rules)
 
-    def prepare(self, ro: Rollout) -> tuple[dict[str, np.ndarray], dict[str, float], ControllerInputs]:
-        """Reference statistics and the objective's pre-step arrays (weights or advantages)."""
+    def prepare(self, ro: Rollout, keep: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float], ControllerInputs]:
+        """Reference statistics and the objective's pre-step arrays (weights or advantages);
+        `keep` `[P]`: the groups trained on (the others are marked invalid)."""
         c = self.config
         grouped = self._grouped(ro.batch)
         mask = grouped["completion_mask"]
-        valid = np.ones(ro.utilities.shape, bool) if ro.valid is None else ro.valid
+        valid = np.repeat(keep[:, None], self.group, 1)
+        if ro.valid is not None:  # dynamic sampling's filler groups
+            valid &= ro.valid
         lengths = mask.sum(-1).astype(np.float32)
         packed, pack_stats = self.packer(grouped) if self.packer else ({}, {})
         ref_logp = self.reference_logprobs(ro.batch, {**packed, "completion_mask": mask}).reshape(mask.shape)
@@ -265,7 +260,7 @@ class Trainer:
             **extra,
         }
         inputs = ControllerInputs(
-            weight_entropy=jnp.asarray(_mean_over_hosts(stats.get("weight_entropy", 0.0)), jnp.float32),
+            weight_entropy=jnp.asarray(mean_over_hosts(stats.get("weight_entropy", 0.0)), jnp.float32),
             kl=jnp.zeros((), jnp.float32),
             q=(listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature,
                                c.maxent.q_epsilon) if self.meta_needs_batch else None),
@@ -285,21 +280,54 @@ class Trainer:
             logp = self.packed_score(params, self._micro_batched(packed))
             return np.asarray(logp).reshape(batch["completion_ids"].shape)
         rows = global_batch({k: batch[k] for k in SCORE_KEYS}, self.mesh, self.rules, micro_batched=False)
-        return _host_rows(self.score(params, rows), self.mesh, self.rules)
+        return host_rows(self.score(params, rows), self.mesh, self.rules)
 
     def train_step(self) -> dict[str, float]:
+        """One RL step: with `rollout.max_staleness` 0 push, collect and update in turn (synchronous);
+        else update on the producer's next batch, collected while earlier updates ran."""
+        if self.producer is not None:
+            return self.update(self.producer.next())
+        if self.policy.remote is not None:
+            self.policy.remote.maybe_push(self._push_params(), self.step)
+        return self.update(self.collect(self.step))
+
+    def collect(self, index: int) -> ReadyBatch:
+        """The rollouts of batch `index` (the update after `index` applied ones): the next prompts of
+        the stream, their completions and rewards, each completion's weight version; with
+        `rollout.dynamic_sampling`, further rounds of prompts until the batch holds informative
+        groups. The one per-batch call of the producer (rollout/producer.py)."""
         c = self.config
         rows = self.stream.next()
-        remote = self.policy.remote
-        if remote is not None:  # a LoRA run pushes its merged weights (the server holds a plain model)
-            remote.maybe_push(self.state.params if self.policy.lora is None else lora_io.merged_state(
-                nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)), self.step)
-        ro, sampling = self.rollout(rows), {}
+        ro, metrics = self._sampled(rows, index), {}
         if c.rollout.dynamic_sampling:  # keep informative groups, draw more prompts (rollout/dynamic_sampling.py)
-            rows, ro, sampling = dynamic_sampling.fill_batch(
-                (rows, ro), self.stream.next, self.rollout, max_rounds=c.rollout.dynamic_sampling_max_rounds,
-                micro_batches=c.train.gradient_accumulation_steps, pad_id=self.policy.pad_id)
-        arrays, stats, inputs = self.prepare(ro)
+            rows, ro, metrics = dynamic_sampling.fill_batch(
+                (rows, ro), self.stream.next, lambda more: self._sampled(more, index),
+                max_rounds=c.rollout.dynamic_sampling_max_rounds, micro_batches=c.train.gradient_accumulation_steps,
+                pad_id=self.policy.pad_id)
+        return ReadyBatch(rows=rows, rollout=ro, stream_state=self.stream.state(), metrics=metrics)
+
+    def _sampled(self, rows: list[dict[str, Any]], index: int) -> Rollout:
+        """`rollout(rows)` with the weight version that sampled each completion (the server reports
+        it; the in-process sampler samples with the live weights of batch `index`)."""
+        remote = self.policy.remote
+        if remote is not None:
+            remote.take_versions()  # forget this thread's other generations (the initial reward)
+        ro = self.rollout(rows)
+        if remote is None:
+            versions = np.full(ro.lengths.shape, index)
+        else:
+            served, n = remote.take_versions(), len(rows) * self.config.rollout.num_generations
+            versions = np.array(_interleave(served[:n], served[n:], n // len(rows), self.seeds) if self.seeds else served)
+        return dataclasses.replace(ro, versions=versions)
+
+    def update(self, ready: ReadyBatch) -> dict[str, float]:
+        """The reference, objective and update of one collected batch, its controllers and metrics.
+
+        Groups sampled more than `rollout.max_staleness` steps ago are dropped (marked invalid)."""
+        c, ro, rows = self.config, ready.rollout, ready.rows
+        stale = staleness.staleness(ro.versions, self.step)
+        keep = staleness.groups_to_keep(stale, self.group, c.rollout.max_staleness)
+        arrays, stats, inputs = self.prepare(ro, keep)
         self.tokens_seen += int(ro.batch["attention_mask"].sum())
         if c.logging.log_completions:
             self._log_completions(rows, ro, arrays)
@@ -317,24 +345,37 @@ class Trainer:
                 f"(train.max_consecutive_nonfinite={c.train.max_consecutive_nonfinite}); lower optim.learning_rate "
                 "or check the data")
         self.step += 1
+        self.applied_stream = ready.stream_state
+        if self.pusher is not None:  # a copy: the next update donates these buffers while the push reads
+            self.pusher.submit(jax.tree.map(jnp.copy, self._push_params()), self.step)
         inputs = inputs.replace(kl=jnp.asarray(metrics.get("loss/kl", 0.0), jnp.float32))
         lr = float(self.lr_at(self.step - 1))  # what this step's update used
         lr_scale = optimizer_lib.lr_scale(lr, c.optim.learning_rate)
         self.controllers, controller_metrics = self.update_controllers(
             self.controllers, inputs, self.controller_settings, jnp.int32(self.step), jnp.float32(lr_scale))
+        remote = self.policy.remote
         return {
             **{f"train/{k}": v for k, v in metrics.items()},
             **{f"train/{k}": v for k, v in stats.items()},
             **read_scalars(controller_metrics),
-            **self._rollout_metrics(ro),
-            **sampling,
+            **rollout_metrics(ro.utilities, ro.lengths, ro.reward_parts, c.rollout.max_completion_length,
+                              self.tokens_seen, ro.seconds),
+            **ready.metrics,
             "train/tau": used_tau,
             "train/beta": used_beta,
             "train/skipped_steps": float(skipped),
             "train/learning_rate": lr,
             "train/grpo_objective": float(c.objective.train_grpo_objective),
-            **({f"train/{k}": float(v) for k, v in remote.metrics.items()} if remote is not None else {}),
+            **({f"train/{k}": float(v) for k, v in dict(remote.metrics).items()} if remote is not None else {}),
+            **{f"train/{k}": v for k, v in staleness.staleness_metrics(stale, keep, self.group).items()},
         }
+
+    def _push_params(self) -> Any:
+        """What the rollout server holds: the live parameters (a LoRA run's merged ones: the server holds
+        a plain model)."""
+        if self.policy.lora is None:
+            return self.state.params
+        return lora_io.merged_state(nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest))
 
     def _log_completions(self, rows: list[dict[str, Any]], ro: Rollout, arrays: dict[str, np.ndarray]) -> None:
         """The first completions of the step with their advantage (GRPO) or weight (MaxEnt) and rewards."""
@@ -343,32 +384,6 @@ class Trainer:
             {"prompt": rows[i // self.group]["prompt"], "completion": ro.texts[i], "advantage": float(signal[i]),
              **{f"reward/{name}": float(values[i]) for name, values in ro.reward_parts.items()}}
             for i in range(min(4, len(ro.texts)))])
-
-    def _rollout_metrics(self, ro: Rollout) -> dict[str, float]:
-        u = ro.utilities
-        centred = u - u.mean(-1, keepdims=True)
-        lengths = ro.lengths.astype(np.float32)
-        clipped = lengths >= self.config.rollout.max_completion_length
-        terminated = lengths[~clipped] if (~clipped).any() else np.zeros(1, np.float32)
-        out = {
-            "train/reward": float(u.mean()),
-            "train/reward_std": float(u.std()),
-            "train/frac_reward_zero_std": float((np.abs(centred) < 1e-8).all(-1).mean()),
-            "train/completions/mean_length_sampled": float(lengths.mean()),
-            "train/completions/min_length_sampled": float(lengths.min()),
-            "train/completions/max_length_sampled": float(lengths.max()),
-            "train/completions/clipped_frac": float(clipped.mean()),
-            "train/completions/mean_length_terminated": float(terminated.mean()),
-            "train/completions/min_length_terminated": float(terminated.min()),
-            "train/completions/max_length_terminated": float(terminated.max()),
-            "train/num_tokens": float(self.tokens_seen),
-            "train/rollout_seconds": ro.seconds,
-        }
-        for name, values in ro.reward_parts.items():
-            out[f"train/rewards/{name}/mean"] = float(np.mean(values))
-            out[f"train/rewards/{name}/std"] = float(np.std(values))
-        return out
-
 
     # -- supervised warm-up --------------------------------------------------------------
 
@@ -460,7 +475,7 @@ class Trainer:
         position, the InfoSeed seed-id generator, the non-finite streak and the metrics window
         not yet emitted (logging_steps > 1). Eval and save schedules follow from `step` alone.
         """
-        return {"step": self.step, "stream": self.stream.state(), "tokens_seen": self.tokens_seen,
+        return {"step": self.step, "stream": self.applied_stream, "tokens_seen": self.tokens_seen,
                 "controller_state": to_json(self.controllers, self.controller_settings),
                 # PCG64's state holds 128-bit integers: kept as a JSON string, not as numbers.
                 "seed_rng": json.dumps(self.seed_rng.bit_generator.state),
@@ -479,6 +494,7 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
+        self.applied_stream = self.stream.state()
         # Checkpoints written before these were saved resume without them (as before: not bit-exact).
         if "seed_rng" in extras:
             self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])
@@ -515,6 +531,7 @@ class Trainer:
                     load_reference_params(c, self.mesh, self.rules) if c.maxent.reference_model_name_or_path
                     else jax.tree.map(jnp.copy, self.state.params))
             self.telemetry.steps_begin()
+            self.start_producer()
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.telemetry.accumulate(metrics)
@@ -540,6 +557,16 @@ class Trainer:
             self.export_final()
         return last
 
+    def start_producer(self) -> None:
+        """With `rollout.max_staleness` >= 1: push the weights being trained, then collect and push in
+        the background (`rollout.producer`) until the last step's batch."""
+        s, remote = self.config.rollout.max_staleness, self.policy.remote
+        if s == 0:
+            return
+        remote.maybe_push(self._push_params(), self.step)
+        self.pusher = WeightPusher(remote.maybe_push, pushed=self.step)
+        self.producer = Producer(self.collect, self.step, s, self.pusher, end=self.total_steps)
+
     def export_final(self) -> None:
         if not self.config.checkpoint.export_final:
             return
@@ -559,7 +586,7 @@ class Trainer:
         self.say(f"exported the final policy to {out} (transformers can load it)")
 
     def close(self) -> None:
-        self.policy.close()  # first: the spawned rollout server's devices and port go back at once
+        shut_down(self.producer, self.pusher, self.policy.close)  # first: the spawned server's devices and port go back at once
         self.checkpoints.close()
         self.telemetry.close()
         self.rewards.close()
@@ -569,24 +596,6 @@ class Trainer:
 def _eos_suffix(tokenizer: Any) -> str:
     """The end-of-turn token a worked solution ends with, so the model learns to stop."""
     return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
-
-
-def _host_rows(array: jax.Array, mesh, rules) -> np.ndarray:
-    """This host's rows of a batch-sharded global array."""
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, batch_spec(rules, False)))
-
-
-def _mean_over_hosts(value) -> float:
-    """The mean of a per-host statistic over all hosts (every host computes the same number)."""
-    if jax.process_count() == 1:
-        return float(value)
-    from jax.experimental import multihost_utils
-
-    return float(np.mean(multihost_utils.process_allgather(np.asarray(value, np.float32))))
 
 
 def _interleave(originals: list, seeds: list, n: int, s: int) -> list:

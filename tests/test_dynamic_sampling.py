@@ -20,7 +20,7 @@ from maxent_jax.objectives import InfoSeedSettings, ObjectiveSettings, get_objec
 from maxent_jax.objectives.grpo import prepare_grpo_batch
 from maxent_jax.objectives.maxent import prepare_maxent_batch
 from maxent_jax.rollout.dynamic_sampling import fill_batch, informative_groups, merge_rollouts, spread_slots
-from maxent_jax.trainer import Rollout
+from maxent_jax.rollout.producer import Rollout
 
 PAD = 99
 
@@ -289,8 +289,8 @@ def test_a_training_step_drops_redraws_and_masks(tmp_path):
             u = np.where(keep[:, None], np.arange(ro.utilities.shape[1]) % 2, 1.0).astype(np.float32)
             return dataclasses.replace(ro, utilities=u)
 
-        def prepare(ro):
-            arrays, stats, inputs = real_prepare(ro)
+        def prepare(ro, keep):
+            arrays, stats, inputs = real_prepare(ro, keep)
             seen.append((ro, arrays["valid"]))
             return arrays, stats, inputs
 

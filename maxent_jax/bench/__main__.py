@@ -47,6 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pack-length", type=int, default=0,
                         help="update --lengths: buffer tokens (default 0: the padded group width)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
+    parser.add_argument("--rollout", choices=("sampler", "server"), default="sampler",
+                        help="e2e: 'server' runs a spawned jax rollout server, s = 0 and --max-staleness alternately")
+    parser.add_argument("--max-staleness", type=int, help="e2e --rollout server: the asynchronous side's s (default 1)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats} is invalid; expected an integer >= 1")
@@ -65,6 +68,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--lora {args.lora} is invalid; it is a rank >= 1 for the update target only")
     if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
         raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
+    if (args.rollout != "sampler" or args.max_staleness is not None) and args.target != "e2e":
+        raise UserError("--rollout and --max-staleness are for the e2e target only")
+    if args.max_staleness is not None and args.rollout != "server":
+        raise UserError(f"--max-staleness {args.max_staleness} needs --rollout server (the in-process sampler cannot overlap)")
     return args
 
 
@@ -93,6 +100,10 @@ def run(args: argparse.Namespace):
         from maxent_jax.bench.train_step import run_train_step
 
         return run_train_step(preset, args.repeats, args.vs, args.torch_threads)
+    if args.rollout == "server":
+        from maxent_jax.bench.e2e_async import run_e2e_async
+
+        return run_e2e_async(args.max_steps, 1 if args.max_staleness is None else args.max_staleness, args.repeats)
     from maxent_jax.bench.e2e import run_e2e
 
     return run_e2e(args.max_steps)

@@ -67,8 +67,14 @@ def total_loss(
         seed_loss, seed_metrics = infoseed_term(batch, loss_weights, valid, settings.info_seed)
         loss = loss + seed_loss
         metrics.update(seed_metrics)
+    if "behaviour_logp" in batch:  # the sampler's and the trainer's log-probs of the same tokens
+        gap = jnp.abs(jax.lax.stop_gradient(token_logp).astype(jnp.float32) - batch["behaviour_logp"].astype(jnp.float32))
+        metrics["sampler_is/logp_abs_diff"] = masked_mean(jnp.where(jnp.isnan(gap), 0.0, gap), token_mask)
     if settings.sampler_correction != "none" and "behaviour_logp" in batch:
         mask = jnp.broadcast_to(token_mask if correction.shape[-1] > 1 else valid[..., None], correction.shape)
         metrics["sampler_is/mean"] = masked_mean(correction, mask)
+        lo, hi = settings.sampler_correction_min, settings.sampler_correction_max  # where the weight hit a bound
+        cut = correction == 0.0 if settings.sampler_correction.endswith("mask") else (correction <= lo) | (correction >= hi)
+        metrics["sampler_is/frac_truncated"] = masked_mean(cut.astype(jnp.float32), mask)
     metrics["loss"] = loss  # the reference's train/loss/total is the same number
     return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}

@@ -190,3 +190,21 @@ def read_scalars(scalars: dict[str, jax.Array]) -> dict[str, float]:
     if not scalars:
         return {}
     return jax.tree.unflatten(jax.tree.structure(scalars), np.asarray(_stacked(scalars)).tolist())
+
+
+def host_rows(array: jax.Array, mesh, rules) -> np.ndarray:
+    """This host's rows of a batch-sharded global array."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, batch_spec(rules, False)))
+
+
+def mean_over_hosts(value) -> float:
+    """The mean of a per-host statistic over all hosts (every host computes the same number)."""
+    if jax.process_count() == 1:
+        return float(value)
+    from jax.experimental import multihost_utils
+
+    return float(np.mean(multihost_utils.process_allgather(np.asarray(value, np.float32))))

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # the trainer imports this module; its Rollout is only named here
-    from maxent_jax.trainer import Rollout
+if TYPE_CHECKING:  # the producer's Rollout is only named here
+    from maxent_jax.rollout.producer import Rollout
 
 # Rewards closer than this are equal (float rewards from sums of weighted parts); the same
 # threshold as the `train/frac_reward_zero_std` metric, so filter and metric agree.
@@ -91,6 +91,8 @@ def merge_rollouts(rollouts: Sequence[Rollout], groups: Sequence[tuple[int, int]
                       for name in rollouts[0].reward_parts},
         texts=texts,
         lengths=np.concatenate([rollouts[r].lengths[i] for r, i in rows]),
+        versions=(None if rollouts[0].versions is None
+                  else np.concatenate([rollouts[r].versions[i] for r, i in rows])),
         seconds=float(sum(ro.seconds for ro in rollouts)),
     )
 

@@ -13,6 +13,7 @@ model (the jax backend) gets the parameters in our layout, with no transposes
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -36,6 +37,14 @@ class RemoteRollout:
     last_pushed_step: int | None = None
     step: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The weight version of every completion generated on each thread since its last
+    # `take_versions()` (per thread: the rollout producer and an evaluation generate at once).
+    _served: threading.local = dataclasses.field(default_factory=threading.local)
+
+    def take_versions(self) -> list[int]:
+        """The weight versions of this thread's completions since the last call, in order; clears them."""
+        served, self._served.versions = getattr(self._served, "versions", []), []
+        return served
 
     def maybe_push(self, params: Any, step: int) -> bool:
         """Push `params` if the cadence says so; True when it pushed (metrics in `self.metrics`)."""
@@ -77,6 +86,7 @@ class RemoteRollout:
             )
         self.metrics.update(batch.metrics)
         samples = [s for group in batch.groups for s in group]
+        self._served.versions = getattr(self._served, "versions", []) + [s.weight_version for s in samples]
         return (
             [s.token_ids.tolist() for s in samples],
             [s.logprobs.tolist() for s in samples],

@@ -1,0 +1,49 @@
+"""Subprocess of tests/test_async_rollout.py: a tiny run with rollout.max_staleness=1 against a spawned
+jax server that appends, after every APPLIED update, the step and the dataset indices of its prompts
+to WORKDIR/trained.jsonl (fsynced, so a SIGKILL loses nothing written), and `{"resumed": step}` first.
+
+usage: python tests/async_resume_worker.py WORKDIR MAX_STEPS
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_async_rollout import RESUME  # noqa: E402
+from test_train_e2e import tiny_config  # noqa: E402
+from maxent_jax.trainer import Trainer  # noqa: E402
+
+
+def main(workdir: Path, max_steps: int) -> None:
+    trainer = Trainer(tiny_config(**RESUME, **{"train.max_steps": max_steps}), workdir)
+    index = {id(row): i for i, row in enumerate(trainer.task.train)}
+    log = open(workdir / "trained.jsonl", "a", encoding="utf-8")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+    update, restore = trainer.update, trainer.restore
+
+    def logged_update(ready):
+        metrics = update(ready)
+        write({"step": trainer.step, "ids": [index[id(row)] for row in ready.rows]})
+        return metrics
+
+    def logged_restore(point):
+        restore(point)
+        write({"resumed": trainer.step})
+
+    trainer.update, trainer.restore = logged_update, logged_restore
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
