@@ -287,9 +287,9 @@ class Trainer:
         c = self.config
         rows = self.stream.next()
         remote = self.policy.remote
-        if remote is not None:  # a LoRA run pushes its merged weights (the server holds a plain model)
-            remote.maybe_push(self.state.params if self.policy.lora is None else lora_io.merged_state(
-                nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)), self.step)
+        if remote is not None:  # a LoRA run passes its decoder: the push sends the adapters (rollout/remote.py)
+            remote.maybe_push(self.state.params if self.policy.lora is None else
+                              nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest), self.step)
         ro = self.rollout(rows)
         arrays, stats, inputs = self.prepare(ro)
         self.tokens_seen += int(ro.batch["attention_mask"].sum())
