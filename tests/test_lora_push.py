@@ -138,3 +138,23 @@ def test_adapter_push_on_another_base_or_of_wrong_shape_is_refused(jax_server, r
     report = client.push_adapter(tensors, AdapterSpec(4, 8.0, SETTINGS.targets, base), version=5)
     assert report["layout"] == "lora" and server.adapter_version == 5
     _assert_serves(server, model)  # B = 0: the base's own weights
+
+
+def test_a_server_without_adapter_pushes_gets_the_merged_model(rollout_model_dirs):
+    """E.g. a vLLM started without LoRA: the LoRA policy pushes base + adapters merged, in full."""
+    from maxent_jax.rollout.jax_backend import JaxBackend
+    from maxent_jax.rollout.server import RolloutServer
+
+    cfg, model = load_hf_checkpoint(rollout_model_dirs[1])
+    apply_lora(model, SETTINGS, seed=0)
+    _randomize(model, 1)
+    backend = JaxBackend.from_pretrained(rollout_model_dirs[0])
+    backend.weight_layouts = ("hf", "native")
+    server = RolloutServer(backend, port=0, token=TOKEN).start()
+    try:
+        remote = RemoteRollout(RolloutClient(server.url, client_tag="t", token=TOKEN), cfg, lora=SETTINGS)
+        assert remote.maybe_push(model, 1) and remote.metrics["rollout/push_adapter_only"] == 0.0
+        assert server.adapter_version is None and remote.base_id is None
+        _assert_serves(server, model)
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ Stop strings are applied on the host after decoding (token-level stops run insid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import itertools
 import os
@@ -205,15 +206,27 @@ class JaxBackend:
         arrays. The base itself is kept untouched for the next adapter push.
         """
         flat = dict(nnx.to_flat_state(self.base_state))
-        for weight, (a_name, b_name) in module_pairs(list(tensors)).items():
-            m, target = self._by_name[weight], self._targets[weight]
-            delta = jnp.asarray(tensors[b_name]) @ jnp.asarray(tensors[a_name])  # [out, in], float32
-            base = flat[m.path].get_value()
-            merged = base.astype(jnp.float32) + spec.scale * m.from_hf(delta)
-            flat[m.path] = flat[m.path].replace(jax.device_put(merged.astype(target.dtype), target.sharding))
+        pairs = module_pairs(list(tensors))
+        maps = [self._by_name[weight] for weight in pairs]
+        merged = _merge(tuple(m.from_hf for m in maps), float(spec.scale),
+                        [flat[m.path].get_value() for m in maps],
+                        [tensors[a] for a, _ in pairs.values()], [tensors[b] for _, b in pairs.values()])
+        for m, value in zip(maps, merged):
+            flat[m.path] = flat[m.path].replace(jax.device_put(value, self._targets[m.hf_name].sharding))
         new_state = nnx.from_flat_state(list(flat.items()))
         jax.block_until_ready(new_state)
         self.state = new_state
 
     def reset_prefix_cache(self) -> None:
         """Nothing to forget: the sampler builds a fresh KV cache for every request."""
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge(from_hf: tuple, scale: float, bases: list, a_s: list, b_s: list) -> list:
+    """`base + scale * from_hf(B A)` per adapted kernel (float32 sum, the base's dtype), as one program.
+
+    One compiled program for all kernels: merged op by op, a 100M-parameter model's 63 kernels
+    took 2.2 s of dispatch per push on this 2-core machine.
+    """
+    return [(base.astype(jnp.float32) + scale * f(b @ a)).astype(base.dtype)
+            for f, base, a, b in zip(from_hf, bases, a_s, b_s)]
