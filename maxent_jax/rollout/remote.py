@@ -65,8 +65,8 @@ class RemoteRollout:
             "rollout/push_bytes": report["bytes"],
             "rollout/push_native_layout": float(report["layout"] == NATIVE_LAYOUT),
         })
-        if self.lora is not None:
-            self.metrics["rollout/push_adapter_only"] = float(report["layout"] == LORA_LAYOUT)
+        if self.lora is not None:  # 1: the adapters alone; 0: the base (or the merged model) in full too
+            self.metrics["rollout/push_adapter_only"] = float(report["layout"] == LORA_LAYOUT and "base_pushed" not in report)
         return True
 
     def _push_lora(self, model: Any, step: int) -> dict[str, Any]:
@@ -85,7 +85,7 @@ class RemoteRollout:
         spec = AdapterSpec(self.lora.rank, self.lora.alpha, self.lora.targets, self.base_id)
         report = self.client.push_adapter(lora_io.peft_tensors(model), spec, version=step)
         if base is not None:  # this step's push is both: its cost is their sum
-            report = {**report, **{k: base[k] + report[k] for k in ("seconds", "bytes")}}
+            report = {**report, **{k: base[k] + report[k] for k in ("seconds", "bytes")}, "base_pushed": True}
             report["gb_per_s"] = report["bytes"] / 1e9 / max(report["seconds"], 1e-9)
         return report
 
