@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.adapters import AdapterSpec
+from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient, RolloutError
 from maxent_jax.rollout.protocol import LORA_LAYOUT, NATIVE_LAYOUT
 
@@ -66,7 +66,8 @@ class RemoteRollout:
             "rollout/push_native_layout": float(report["layout"] == NATIVE_LAYOUT),
         })
         if self.lora is not None:  # 1: the adapters alone; 0: the base (or the merged model) in full too
-            self.metrics["rollout/push_adapter_only"] = float(report["layout"] == LORA_LAYOUT and "base_pushed" not in report)
+            adapter_only = report["layout"] == LORA_LAYOUT and "base_pushed" not in report
+            self.metrics["rollout/push_adapter_only"] = float(adapter_only)
         return True
 
     def _push_lora(self, model: Any, step: int) -> dict[str, Any]:
