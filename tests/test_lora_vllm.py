@@ -11,6 +11,8 @@ from flax import nnx
 
 from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora, resolve_targets
 from maxent_jax.model.lora_io import export_merged, peft_tensors
+from maxent_jax.rollout.adapters import AdapterSpec
+from maxent_jax.rollout.client import RolloutError
 from maxent_jax.rollout.remote import RemoteRollout
 from rollout_fixtures import TOKEN, write_tiny_model
 from test_vllm_backend import assert_greedy_matches_references, client, greedy, serve_vllm, vllm_python
@@ -49,6 +51,11 @@ def test_lora_adapter_pushes_to_vllm_serve_the_adapted_policy(tmp_path):
         assert adapter_bytes <= remote.metrics["rollout/push_bytes"] < adapter_bytes + 16384
         info = client(url).info()
         assert (info["weight_version"], info["adapter_version"]) == (2, 2)
+        _, wide = load_hf_checkpoint(base_dir)
+        apply_lora(wide, LoRASettings(16, 16.0, settings.targets), seed=0)
+        with pytest.raises(RolloutError, match="HTTP 400.*max_lora_rank=8"):  # above the engine's LoRA slots
+            remote.client.push_adapter(peft_tensors(wide), AdapterSpec(16, 16.0, settings.targets, remote.base_id))
+        assert client(url).info()["adapter_version"] == 2
         _, base_model = load_hf_checkpoint(base_dir)
         remote.client.push_params(nnx.state(base_model, nnx.Param), cfg, version=3)  # a full push drops the adapters
         plain = greedy(url)
