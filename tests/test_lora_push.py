@@ -43,6 +43,7 @@ def _assert_serves(server, model: nnx.Module) -> None:
         np.testing.assert_allclose(np.asarray(got[path].get_value()), np.asarray(var.get_value()), atol=2e-6, err_msg=str(path))
 
 
+@pytest.mark.slow  # ~35 s on a busy 2-core host: three model loads, four pushes, two samplers
 def test_lora_pushes_send_the_base_once_then_adapters_alone(rollout_model_dirs):
     dir_a, dir_b = rollout_model_dirs
     cfg, model = load_hf_checkpoint(dir_b)  # the trainer's base is not the server's start model
