@@ -144,7 +144,8 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh | None = None, rul
         client = RolloutClient.from_config(config, url=server and server.url, token=server and server.token)
         remote = RemoteRollout(client, model_cfg,
                                sync_interval_steps=config.rollout.sync_interval_steps,
-                               max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep)
+                               max_rounds=config.vllm.max_completion_rounds, retry_sleep=config.vllm.retry_sleep,
+                               lora=lora)
         return Policy(model_cfg, graphdef, params, rest, tokenizer, tokenizer_dir, remote.generate, remote, lora,
                       server=server)
     eos = eos_token_ids(path, model_cfg.eos_token_id, tokenizer)  # generation_config.json's too, as transformers

@@ -288,7 +288,7 @@ class Trainer:
         if self.producer is not None:
             return self.update(self.producer.next())
         if self.policy.remote is not None:
-            self.policy.remote.maybe_push(self._push_params(), self.step)
+            self.policy.remote.maybe_push(self._push_params(self.state.params), self.step)
         return self.update(self.collect(self.step))
 
     def collect(self, index: int) -> ReadyBatch:
@@ -347,7 +347,7 @@ class Trainer:
         self.step += 1
         self.applied_stream = ready.stream_state
         if self.pusher is not None:  # a copy: the next update donates these buffers while the push reads
-            self.pusher.submit(jax.tree.map(jnp.copy, self._push_params()), self.step)
+            self.pusher.submit(self._push_params(jax.tree.map(jnp.copy, self.state.params)), self.step)
         inputs = inputs.replace(kl=jnp.asarray(metrics.get("loss/kl", 0.0), jnp.float32))
         lr = float(self.lr_at(self.step - 1))  # what this step's update used
         lr_scale = optimizer_lib.lr_scale(lr, c.optim.learning_rate)
@@ -370,12 +370,12 @@ class Trainer:
             **{f"train/{k}": v for k, v in staleness.staleness_metrics(stale, keep, self.group).items()},
         }
 
-    def _push_params(self) -> Any:
-        """What the rollout server holds: the live parameters (a LoRA run's merged ones: the server holds
-        a plain model)."""
+    def _push_params(self, params: Any) -> Any:
+        """What a push sends: the parameters, or a LoRA run's decoder (adapters and base: the push
+        sends the adapters alone where the server takes them, rollout/remote.py)."""
         if self.policy.lora is None:
-            return self.state.params
-        return lora_io.merged_state(nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest))
+            return params
+        return nnx.merge(self.policy.graphdef, params, self.policy.rest)
 
     def _log_completions(self, rows: list[dict[str, Any]], ro: Rollout, arrays: dict[str, np.ndarray]) -> None:
         """The first completions of the step with their advantage (GRPO) or weight (MaxEnt) and rewards."""
@@ -563,7 +563,7 @@ class Trainer:
         s, remote = self.config.rollout.max_staleness, self.policy.remote
         if s == 0:
             return
-        remote.maybe_push(self._push_params(), self.step)
+        remote.maybe_push(self._push_params(self.state.params), self.step)
         self.pusher = WeightPusher(remote.maybe_push, pushed=self.step)
         self.producer = Producer(self.collect, self.step, s, self.pusher, end=self.total_steps)
 

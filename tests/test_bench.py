@@ -40,7 +40,8 @@ def _toy(**changes):
     (["sampler", "--size", "10"], "--size 10.0 is invalid"),
     (["sampler", "--init", "sharded"], "--init sharded is for the update target only"),
     (["train-step", "--model", "remat=true"], "--model remat=true is for the update and sampler targets only"),
-    (["weight-sync", "--lora", "16"], "--lora 16 is invalid"),
+    (["sampler", "--lora", "16"], "--lora 16 is invalid"),
+    (["weight-sync", "--lora", "0"], "--lora 0 is invalid"),
     (["update", "--lora", "0"], "--lora 0 is invalid"),
 ])
 def test_bad_arguments_are_one_line_user_errors(argv, needle):
@@ -194,7 +195,7 @@ def test_update_target_reports_tokens_and_fraction_of_matmul_rate():
 def test_weight_sync_target_pushes_to_a_real_server():
     from maxent_jax.bench.weight_sync import run_weight_sync
 
-    report = run_weight_sync(_toy(), repeats=1, size_m=None, vs=None)
+    report = run_weight_sync(_toy(), repeats=1, size_m=None, vs=None, lora_rank=2)
     # The client's own choice is the native layout (the jax server offers it); HF is measured beside it.
     for layout in ("native", "hf"):
         name = f"jax server [{layout}]"
@@ -204,6 +205,9 @@ def test_weight_sync_target_pushes_to_a_real_server():
     assert report.figure("jax server [hf]: push from host tensors").median > 0
     assert report.ratios["jax server: native / hf layout push"] > 0
     assert report.setup["bytes_per_push"] > 0
+    # --lora: adapter-only pushes beside the full ones, a fraction of their bytes
+    assert 0 < report.figure("jax server [lora]: push bytes").median < report.setup["bytes_per_push"] / 4
+    assert report.ratios["jax server: full (native) / adapter push time"] > 0
 
 
 @pytest.mark.slow

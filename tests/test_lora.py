@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec
 
 from maxent_jax import scoring
 from maxent_jax.cli import REPO_ROOT
-from maxent_jax.config import get_base_config, validate
+from maxent_jax.config import get_base_config
+from maxent_jax.config_check import validate
 from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder

@@ -84,16 +84,16 @@ def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path
 
 
 @pytest.mark.slow
-def test_lora_run_through_the_rollout_server_pushes_merged_weights(tmp_path):
-    """rollout.backend='server' with LoRA: the jax server receives the base with the adapters folded in,
-    so its samples follow the trainer's policy."""
+def test_lora_run_through_the_rollout_server_pushes_adapters_alone(tmp_path):
+    """rollout.backend='server' with LoRA: the jax server receives the base in full at the first push and
+    the adapters alone at the next ones (rollout/adapters.py)."""
     import urllib.request
 
     from rollout_fixtures import TOKEN, start_rollout_server, write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model", seed=0)
     (tmp_path / "token").write_text(TOKEN)
-    config = _config(model_dir, 2)
+    config = _config(model_dir, 3)
     config.rollout.backend = "server"
     config.vllm.token_file = str(tmp_path / "token")
     config.checkpoint.export_final = False
@@ -101,8 +101,11 @@ def test_lora_run_through_the_rollout_server_pushes_merged_weights(tmp_path):
         config.vllm.url = url + "/generate"
         records = _run(config, tmp_path / "run")
         info = json.loads(urllib.request.urlopen(url + "/info", timeout=30).read())
-    last = [r for r in records if "train/loss" in r][-1]
-    assert info["weight_version"] == 1 and last["train/rollout/push_bytes"] > 0
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["train/rollout/push_adapter_only"] for r in steps] == [0.0, 1.0, 1.0]
+    assert info["weight_version"] == info["adapter_version"] == 2
+    model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert steps[0]["train/rollout/push_bytes"] > model_bytes > 4 * steps[-1]["train/rollout/push_bytes"]
 
 
 @pytest.mark.slow

@@ -152,10 +152,11 @@ def test_bad_weight_pushes_are_refused_and_nothing_is_applied(server_a, rollout_
 def test_weight_layouts_are_advertised_and_a_layout_not_offered_is_refused(server_a, rollout_model_dirs):
     backend, url = server_a
     offered = _raw(url, "GET", "/info")[1]["weight_layouts"]
-    assert offered == (["hf", "native"] if backend == "jax" else ["hf"])  # native: only servers holding our model
+    # native: only servers holding our model; lora (adapter pushes): the jax one, and vLLM with enable_lora
+    assert offered == (["hf", "native", "lora"] if backend == "jax" else ["hf"])
     client = RolloutClient(url, client_tag="push", token=TOKEN)
     tensors = model_tensors(rollout_model_dirs[1])
-    refused = [("transposed", "is not a weight layout; valid: 'hf', 'native'")]
+    refused = [("transposed", "is not a weight layout; valid: 'hf', 'native', 'lora'")]
     if "native" not in offered:
         refused.append(("native", f"the {backend} backend takes only 'hf'"))
     for layout, fragment in refused:

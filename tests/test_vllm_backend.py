@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -49,11 +49,11 @@ def vllm_python() -> Path:
 
 
 @contextlib.contextmanager
-def serve_vllm(model_dir: Path, token_file: Path) -> Iterator[str]:
-    """Run `python -m maxent_jax.serve --backend vllm` in the vLLM environment; yield its URL."""
+def serve_vllm(model_dir: Path, token_file: Path, extra: Sequence[str] = ()) -> Iterator[str]:
+    """Run `python -m maxent_jax.serve --backend vllm` in the vLLM environment (`extra` flags appended); yield its URL."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [str(vllm_python()), "-m", "maxent_jax.serve", "--backend", "vllm", "--model", str(model_dir),
-           "--port", "0", "--token-file", str(token_file), "--max-model-len", "256"]
+           "--port", "0", "--token-file", str(token_file), "--max-model-len", "256", *extra]
     with serve_subprocess(cmd, env=env, cwd=REPO, start_timeout=600) as (url, _):
         yield url
 

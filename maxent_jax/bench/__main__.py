@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="update, sampler: change a field of the preset's ModelConfig, e.g. attention=cudnn "
                              "(repeatable)")
     parser.add_argument("--lora", type=int, metavar="RANK",
-                        help="update: also time LoRA adapters of this rank on every projection, beside full fine-tuning")
+                        help="update: also time LoRA adapters of this rank on every projection, beside full fine-tuning; "
+                             "weight-sync: also time adapter-only pushes of this rank, beside full pushes")
     parser.add_argument("--lengths", choices=("skewed", "equal"),
                         help="update: the MaxEnt RL update with packed buffers against the padded layout, "
                              "alternating, on this completion-length mix (docs/benchmarks.md)")
@@ -64,8 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--pack-length {args.pack_length} is invalid; a token count >= 0 with --lengths only")
     if args.model and args.target not in ("update", "sampler"):
         raise UserError(f"--model {args.model[0]} is for the update and sampler targets only")
-    if args.lora is not None and (args.target != "update" or args.lora < 1):
-        raise UserError(f"--lora {args.lora} is invalid; it is a rank >= 1 for the update target only")
+    if args.lora is not None and (args.target not in ("update", "weight-sync") or args.lora < 1):
+        raise UserError(f"--lora {args.lora} is invalid; it is a rank >= 1 for the update and weight-sync targets only")
     if args.size is not None and (args.target != "weight-sync" or not args.size > 0):
         raise UserError(f"--size {args.size} is invalid; it is a positive size in M params for weight-sync only")
     if (args.rollout != "sampler" or args.max_staleness is not None) and args.target != "e2e":
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace):
     if args.target == "weight-sync":
         from maxent_jax.bench.weight_sync import run_weight_sync
 
-        return run_weight_sync(preset, args.repeats, args.size, args.vs, args.vllm_python)
+        return run_weight_sync(preset, args.repeats, args.size, args.vs, args.vllm_python, args.lora or 0)
     if args.target == "train-step":
         from maxent_jax.bench.train_step import run_train_step
 

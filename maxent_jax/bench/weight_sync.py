@@ -13,6 +13,11 @@ Each push is also split into its phases (`push_run`). Two more figures bound it 
 side: the conversion alone (params -> host tensors of each layout, no network), and the push
 of HF host tensors converted beforehand (transport + server alone).
 
+`--lora R` adds adapter-only pushes (rollout/adapters.py): rank-R adapters on every projection
+of the same model, pushed as PEFT tensors to a server holding the base (a jax server of its own,
+and with `--vs vllm` a vLLM server started with LoRA on), in the same alternation as the full
+pushes: bytes and seconds per push, the adapters' host conversion included.
+
 `--size M` replaces the preset's model by a random Qwen2 of about M million parameters:
 blocks of width 1024 (16 heads of 64, 4 kv heads, MLP 2816, ~11.3M each), vocabulary 512.
 """
@@ -49,7 +54,7 @@ def sized_model(size_m: float):
 class ServerProcess(ChildProcess):
     """`python -m maxent_jax.serve` in a child process on 127.0.0.1, a free port and a fresh token."""
 
-    def __init__(self, python: str, backend: str, model_dir: Path, workdir: Path):
+    def __init__(self, python: str, backend: str, model_dir: Path, workdir: Path, extra: tuple[str, ...] = ()):
         from maxent_jax.cli import REPO_ROOT
 
         self.token = secrets.token_hex(16)
@@ -60,7 +65,7 @@ class ServerProcess(ChildProcess):
                "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         super().__init__([python, "-m", "maxent_jax.serve", "--backend", backend, "--model", str(model_dir),
                           "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
-                          "--log-level", "WARNING"], env)
+                          "--log-level", "WARNING", *extra], env)
         line = next((text for text in self.proc.stdout if text.startswith(READY)), "")  # vLLM logs to stdout too
         if not line:
             raise self.startup_error(f"{backend} rollout server")
@@ -93,7 +98,25 @@ def push_run(server: ServerProcess, params, cfg, name: str, layout: str | None =
         stats = client.push_params(params, cfg, dtype=dtype, layout=layout)
         label = f"{name} [{stats['layout']}]"
         return {f"{label}: push": stats["gb_per_s"], f"{label}: push time": stats["seconds"],
+                f"{label}: push bytes": stats["bytes"],
                 **{f"{label}: phase {phase}": stats[f"{phase.replace(' ', '_')}_seconds"] for phase in PHASES}}
+
+    return run
+
+
+def adapter_run(server: ServerProcess, model, settings, name: str) -> Run:
+    """One adapter-only push of `model`'s adapters (PEFT tensors fetched to the host, then pushed) onto the
+    base the server holds: seconds (conversion included) and bytes, what a LoRA trainer's push costs."""
+    from maxent_jax.model.lora_io import peft_tensors
+    from maxent_jax.rollout.adapters import AdapterSpec
+    from maxent_jax.rollout.client import RolloutClient
+
+    client = RolloutClient(server.url, token=server.token, timeout=600.0, max_retries=1)
+    spec = AdapterSpec(settings.rank, settings.alpha, settings.targets, client.info()["base_id"])
+
+    def run() -> dict[str, float]:
+        seconds, stats = timed(lambda: client.push_adapter(peft_tensors(model), spec))
+        return {f"{name} [lora]: push time": seconds, f"{name} [lora]: push bytes": stats["bytes"]}
 
     return run
 
@@ -131,15 +154,15 @@ def convert_run(params, cfg, native: bool) -> Run:
 def _units(servers: tuple[str, ...]) -> dict[str, str]:
     units = {"convert only: params -> HF host tensors": "GB/s", "convert only: params -> native host tensors": "GB/s"}
     for server in servers:
-        for name in (f"{server} [hf]", f"{server} [native]"):
-            units.update({f"{name}: push": "GB/s", f"{name}: push time": "s",
+        for name in (f"{server} [hf]", f"{server} [native]", f"{server} [lora]"):
+            units.update({f"{name}: push": "GB/s", f"{name}: push time": "s", f"{name}: push bytes": "B",
                           f"{name}: push from host tensors": "GB/s",
                           **{f"{name}: phase {phase}": "s" for phase in PHASES}})
     return units
 
 
 def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str | None,
-                    vllm_python: str | None = None) -> Report:
+                    vllm_python: str | None = None, lora_rank: int = 0) -> Report:
     from flax import nnx
 
     from maxent_jax.bench import peers
@@ -171,13 +194,30 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
                     "jax": push_run(servers[0], params, cfg, "jax server"),
                     "jax hf": push_run(servers[1], params, cfg, "jax server", layout="hf"),
                     "jax host": transport_run(servers[1], params, cfg, "jax server")}
+            vllm_extra: tuple[str, ...] = ()
+            if lora_rank:  # adapters go to servers of their own: a full push would replace their base
+                lora_model, settings = _lora_model(model, lora_rank)
+                report.setup["lora"] = f"rank {lora_rank}, alpha {2 * lora_rank}, all-linear"
+                servers.append(ServerProcess(sys.executable, "jax", model_dir, Path(tmp)))
+                runs["jax lora"] = adapter_run(servers[-1], lora_model, settings, "jax server")
+                vllm_extra = ("--engine-arg", "enable_lora=true", "--engine-arg",
+                              f"max_lora_rank={next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank)}")
             if vs == "vllm":
                 servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp)))
                 runs["vllm"] = push_run(servers[-1], params, cfg, "vllm server")
                 runs["vllm host"] = transport_run(servers[-1], params, cfg, "vllm server")
+                if lora_rank:
+                    servers.append(ServerProcess(python, "vllm", model_dir, Path(tmp), vllm_extra))
+                    runs["vllm lora"] = adapter_run(servers[-1], lora_model, settings, "vllm server")
             for figure in alternate(runs, repeats, _units(("jax server", "vllm server"))):
                 report.add(figure)
             report.ratio("jax server: native / hf layout push", "jax server [native]: push", "jax server [hf]: push")
+            if lora_rank:
+                report.ratio("jax server: full (native) / adapter push time", "jax server [native]: push time",
+                             "jax server [lora]: push time")
+                if vs == "vllm":
+                    report.ratio("vllm server: full / adapter push time", "vllm server [hf]: push time",
+                                 "vllm server [lora]: push time")
         finally:
             for server in servers:
                 server.close()
@@ -185,3 +225,19 @@ def run_weight_sync(preset: Preset, repeats: int, size_m: float | None, vs: str 
     report.notes.append("[layout]: the layout pushed; unforced, the client pushes native where the server offers it "
                         "(jax backend), else hf (vllm)")
     return report
+
+
+def _lora_model(model, rank: int):
+    """A copy of `model` with rank-`rank` adapters (alpha 2 rank) on every projection, B random (not 0)."""
+    import jax
+    from flax import nnx
+
+    from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora, resolve_targets
+
+    settings = LoRASettings(rank, 2.0 * rank, resolve_targets("all-linear"))
+    lora_model = apply_lora(nnx.clone(model), settings, seed=0)
+    key = jax.random.key(1)
+    for i, (_, var) in enumerate(nnx.iter_graph(lora_model)):
+        if isinstance(var, LoRAParam):
+            var.set_value(0.01 * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype))
+    return lora_model, settings

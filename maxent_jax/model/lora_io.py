@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.hf_io import export_hf_checkpoint
-from maxent_jax.model.lora import ATTENTION_MODULES, LoRAProjection, LoRASettings, projections
+from maxent_jax.model.lora import ATTENTION_MODULES, LoRAParam, LoRAProjection, LoRASettings, projections
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -86,6 +86,11 @@ def write_peft_adapter(model: nnx.Module, settings: LoRASettings, out_dir: str |
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             os.replace(os.path.join(work, name), out_dir / name)
     return out_dir
+
+
+def base_state(model: nnx.Module) -> nnx.State:
+    """The frozen base's parameters of a LoRA decoder (a plain decoder's state: no adapters, nothing merged)."""
+    return nnx.state(model, lambda _, var: isinstance(var, nnx.Param) and not isinstance(var, LoRAParam))
 
 
 def merged_state(model: nnx.Module) -> nnx.State:

@@ -72,7 +72,10 @@ class RolloutBackend(Protocol):
         attribute (e.g. `("hf", "native")`, see protocol.WEIGHT_LAYOUTS); for a push in another
         layout than `hf` the server calls `expected_weights(layout=...)`,
         `prepare_weight(name, array, layout=...)` and `load_weights(..., layout=...)`, which
-        such a backend must then define.
+        such a backend must then define. One that lists `lora` (adapter-only pushes,
+        rollout/adapters.py) defines `load_adapter(tensors, spec)` instead: apply PEFT-named
+        adapters of an `AdapterSpec` to the base of its last full push (or its start), replacing
+        any adapters applied before.
         """
 
     def reset_prefix_cache(self) -> None:

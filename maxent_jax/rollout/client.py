@@ -34,12 +34,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from maxent_jax.errors import UserError
+from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.limits import RequestLimits, limits_from_json, piece_seed, split_request
 from maxent_jax.rollout.protocol import (
     CLIENT_TAG_HEADER,
     HF_LAYOUT,
     LAYOUT_PARAM,
+    LORA_LAYOUT,
     NATIVE_LAYOUT,
     WEIGHT_VERSION_HEADER,
 )
@@ -567,12 +569,17 @@ class RolloutClient:
         native = layout == NATIVE_LAYOUT
         return self.push_weights(lambda: iter_hf_tensors(params, cfg, dtype, native=native), version=version, layout=layout)
 
+    def push_adapter(self, tensors: Mapping[str, np.ndarray], spec: AdapterSpec, *, version: int | None = None) -> dict[str, Any]:
+        """Push a LoRA policy's adapters alone (PEFT names, float32) onto the base `spec.base` of the server."""
+        return self.push_weights(lambda: tensors.items(), version=version, layout=LORA_LAYOUT, adapter=spec)
+
     def push_weights(
         self,
         tensors: Iterable[tuple[str, np.ndarray]] | Callable[[], Iterable[tuple[str, np.ndarray]]],
         *,
         version: int | None = None,
         layout: str = HF_LAYOUT,
+        adapter: AdapterSpec | None = None,
     ) -> dict[str, Any]:
         """Stream HF-named tensors to POST /weights; returns seconds, bytes, GB/s, the new version, the layout.
 
@@ -612,7 +619,8 @@ class RolloutClient:
         }
         if version is not None:
             headers[WEIGHT_VERSION_HEADER] = str(int(version))
-        path = "/weights" if layout == HF_LAYOUT else f"/weights?{urllib.parse.urlencode({LAYOUT_PARAM: layout})}"
+        query = adapter.query() if adapter is not None else {LAYOUT_PARAM: layout}
+        path = "/weights" if layout == HF_LAYOUT else f"/weights?{urllib.parse.urlencode(query)}"
         start = time.perf_counter()
         reply, _ = self._call("POST", path, body, headers, attempts=None if replayable else 1, chunked=True)
         answered_at = time.perf_counter()
@@ -622,6 +630,7 @@ class RolloutClient:
         return {
             "weight_version": int(result["weight_version"]),
             "layout": layout,
+            "base_id": result.get("base_id"),  # None from a server without adapter pushes
             "seconds": seconds,
             "bytes": float(sent["bytes"]),
             "gb_per_s": sent["bytes"] / 1e9 / max(seconds, 1e-9),

@@ -24,11 +24,15 @@ WEIGHT_VERSION_HEADER = "X-Weight-Version"
 # Weight layouts of a push (`POST /weights?layout=...`). `hf`: Hugging Face names and layouts,
 # what every backend takes. `native`: the same names, each tensor in the shape of the server's
 # own parameter (our [in, out] kernels), offered only by a backend that holds our model, so
-# neither side transposes. Always said explicitly: a square kernel reads as either.
+# neither side transposes. Always said explicitly: a square kernel reads as either. `lora`: a
+# LoRA policy's adapters alone, on a base the server already holds (rollout/adapters.py), with
+# the adapter's query parameters LORA_PARAMS.
 LAYOUT_PARAM = "layout"
 HF_LAYOUT = "hf"
 NATIVE_LAYOUT = "native"
-WEIGHT_LAYOUTS = (HF_LAYOUT, NATIVE_LAYOUT)
+LORA_LAYOUT = "lora"
+WEIGHT_LAYOUTS = (HF_LAYOUT, NATIVE_LAYOUT, LORA_LAYOUT)
+LORA_PARAMS = ("rank", "alpha", "targets", "base")
 
 
 # Integers reach numpy and jax as fixed-width ints: token ids, n, max_tokens, top_k and
@@ -79,10 +83,12 @@ def decode_json(raw: bytes) -> Any:
 def parse_weight_layout(query: str, offered: Sequence[str], backend: str) -> str:
     """The layout a `POST /weights` asks for in its query string (none: `hf`), if this server offers it."""
     fields = urllib.parse.parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(fields) - {LAYOUT_PARAM})
-    if unknown:
-        raise ProtocolError(f"POST /weights: unknown query parameter {unknown[0]!r}; valid: {LAYOUT_PARAM!r}")
     values = fields.get(LAYOUT_PARAM, [HF_LAYOUT])
+    valid = {LAYOUT_PARAM, *(LORA_PARAMS if values == [LORA_LAYOUT] else ())}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise ProtocolError(f"POST /weights: unknown query parameter {unknown[0]!r}; valid: "
+                            + ", ".join(map(repr, sorted(valid))))
     if len(values) != 1:
         raise ProtocolError(f"query parameter {LAYOUT_PARAM!r} given {len(values)} times; give it once")
     layout = values[0]
@@ -374,6 +380,9 @@ def openapi_schema() -> dict:
                         {"name": WEIGHT_VERSION_HEADER, "in": "header", "schema": {"type": "integer"}},
                         {"name": LAYOUT_PARAM, "in": "query", "schema": {"enum": list(WEIGHT_LAYOUTS), "default": HF_LAYOUT},
                          "description": "tensor layout of the push; only one listed in weight_layouts of GET /info"},
+                        *({"name": name, "in": "query", "schema": {"type": "string"},
+                           "description": f"adapter push (layout={LORA_LAYOUT!r}) only: the adapters' {name}"}
+                          for name in LORA_PARAMS),
                     ],
                     "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                     "responses": {"200": ok_json, "400": error, "401": error, "403": error, "408": error, "409": error, "413": error},

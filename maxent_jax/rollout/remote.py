@@ -7,7 +7,9 @@ current on the cadence of REFERENCE_SPEC 3.6: push when `step - last_pushed >=
 sync_interval_steps` (0 = never), never twice for one step. Pushes carry the step as the
 weight version, so every rollout reports its staleness in steps. A server that holds our own
 model (the jax backend) gets the parameters in our layout, with no transposes
-(`rollout/push_native_layout` = 1); others get HF's.
+(`rollout/push_native_layout` = 1); others get HF's. A LoRA policy (`lora` set) pushes its
+adapters alone where the server takes them (rollout/adapters.py), after its base in full once
+(and again whenever the server holds another base: a restart, another trainer's push).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.client import RolloutClient, RolloutError
-from maxent_jax.rollout.protocol import NATIVE_LAYOUT
+from maxent_jax.rollout.protocol import LORA_LAYOUT, NATIVE_LAYOUT
 
 
 @dataclasses.dataclass
@@ -37,6 +40,8 @@ class RemoteRollout:
     last_pushed_step: int | None = None
     step: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    lora: Any = None  # LoRASettings of a LoRA policy; then `maybe_push` takes the LoRA decoder itself
+    base_id: str | None = None  # the server's id of the base this client pushed (adapter pushes name it)
     # The weight version of every completion generated on each thread since its last
     # `take_versions()` (per thread: the rollout producer and an evaluation generate at once).
     _served: threading.local = dataclasses.field(default_factory=threading.local)
@@ -47,13 +52,21 @@ class RemoteRollout:
         return served
 
     def maybe_push(self, params: Any, step: int) -> bool:
-        """Push `params` if the cadence says so; True when it pushed (metrics in `self.metrics`)."""
+        """Push `params` if the cadence says so; True when it pushed (metrics in `self.metrics`).
+
+        A LoRA policy passes its decoder (adapters and base): the server gets its adapters alone
+        when it takes them and holds this client's base, else the base in full first; a server
+        without adapter pushes (vLLM without LoRA) gets the merged weights.
+        """
         self.step = step
         if self.sync_interval_steps <= 0 or step == self.last_pushed_step:
             return False
         if self.last_pushed_step is not None and step - self.last_pushed_step < self.sync_interval_steps:
             return False
-        report = self.client.push_params(params, self.model_cfg, dtype=self.push_dtype, version=step)
+        if self.lora is None:
+            report = self.client.push_params(params, self.model_cfg, dtype=self.push_dtype, version=step)
+        else:
+            report = self._push_lora(params, step)
         self.last_pushed_step = step
         self.metrics.update({
             "rollout/push_seconds": report["seconds"],
@@ -61,7 +74,30 @@ class RemoteRollout:
             "rollout/push_bytes": report["bytes"],
             "rollout/push_native_layout": float(report["layout"] == NATIVE_LAYOUT),
         })
+        if self.lora is not None:  # 1: the adapters alone; 0: the base (or the merged model) in full too
+            adapter_only = report["layout"] == LORA_LAYOUT and "base_pushed" not in report
+            self.metrics["rollout/push_adapter_only"] = float(adapter_only)
         return True
+
+    def _push_lora(self, model: Any, step: int) -> dict[str, Any]:
+        """The adapters (after the base in full, when the server lacks it), or the merged model."""
+        from maxent_jax.model import lora_io  # jax and flax only on the trainer's side
+
+        info = self.client.info()
+        if LORA_LAYOUT not in (info.get("weight_layouts") or []):
+            return self.client.push_params(lora_io.merged_state(model), self.model_cfg, dtype=self.push_dtype,
+                                           version=step)
+        base = None
+        if self.base_id is None or info.get("base_id") != self.base_id:
+            base = self.client.push_params(lora_io.base_state(model), self.model_cfg, dtype=self.push_dtype,
+                                           version=step)
+            self.base_id = base["base_id"]
+        spec = AdapterSpec(self.lora.rank, self.lora.alpha, self.lora.targets, self.base_id)
+        report = self.client.push_adapter(lora_io.peft_tensors(model), spec, version=step)
+        if base is not None:  # this step's push is both: its cost is their sum
+            report = {**report, **{k: base[k] + report[k] for k in ("seconds", "bytes")}, "base_pushed": True}
+            report["gb_per_s"] = report["bytes"] / 1e9 / max(report["seconds"], 1e-9)
+        return report
 
     def generate(
         self, params: Any, prompts: Sequence[Sequence[int]], sampling: SamplingParams, key: jax.Array

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 import urllib.parse
@@ -28,12 +29,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
 from maxent_jax.rollout import protocol
+from maxent_jax.rollout.adapters import AdapterSpec, expected_adapter, parse_adapter_query
 from maxent_jax.rollout.backend import RolloutBackend, SamplingParams
 from maxent_jax.rollout.connections import (DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_DEADLINE_S,
                                             BoundedThreadingHTTPServer, DeadlineSocketReader, RequestDeadline)
 from maxent_jax.rollout.fair_queue import FairQueue
 from maxent_jax.rollout.limits import DEFAULT_READ_TIMEOUT_S, RequestLimits
-from maxent_jax.rollout.protocol import HF_LAYOUT, ProtocolError
+from maxent_jax.rollout.protocol import HF_LAYOUT, LORA_LAYOUT, ProtocolError
 from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, expected_nbytes, read_stream
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,10 @@ class RolloutServer:
         self.read_timeout = read_timeout
         self.request_deadline = request_deadline
         self.weight_version = 0
+        # The base the served weights stand on (fresh at start and on every full push) and the
+        # version of the adapters applied to it (None: none); see rollout/adapters.py.
+        self.base_id = secrets.token_hex(8)
+        self.adapter_version: int | None = None
         self.receive_buffers = ReceiveBuffers()
         self.weight_layouts = tuple(getattr(backend, "weight_layouts", (HF_LAYOUT,)))
         backend_info = backend.info()
@@ -208,7 +214,8 @@ class RolloutServer:
         return f"http://{host}:{port}"
 
     def info(self) -> dict:
-        return {**self._info, "weight_version": self.weight_version}
+        return {**self._info, "weight_version": self.weight_version, "base_id": self.base_id,
+                "adapter_version": self.adapter_version}
 
     def serve_forever(self) -> None:
         log.info("rollout server (%s backend) listening on %s", self._info.get("backend"), self.url)
@@ -269,8 +276,14 @@ class RolloutServer:
             if vocab is not None and ids and max(ids) >= vocab:
                 raise ProtocolError(f"prompt {i}: token id {max(ids)} is outside the vocabulary (size {vocab})")
 
-    def expected_weights(self, layout: str = HF_LAYOUT) -> dict:
-        """Name -> (shape, dtype) a push in `layout` must match; a backend is asked for a layout only if it lists it."""
+    def expected_weights(self, layout: str = HF_LAYOUT, adapter: AdapterSpec | None = None) -> dict:
+        """Name -> (shape, dtype) a push in `layout` must match; a backend is asked for a layout only if it lists it.
+
+        An adapter push (`lora`, with its `adapter` spec) is checked against the PEFT tensors of
+        that rank and those targets on the backend's HF weights.
+        """
+        if layout == LORA_LAYOUT:
+            return expected_adapter(self.backend.expected_weights(), adapter)
         if layout == HF_LAYOUT:
             return self.backend.expected_weights()
         return self.backend.expected_weights(layout=layout)
@@ -279,7 +292,8 @@ class RolloutServer:
         """Largest acceptable /weights body: the model's bytes plus a header allowance per frame."""
         return expected_nbytes(expected) + _FRAME_OVERHEAD_BYTES * (len(expected) + 1)
 
-    def push_weights(self, body: _Body, version: int | None, layout: str = HF_LAYOUT) -> dict:
+    def push_weights(self, body: _Body, version: int | None, layout: str = HF_LAYOUT,
+                     adapter: AdapterSpec | None = None) -> dict:
         """Receive, validate and apply one push; the reply splits the server's time into its phases.
 
         `layout` (one of `weight_layouts`, checked by the caller) picks the shapes the push is
@@ -292,10 +306,14 @@ class RolloutServer:
         thread, so its layout/device work (XLA:CPU runs it on the calling thread) overlaps
         reading the rest of the upload; nothing reaches generation before the whole push is
         validated and `load_weights` swaps it in.
+
+        An adapter push (`lora`) is applied by the backend's `load_adapter` on the base it holds,
+        only if `adapter.base` names that base (else 409: push the base in full first); a full
+        push gives the server a new base id and clears the adapter version.
         """
         start = time.perf_counter()
-        expected = self.expected_weights(layout)
-        prepare = getattr(self.backend, "prepare_weight", None)
+        expected = self.expected_weights(layout, adapter)
+        prepare = None if layout == LORA_LAYOUT else getattr(self.backend, "prepare_weight", None)
         if prepare is not None and layout != HF_LAYOUT:
             prepare = functools.partial(prepare, layout=layout)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-weights")
@@ -320,19 +338,30 @@ class RolloutServer:
                     f"header {protocol.WEIGHT_VERSION_HEADER}: {version} is older than the current weight version {self.weight_version}",
                     409,
                 )
+            if layout == LORA_LAYOUT and adapter.base != self.base_id:
+                raise ProtocolError(f"query parameter base={adapter.base!r}: this server holds base {self.base_id!r} "
+                                    "(GET /info base_id); push the base in full first, then the adapters", 409)
             locked = time.perf_counter()
-            if layout == HF_LAYOUT:
+            if layout == LORA_LAYOUT:
+                self.backend.load_adapter(tensors, adapter)
+            elif layout == HF_LAYOUT:
                 self.backend.load_weights(tensors.items())
             else:
                 self.backend.load_weights(tensors.items(), layout=layout)
             self.backend.reset_prefix_cache()
             self.weight_version = self.weight_version + 1 if version is None else version
             new_version = self.weight_version
+            if layout == LORA_LAYOUT:
+                self.adapter_version = new_version
+            else:
+                self.base_id, self.adapter_version = secrets.token_hex(8), None
+            base_id, adapter_version = self.base_id, self.adapter_version
             applied = time.perf_counter()
         seconds = applied - start
         log.info("weights v%d applied: %d tensors, %.1f MB in %.2fs", new_version, len(tensors), nbytes / 1e6, seconds)
         return {"weight_version": new_version, "tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
-                "receive_seconds": received - start, "apply_seconds": applied - locked, "layout": layout}
+                "receive_seconds": received - start, "apply_seconds": applied - locked, "layout": layout,
+                "base_id": base_id, "adapter_version": adapter_version}
 
     def reset_prefix_cache(self, peer: str = "") -> dict:
         with self.engine.hold(peer):
@@ -481,14 +510,16 @@ class _Handler(BaseHTTPRequestHandler):
         # The body is drained (within the size bound) before any refusal, so a client streaming
         # a push always reads the answer instead of a reset connection.
         rollout = self.rollout
-        layout, layout_error = HF_LAYOUT, None
+        layout, layout_error, adapter = HF_LAYOUT, None, None
         try:
             query = urllib.parse.urlsplit(self.path).query
             layout = protocol.parse_weight_layout(query, rollout.weight_layouts, str(rollout.info().get("backend")))
+            if layout == LORA_LAYOUT:
+                adapter = parse_adapter_query(urllib.parse.parse_qs(query, keep_blank_values=True))
         except ProtocolError as err:
-            layout_error = err
+            layout, layout_error = HF_LAYOUT, err
         try:
-            limit = rollout.weights_limit(rollout.expected_weights(layout))
+            limit = rollout.weights_limit(rollout.expected_weights(layout, adapter))
             body = _Body(self.rfile, self.headers, limit)
         except ProtocolError as err:
             self._error(err.status, str(err), close=True)
@@ -512,4 +543,4 @@ class _Handler(BaseHTTPRequestHandler):
         if layout_error is not None:
             self._refuse(layout_error.status, f"weight push refused, nothing applied: {layout_error}", body)
             return
-        self._run(lambda: rollout.push_weights(body, version, layout), body)
+        self._run(lambda: rollout.push_weights(body, version, layout, adapter), body)

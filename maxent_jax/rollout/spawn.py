@@ -102,6 +102,7 @@ def start_server(
     dtype: str | None = None,
     devices: str = "",
     start_timeout: float = START_TIMEOUT_S,
+    engine_args: Sequence[str] = (),
 ) -> SpawnedServer:
     """Start `maxent_jax.serve --backend backend` on 127.0.0.1 (free port) and wait until it is ready.
 
@@ -110,7 +111,8 @@ def start_server(
     (token, export) is made in `workdir` when given, so what a SIGKILLed run leaves stays there
     until the next start in it removes it; the server's log goes to WORKDIR/rollout_server.log. `devices` becomes the
     server's CUDA_VISIBLE_DEVICES ('' = the trainer's environment). A server that exits or stays
-    silent past `start_timeout` is an error quoting the end of its log.
+    silent past `start_timeout` is an error quoting the end of its log. `engine_args` (KEY=VALUE)
+    go to a vllm server's engine (`--engine-arg`).
     """
     python = server_python(backend)
     if workdir is not None:
@@ -128,6 +130,8 @@ def start_server(
                 "--token-file", str(token_file)]
         if dtype is not None and backend == "jax":
             args += ["--dtype", dtype]
+        if backend == "vllm":
+            args += [flag for arg in engine_args for flag in ("--engine-arg", arg)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         if devices:
@@ -175,8 +179,12 @@ def start_for_policy(config, model, model_cfg, tokenizer_dir: str, workdir: Path
 
         return export_hf_checkpoint(model, model_cfg, scratch / "model", tokenizer_dir=tokenizer_dir)
 
+    # A LoRA run's vLLM serves its adapter pushes with vLLM's LoRA support (rollout/adapters.py);
+    # vLLM takes only these maximum ranks.
+    max_rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= config.lora.rank), config.lora.rank)
+    lora = ["enable_lora=true", f"max_lora_rank={max_rank}"] if config.lora.enabled else []
     return start_server(config.rollout.spawn_server, write_model, workdir=workdir, dtype=m.param_dtype,
-                        devices=config.rollout.spawn_server_devices)
+                        devices=config.rollout.spawn_server_devices, engine_args=lora)
 
 
 def _wait_ready(process: subprocess.Popen, log_path: Path, start: int, timeout: float) -> str:

@@ -12,16 +12,20 @@ What was verified against a real engine, and how, is in docs/rollout.md ("vllm b
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any, Iterable
 
 import numpy as np
 
 from maxent_jax.errors import UserError
+from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import Completion, SamplingParams
-from maxent_jax.rollout.protocol import ProtocolError
+from maxent_jax.rollout.protocol import HF_LAYOUT, LORA_LAYOUT, ProtocolError
 
 WORKER_EXTENSION = "maxent_jax.rollout.vllm_worker.MaxentWeightReceiver"
 
@@ -106,6 +110,11 @@ class VLLMBackend:
     `enforce_eager`); `dtype` defaults to the dtype the checkpoint's config declares, so an fp32
     checkpoint runs in fp32 (vLLM's CPU default would be bfloat16) and the behaviour log-probs
     are those of the weights the trainer holds.
+
+    Started with `enable_lora=True` (and `max_lora_rank`), it also takes adapter-only pushes
+    (rollout/adapters.py) and serves them through vLLM's own LoRA support: each push is written
+    as a PEFT adapter directory and becomes a new `LoRARequest` (a new adapter id, the previous
+    one removed), which every generate call then uses until the next push.
     """
 
     # Full-length sequences' worth of tokens one request may ask for by default
@@ -138,6 +147,12 @@ class VLLMBackend:
         engine_kwargs.setdefault("seed", 0)
         self._vllm = vllm
         self._llm = vllm.LLM(model=model_dir, worker_extension_cls=WORKER_EXTENSION, **engine_kwargs)
+        self.weight_layouts = (HF_LAYOUT, LORA_LAYOUT) if engine_kwargs.get("enable_lora") else (HF_LAYOUT,)
+        self._max_lora_rank = int(self._llm.llm_engine.vllm_config.lora_config.max_lora_rank) if self.weight_layouts[1:] else 0
+        self._model_dir = model_dir
+        self._lora = None  # the LoRARequest every generate call uses (the last adapter push), or None
+        self._lora_ids = itertools.count(1)
+        self._adapter_dir: str | None = None
         model_config = self._llm.llm_engine.model_config
         self._dtype = str(model_config.dtype).removeprefix("torch.")
         self._info = {
@@ -169,7 +184,7 @@ class VLLMBackend:
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         try:
             per_prompt = [self._sampling_params(params, params.n // copies, i) for i in range(len(prompts))]
-            outputs = self._llm.generate(prompts, per_prompt, use_tqdm=False)
+            outputs = self._llm.generate(prompts, per_prompt, use_tqdm=False, lora_request=self._lora)
         except self._vllm_client_error as err:
             raise ProtocolError(f"vLLM refused the request: {err}") from None
         return [[_completion(out, params.logprobs) for out in request.outputs] * copies for request in outputs]
@@ -206,7 +221,42 @@ class VLLMBackend:
         # for engines whose workers are other processes (tensor parallelism; not tested on CPU).
         tensors = [(name, numpy_to_torch(array)) for name, array in named_tensors]
         self._llm.collective_rpc("maxent_load_weights", kwargs={"named_tensors": tensors})
+        self._drop_adapter()  # adapters of the replaced base mean nothing on the new one
         self.reset_prefix_cache()
+
+    def load_adapter(self, tensors: dict[str, np.ndarray], spec: AdapterSpec) -> None:
+        """Serve `spec`'s adapters (PEFT tensors, validated by the server) on the loaded base, as a new LoRA id.
+
+        Written as a PEFT directory (what vLLM loads LoRA from) and added to the engine at once,
+        so an adapter vLLM cannot take is refused by this push, not by the next generate call.
+        """
+        from safetensors.numpy import save_file
+
+        if spec.rank > self._max_lora_rank:
+            raise ProtocolError(f"query parameter rank={spec.rank}: this vLLM engine was started with max_lora_rank="
+                                f"{self._max_lora_rank} (--engine-arg max_lora_rank=...)")
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        directory = tempfile.mkdtemp(prefix=f"maxent-adapter-{lora_id}-")
+        save_file(dict(tensors), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(spec.peft_config(self._model_dir), f)
+        request = LoRARequest(f"maxent-adapter-{lora_id}", lora_id, directory)
+        try:
+            self._llm.llm_engine.add_lora(request)
+        except Exception as err:  # vLLM's own refusal (e.g. a target module it cannot adapt)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ProtocolError(f"vLLM refused the adapter: {err}") from None
+        self._drop_adapter()
+        self._lora, self._adapter_dir = request, directory
+        self.reset_prefix_cache()
+
+    def _drop_adapter(self) -> None:
+        if self._lora is not None:
+            self._llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        self._lora = self._adapter_dir = None
 
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks: after a weight change they hold attention of the old weights."""
