@@ -382,5 +382,7 @@ def test_bench_lengths_and_flags():
     assert parse_args(["train-step", "--lengths", "equal"]).lengths == "equal"
     with pytest.raises(UserError, match="--lengths skewed is for the update and train-step targets only"):
         parse_args(["sampler", "--lengths", "skewed"])
+    with pytest.raises(UserError, match="--vs trl and --lengths skewed are separate measurements"):
+        parse_args(["train-step", "--lengths", "skewed", "--vs", "trl"])
     with pytest.raises(UserError, match="--pack-length 64 is invalid"):
         parse_args(["update", "--pack-length", "64"])

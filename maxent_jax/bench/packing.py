@@ -1,4 +1,5 @@
-"""`update --lengths skewed|equal`: the RL update on packed buffers against the padded layout.
+"""`update --lengths skewed|equal`: the RL update on packed buffers against the padded layout
+(`train-step --lengths`: whole RL steps, `run_packed_train_step`).
 
 Both sides run the same jitted train step (the default objective, MaxEnt, through `policy.rl_loss`
 with `model.score_prompt_once`, clip + AdamW) on the same completions; the packed side adds the
