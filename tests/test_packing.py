@@ -39,7 +39,7 @@ from maxent_jax.packing import (
 )
 from maxent_jax.parallel.forward import make_logprob_fn
 from maxent_jax.parallel.mesh import make_mesh
-from maxent_jax.parallel.train_step import init_train_state, make_train_step
+from maxent_jax.parallel.train_step import SplitLoss, init_train_state, make_train_step
 from maxent_jax.policy import completion_logprobs, rl_loss
 from maxent_jax.scoring import build_score_batch
 from tests.test_parallel_step import record_gradients
@@ -51,15 +51,19 @@ SCORE = ("input_ids", "positions", "attention_mask", "completion_ids", "completi
 
 
 def _grouped(rng: np.random.Generator, prompts: int, group: int, prompt_len: int, completion_len: int,
-             skew: bool = True) -> dict[str, np.ndarray]:
+             skew: bool = True, lengths: tuple[list[int], list[int]] | None = None) -> dict[str, np.ndarray]:
     """A grouped score batch `[P, G, ...]`: prompts of 1..prompt_len tokens, completions of 0..completion_len
-    (mostly short with a few at the maximum when `skew`)."""
-    prompt_ids = [list(rng.integers(1, VOCAB, rng.integers(1, prompt_len + 1))) for _ in range(prompts)]
-    if skew:
-        lengths = np.where(rng.random(prompts * group) < 0.2, completion_len,
-                           rng.integers(0, completion_len // 3 + 1, prompts * group))
+    (mostly short with a few at the maximum when `skew`), or of the given (prompt, completion) lengths."""
+    if lengths is not None:
+        prompt_lengths, lengths = lengths
     else:
-        lengths = np.full(prompts * group, completion_len)
+        prompt_lengths = rng.integers(1, prompt_len + 1, prompts)
+        if skew:
+            lengths = np.where(rng.random(prompts * group) < 0.2, completion_len,
+                               rng.integers(0, completion_len // 3 + 1, prompts * group))
+        else:
+            lengths = np.full(prompts * group, completion_len)
+    prompt_ids = [list(rng.integers(1, VOCAB, n)) for n in prompt_lengths]
     completions = [list(rng.integers(1, VOCAB, n)) for n in lengths]
     rows = build_score_batch([p for p in prompt_ids for _ in range(group)], completions, prompt_len=prompt_len,
                              completion_len=completion_len, pad_id=0)
@@ -156,34 +160,71 @@ def test_packed_forward_equals_the_padded_one(seed, prompts, group, length, chun
 
 
 # -- the train step: every objective, packed against padded ------------------------------------
+#
+# One jitted step per objective family and layout: the row-separable objectives (a `SplitLoss`,
+# so gradient pieces apply) share one forward, InfoSeed's two poolings another. Each setting's
+# loss and metrics are reported under its own name; the step's loss (and so its gradient) is a
+# combination with distinct coefficients, so a wrong gradient in any one setting shows.
 
-P, G, TP, TC = 8, 4, 5, 10
+P, G, TP, TC = 16, 4, 5, 10
+MICRO = 2  # 8 groups per micro-batch: the mesh's 4 batch devices x 2 gradient pieces
 
-SETTINGS = {
-    "maxent": ("maxent", ObjectiveSettings(), "mean"),
-    "maxent_clip_sequence": ("maxent", ObjectiveSettings(clip_objective_coef=2.0, importance_sampling_level="sequence"),
-                             "mean"),
-    "maxent_no_clip_k3": ("maxent", ObjectiveSettings(use_clip_objective=False, kl_estimator="k3"), "mean"),
-    "grpo_reference_k1": ("grpo", ObjectiveSettings(loss_type="reference", kl_estimator="k1"), "mean"),
+SEPARABLE = {
+    "maxent": ("maxent", ObjectiveSettings()),  # sequence_sum importance, sequence_k3
+    "maxent_clip_sequence": ("maxent", ObjectiveSettings(clip_objective_coef=2.0, importance_sampling_level="sequence")),
+    "maxent_no_clip_k3": ("maxent", ObjectiveSettings(use_clip_objective=False, kl_estimator="k3")),
+    "maxent_k3_corrected": ("maxent", ObjectiveSettings(kl_estimator="k3", kl_bias_correction=True)),
+    "grpo_reference_k1": ("grpo", ObjectiveSettings(loss_type="reference", kl_estimator="k1")),
+    "grpo_sequence_sum": ("grpo", ObjectiveSettings(loss_type="grpo")),
     "grpo_token_k2": ("grpo", ObjectiveSettings(loss_type="grpo", importance_sampling_level="token",
-                                                kl_estimator="k2", sampler_correction="token_mask"), "mean"),
+                                                kl_estimator="k2", sampler_correction="token_mask")),
     "bnpo_sequence": ("grpo", ObjectiveSettings(loss_type="bnpo", importance_sampling_level="sequence",
-                                                sampler_correction="sequence_truncate"), "mean"),
-    "dr_grpo_token": ("grpo", ObjectiveSettings(loss_type="dr_grpo", importance_sampling_level="token"), "mean"),
-    "dapo_token": ("grpo", ObjectiveSettings(loss_type="dapo", importance_sampling_level="token", epsilon_high=0.28),
-                   "mean"),
-    "infoseed_mean": ("grpo", ObjectiveSettings(loss_type="grpo", importance_sampling_level="token", info_seed=InfoSeedSettings(
-        num_seeds=2, lambda_=0.1, alpha_entropy=0.5)), "mean"),
-    "infoseed_last": ("maxent", ObjectiveSettings(info_seed=InfoSeedSettings(num_seeds=2, lambda_=0.1,
-                                                                            alpha_entropy=0.5)), "last"),
+                                                sampler_correction="sequence_truncate")),
+    "dr_grpo_token": ("grpo", ObjectiveSettings(loss_type="dr_grpo", importance_sampling_level="token")),
+    "dr_grpo_sequence": ("grpo", ObjectiveSettings(loss_type="dr_grpo", importance_sampling_level="sequence")),
+    "dapo_token": ("grpo", ObjectiveSettings(loss_type="dapo", importance_sampling_level="token", epsilon_high=0.28)),
+    "dapo_sequence": ("grpo", ObjectiveSettings(loss_type="dapo", importance_sampling_level="sequence")),
 }
-FAST = ("maxent",)
+SEEDED = InfoSeedSettings(num_seeds=2, lambda_=0.1, alpha_entropy=0.5)
+INFOSEED = {
+    "infoseed_grpo_mean": ("grpo", ObjectiveSettings(loss_type="grpo", importance_sampling_level="token",
+                                                     info_seed=SEEDED), "mean"),
+    "infoseed_maxent_last": ("maxent", ObjectiveSettings(info_seed=SEEDED), "last"),
+}
 
 
-def _step_arrays(seed: int) -> dict[str, np.ndarray]:
-    """One step's grouped arrays `[P, G, ...]`: score rows with a skewed length mix, the objective's arrays."""
-    rng = np.random.default_rng(seed)
-    grouped = _grouped(rng, P, G, TP, TC)
+def _combined(parts: dict[str, tuple]):
+    """(loss, metrics) of several settings at once: loss = sum of c_i * loss_i (c_i distinct), metrics
+    `name/key` per setting (its loss included)."""
+    coefficients = {name: 1.0 / (i + 1.5) for i, name in enumerate(parts)}
+
+    def combine(results: dict[str, tuple]) -> tuple:
+        loss = sum(coefficients[n] * lo for n, (lo, _) in results.items())
+        return loss, {f"{n}/{k}": v for n, (lo, m) in results.items() for k, v in {**m, "loss": lo}.items()}
+
+    return combine
+
+
+def separable_family():
+    losses = {n: rl_loss(get_objective(o), s, 0, score_prompt_once=True) for n, (o, s) in SEPARABLE.items()}
+    combine = _combined(losses)
+    return SplitLoss(score=next(iter(losses.values())).score,
+                     objective=lambda scores, batch: combine({n: f.objective(scores, batch) for n, f in losses.items()}))
+
+
+def infoseed_family():
+    losses = {n: rl_loss(get_objective(o), s, 0, pooling, score_prompt_once=True)
+              for n, (o, s, pooling) in INFOSEED.items()}
+    combine = _combined(losses)
+    return lambda model, batch: combine({n: f(model, batch) for n, f in losses.items()})
+
+
+FAMILIES = {"separable": (separable_family, 2), "infoseed": (infoseed_family, 1)}  # (loss, gradient pieces on the mesh)
+
+
+def _step_arrays(rng: np.random.Generator, prompt_lengths: list[int], completion_lengths: list[int]) -> dict:
+    """One step's grouped arrays `[P, G, ...]`: score rows with these lengths, the objectives' arrays."""
+    grouped = _grouped(rng, P, G, TP, TC, lengths=(prompt_lengths, completion_lengths))
     mask = grouped["completion_mask"].astype(bool)
     valid = np.ones((P, G), bool)
     valid[1, 3] = False
@@ -205,12 +246,17 @@ def model_parts():
     return graphdef, jax.tree.map(np.asarray, params), rest
 
 
-def _run(model_parts, loss, mesh, arrays: dict[str, np.ndarray], micro: int, chunks: int) -> tuple[list, dict]:
+_STEPS: dict = {}  # (family, layout) -> jitted step, kept across hypothesis examples (shapes repeat)
+
+
+def _run(model_parts, family: str, layout: str, mesh, arrays: dict[str, np.ndarray], chunks: int) -> tuple[list, dict]:
     graphdef, params, rest = model_parts
     state = init_train_state(params, record_gradients(), mesh)
-    step = make_train_step(graphdef, rest, state, record_gradients(), loss, mesh, gradient_chunks=chunks)
-    batch = {k: v.reshape(micro, -1, *v.shape[1:]) for k, v in arrays.items()}
-    state, metrics = step(state, batch, scalars={"beta": 0.04})
+    if (family, layout) not in _STEPS:
+        _STEPS[family, layout] = make_train_step(graphdef, rest, state, record_gradients(), FAMILIES[family][0](),
+                                                 mesh, gradient_chunks=chunks)
+    batch = {k: v.reshape(MICRO, -1, *v.shape[1:]) for k, v in arrays.items()}
+    state, metrics = _STEPS[family, layout](state, batch, scalars={"beta": 0.04})
     return jax.tree.leaves(jax.tree.map(np.asarray, state.opt_state)), {k: float(v) for k, v in metrics.items()}
 
 
@@ -222,36 +268,64 @@ def _assert_same(got, want, where) -> None:
         assert got[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, where)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in SETTINGS])
-def test_packed_step_equals_the_padded_step(model_parts, name):
-    """Loss, every metric and every gradient of one step, on one device (2 micro-batches)."""
-    objective, settings, pooling = SETTINGS[name]
-    loss = rl_loss(get_objective(objective), settings, 0, pooling, score_prompt_once=True)
-    arrays = _step_arrays(seed=len(name))
-    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    want = _run(model_parts, loss, one, arrays, micro=2, chunks=1)
-    assert any(np.any(g != 0) for g in want[0])
-    packed, _ = Packer(TP + G * TC, devices=1, micro=2, rows_for_pooling=True)(arrays)
-    _assert_same(_run(model_parts, loss, one, {**arrays, **packed}, micro=2, chunks=1), want, name)
+LENGTH_MIXES = st.tuples(st.lists(st.integers(1, TP), min_size=P, max_size=P),
+                         st.lists(st.one_of(st.integers(0, TC // 3), st.just(TC), st.integers(0, TC)),
+                                  min_size=P * G, max_size=P * G))
 
 
-@pytest.mark.parametrize("name", ["maxent_clip_sequence", pytest.param("grpo_token_k2", marks=pytest.mark.slow)])
-def test_packed_step_on_the_8_device_mesh(model_parts, name):
-    """The (2, 2, 2) mesh: buffers balanced over the 4 batch devices, 2 gradient pieces, buffers shorter
-    than a group (so groups split), against the padded step on one device; and the packed reference
-    log-probs (2 micro-batches) against `make_logprob_fn`'s."""
-    objective, settings, pooling = SETTINGS[name]
-    loss = rl_loss(get_objective(objective), settings, 0, pooling, score_prompt_once=True)
-    arrays = _step_arrays(seed=3)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+# No shrinking phase: each shrunk example may be a new buffer shape, so a new compile of three steps.
+@hypothesis.settings(max_examples=2, deadline=None, derandomize=True, phases=[hypothesis.Phase.generate],
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                            hypothesis.HealthCheck.function_scoped_fixture])
+@given(mix=LENGTH_MIXES)
+def test_every_objective_packed_equals_padded(model_parts, family, mix):
+    """Every objective's loss and metrics, and the family's gradient, of one step (2 micro-batches) on
+    random length mixes: padded on one device against packed on one device (a buffer per group) and
+    packed on the (2, 2, 2) mesh (buffers shorter than a group, so groups split, balanced over the 4
+    batch devices, with gradient pieces where the loss allows them)."""
+    arrays = _step_arrays(np.random.default_rng(sum(mix[1])), *mix)
     one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    want = _run(model_parts, loss, one, arrays, micro=1, chunks=1)
-    mesh = make_mesh((2, 2, 2))
-    packed, stats = Packer(TP + 2 * TC, devices=4, chunks=2)(arrays)
-    assert stats["pack/buffers"] % 8 == 0
-    _assert_same(_run(model_parts, loss, mesh, {**arrays, **packed}, micro=1, chunks=2), want, (name, "mesh"))
-    if name != "grpo_token_k2":
-        return
+    want = _run(model_parts, family, "padded", one, arrays, chunks=1)
+    assert np.isfinite(want[1][f"{next(iter(SEPARABLE if family == 'separable' else INFOSEED))}/loss"])
+    packed, _ = Packer(TP + G * TC, devices=1, micro=MICRO, rows_for_pooling=True)(arrays)
+    _assert_same(_run(model_parts, family, "packed", one, {**arrays, **packed}, chunks=1), want, (family, "one"))
+    chunks = FAMILIES[family][1]
+    packed, stats = Packer(TP + 2 * TC, devices=4, chunks=chunks, micro=MICRO, rows_for_pooling=True)(arrays)
+    assert stats["pack/buffers"] % (MICRO * 4 * chunks) == 0
+    _assert_same(_run(model_parts, family, "mesh", make_mesh((2, 2, 2)), {**arrays, **packed}, chunks=chunks), want,
+                 (family, "mesh"))
+
+
+def test_packed_step_equals_the_padded_step(model_parts):
+    """The fast check (default MaxEnt alone, one device, 2 micro-batches), loss, metrics and gradients;
+    the slow test above covers every objective and the mesh."""
+    loss = rl_loss(get_objective("maxent"), ObjectiveSettings(), 0, score_prompt_once=True)
+    rng = np.random.default_rng(6)
+    arrays = _step_arrays(rng, list(rng.integers(1, TP + 1, P)), list(rng.integers(0, TC + 1, P * G)))
     graphdef, params, rest = model_parts
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    packed, _ = Packer(TP + G * TC, devices=1, micro=MICRO)(arrays)
+    results = []
+    for side in (arrays, {**arrays, **packed}):
+        state = init_train_state(params, record_gradients(), one)
+        step = make_train_step(graphdef, rest, state, record_gradients(), loss, one)
+        state, metrics = step(state, {k: v.reshape(MICRO, -1, *v.shape[1:]) for k, v in side.items()},
+                              scalars={"beta": 0.04})
+        results.append((jax.tree.leaves(jax.tree.map(np.asarray, state.opt_state)),
+                        {k: float(v) for k, v in metrics.items()}))
+    assert any(np.any(g != 0) for g in results[0][0])
+    _assert_same(results[1], results[0], "maxent")
+
+
+@pytest.mark.slow
+def test_packed_reference_logprobs_on_the_8_device_mesh(model_parts):
+    """The packed reference log-probs (2 micro-batches, 4 batch devices) against `make_logprob_fn`'s."""
+    rng = np.random.default_rng(3)
+    arrays = _step_arrays(rng, list(rng.integers(1, TP + 1, P)), list(rng.integers(0, TC + 1, P * G)))
+    graphdef, params, rest = model_parts
+    mesh = make_mesh((2, 2, 2))
     padded_fn = make_logprob_fn(graphdef, rest, params, mesh, chunk_size=0, group=G)
     rows = {k: arrays[k].reshape(P * G, -1) for k in ("input_ids", "positions", "attention_mask", "completion_ids")}
     mask = arrays["completion_mask"]
@@ -295,7 +369,7 @@ def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
 
 def test_bench_lengths_and_flags():
     """The benchmark's skewed mix: a few at the maximum, mean about a quarter of it; equal: all at it.
-    `--lengths` belongs to the update target."""
+    `--lengths` belongs to the update and train-step targets."""
     from maxent_jax.bench.__main__ import parse_args
     from maxent_jax.bench.packing import completion_lengths
 
@@ -305,7 +379,10 @@ def test_bench_lengths_and_flags():
     assert (many == 1024).sum() == 64 and 0.15 < many.mean() / 1024 < 0.3
     assert list(completion_lengths("equal", 4, 8)) == [8, 8, 8, 8]
     assert parse_args(["update", "--lengths", "skewed"]).lengths == "skewed"
-    with pytest.raises(UserError, match="--lengths skewed is for the update target only"):
+    assert parse_args(["train-step", "--lengths", "equal"]).lengths == "equal"
+    with pytest.raises(UserError, match="--lengths skewed is for the update and train-step targets only"):
         parse_args(["sampler", "--lengths", "skewed"])
+    with pytest.raises(UserError, match="--vs trl and --lengths skewed are separate measurements"):
+        parse_args(["train-step", "--lengths", "skewed", "--vs", "trl"])
     with pytest.raises(UserError, match="--pack-length 64 is invalid"):
         parse_args(["update", "--pack-length", "64"])

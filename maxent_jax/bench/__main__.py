@@ -43,10 +43,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="update: also time LoRA adapters of this rank on every projection, beside full fine-tuning; "
                              "weight-sync: also time adapter-only pushes of this rank, beside full pushes")
     parser.add_argument("--lengths", choices=("skewed", "equal"),
-                        help="update: the MaxEnt RL update with packed buffers against the padded layout, "
+                        help="update, train-step: packed buffers (train.packing) against the padded layout, "
                              "alternating, on this completion-length mix (docs/benchmarks.md)")
     parser.add_argument("--pack-length", type=int, default=0,
-                        help="update --lengths: buffer tokens (default 0: the padded group width)")
+                        help="--lengths: buffer tokens (default 0: chosen per step, train.pack_length=0)")
     parser.add_argument("--max-steps", type=int, help="e2e: give up after this many RL steps (default: the config's)")
     parser.add_argument("--rollout", choices=("sampler", "server"), default="sampler",
                         help="e2e: 'server' runs a spawned jax rollout server, s = 0 and --max-staleness alternately")
@@ -59,8 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--vs {args.vs} is not a peer of target {args.target}; valid: {valid}")
     if args.init != "eager" and args.target != "update":
         raise UserError(f"--init {args.init} is for the update target only")
-    if args.lengths and args.target != "update":
-        raise UserError(f"--lengths {args.lengths} is for the update target only")
+    if args.lengths and args.target not in ("update", "train-step"):
+        raise UserError(f"--lengths {args.lengths} is for the update and train-step targets only")
+    if args.lengths and args.vs:
+        raise UserError(f"--vs {args.vs} and --lengths {args.lengths} are separate measurements; choose one")
     if args.pack_length < 0 or (args.pack_length and not args.lengths):
         raise UserError(f"--pack-length {args.pack_length} is invalid; a token count >= 0 with --lengths only")
     if args.model and args.target not in ("update", "sampler"):
@@ -97,6 +99,10 @@ def run(args: argparse.Namespace):
         from maxent_jax.bench.weight_sync import run_weight_sync
 
         return run_weight_sync(preset, args.repeats, args.size, args.vs, args.vllm_python, args.lora or 0)
+    if args.target == "train-step" and args.lengths:
+        from maxent_jax.bench.packing import run_packed_train_step
+
+        return run_packed_train_step(preset, args.repeats, args.lengths, args.pack_length)
     if args.target == "train-step":
         from maxent_jax.bench.train_step import run_train_step
 

@@ -1,4 +1,5 @@
-"""`update --lengths skewed|equal`: the RL update on packed buffers against the padded layout.
+"""`update --lengths skewed|equal`: the RL update on packed buffers against the padded layout
+(`train-step --lengths`: whole RL steps, `run_packed_train_step`).
 
 Both sides run the same jitted train step (the default objective, MaxEnt, through `policy.rl_loss`
 with `model.score_prompt_once`, clip + AdamW) on the same completions; the packed side adds the
@@ -133,3 +134,116 @@ def run_packed_update(preset: Preset, repeats: int, lengths_kind: str, pack_leng
                                          / report.figure("padded: real tokens/s").median)
     return report
 
+
+
+def run_packed_train_step(preset: Preset, repeats: int, lengths_kind: str, pack_length: int = 0) -> Report:
+    """`train-step --lengths`: whole RL steps of one trainer (`train.packing` on, automatic length unless
+    `pack_length`) alternating with the packer switched off (the padded layout), on this length mix.
+
+    The sampler decodes every completion to full length (EOS ignored, as the plain train-step target
+    does); each completion is then cut to its drawn length (`completion_lengths`, a fresh draw each
+    call), as if it had sampled EOS there. So both sides decode the same work and differ in the
+    scoring forwards: the reference log-probs and the update. Figures: real (prompt + completion)
+    tokens per second of the whole step and of those two phases, and their `packed_vs_padded` ratios.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+
+    from maxent_jax.bench.train_step import bench_config
+    from maxent_jax.errors import UserError
+    from maxent_jax.trainer import Trainer
+
+    if preset.name == "qwen2_5_1_5b":
+        raise UserError("--preset qwen2_5_1_5b is for the update and sampler targets on a GPU; use tiny or small "
+                        "for train-step")
+    config = bench_config(preset)
+    config.train.packing = True
+    config.train.pack_length = pack_length
+    start = time.perf_counter()
+    calls = {"n": 0, "real": 0}
+    side = {"name": "padded"}
+    phase_seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="maxent-bench-") as tmp:
+        trainer = Trainer(config, Path(tmp) / "run")
+        trainer.reference_params = jax.tree.map(jnp.copy, trainer.state.params)
+        packer = trainer.packer
+        generate, score_phases = trainer.generate, {"reference_logprobs": trainer.reference_logprobs,
+                                                    "rl_step": trainer.rl_step}
+
+        def cut_generate(prompt_ids, n):
+            ids, logps, stopped = generate(prompt_ids, n)
+            calls["n"] += 1
+            lengths = completion_lengths(lengths_kind, len(ids), config.rollout.max_completion_length, seed=calls["n"])
+            ids = [x[:k] for x, k in zip(ids, lengths)]
+            logps = [x[:k] for x, k in zip(logps, lengths)]
+            calls["real"] += int(lengths.sum()) + n * sum(len(p) for p in prompt_ids)
+            return ids, logps, np.asarray(stopped) | (lengths < config.rollout.max_completion_length)
+
+        def timed_phase(inner):
+            def call(*args, **kwargs):
+                seconds, out = timed(lambda: jax.block_until_ready(inner(*args, **kwargs)))
+                phase_seconds[side["name"]] = phase_seconds.get(side["name"], 0.0) + seconds
+                return out
+            return call
+
+        trainer.generate = cut_generate
+        for attr, inner in score_phases.items():
+            setattr(trainer, attr, timed_phase(inner))
+        report = Report("train-step", preset.name, repeats, {
+            **preset.describe(), "lengths": lengths_kind, "mesh": dict(trainer.mesh.shape),
+            "objective": "grpo" if config.objective.train_grpo_objective else "maxent",
+            "attention": trainer.policy.model_cfg.attention,
+            "pack_length": pack_length or "automatic (per step)",
+            "sides": "one trainer; padded = its packer switched off"})
+        progress("trainer built", start)
+        stats: dict[str, list[float]] = {"pack/packed": [], "pack/fill": [], "pack/length": []}
+
+        def runner(name: str):
+            def run() -> dict[str, float]:
+                side["name"], trainer.packer = name, packer if name == "packed" else None
+                phase_seconds[name], before = 0.0, calls["real"]
+                seconds, metrics = timed(trainer.train_step)
+                real = calls["real"] - before
+                if name == "packed":
+                    for key in stats:
+                        stats[key].append(float(metrics.get(f"train/{key}", 0.0)))
+                return {f"{name}: real tokens/s": real / seconds, f"{name}: step time": seconds,
+                        f"{name}: scoring real tokens/s": real / phase_seconds[name],
+                        f"{name}: reference + update time": phase_seconds[name]}
+
+            return run
+
+        units = {f"{s}: {k}": u for s in ("padded", "packed")
+                 for k, u in (("real tokens/s", "tokens/s"), ("step time", "s"),
+                              ("scoring real tokens/s", "tokens/s"), ("reference + update time", "s"))}
+        try:
+            for figure in alternate({name: runner(name) for name in ("padded", "packed")}, repeats, units):
+                report.add(figure)
+        finally:
+            trainer.close()
+    counted = {k: v[-repeats:] for k, v in stats.items()}
+    report.setup["packed steps"] = f"{sum(counted['pack/packed']):.0f} of {repeats} on buffers"
+    if any(counted["pack/packed"]):
+        report.setup["buffer lengths"] = sorted({int(x) for x in counted["pack/length"] if x})
+        report.setup["mean fill"] = round(float(np.mean([f for f in counted["pack/fill"] if f])), 3)
+    report.ratios["packed_vs_padded"] = (report.figure("packed: real tokens/s").median
+                                         / report.figure("padded: real tokens/s").median)
+    report.ratios["packed_vs_padded (reference + update)"] = (report.figure("packed: scoring real tokens/s").median
+                                                              / report.figure("padded: scoring real tokens/s").median)
+    report.notes.append(_peak_memory_note())
+    return report
+
+
+def _peak_memory_note() -> str:
+    """The device's peak memory where the backend reports it (a GPU's allocator); on CPU jax has none."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return (f"peak device memory: unavailable on {jax.devices()[0].platform} (jax reports no memory "
+                "statistics there); the update target's `compiled temporaries` are XLA's own estimate")
+    return (f"peak device memory of the whole run (both sides; the allocator's peak cannot be reset between "
+            f"them): {stats['peak_bytes_in_use'] / 2**20:.0f} MiB")

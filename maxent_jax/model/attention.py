@@ -277,11 +277,13 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     The packed layout's path for `model.attention` 'dot_product' (XLA) and 'cudnn'. What jax 0.10.2's
     cuDNN implementation takes: padding as per-row lengths, a causal or sliding-window mask, and an
     arbitrary `mask`/`bias` (converted to an additive `[batch, 1, seq, seq]` bias, so it is read
-    densely: no block of it is skipped). Its segment-packed (`q_offsets`) layout is not reachable
-    from `jax.nn.dot_product_attention` and could not express a completion reading its group's
-    prompt anyway, so packed buffers pass the segment mask as `mask`.
+    densely). Its segment-packed (`q_offsets`) layout is not reachable from
+    `jax.nn.dot_product_attention` and could not express a completion reading its group's prompt
+    anyway, so packed buffers pass the segment mask as `mask`. The mask is causal in slot order, so
+    `is_causal` changes no value; it makes cuDNN's mask type CAUSAL, whose kernel skips the blocks
+    above the diagonal (the bias is read for the blocks below it).
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, is_causal=True,
                                         implementation="cudnn" if implementation == "cudnn" else "xla")
 
 
