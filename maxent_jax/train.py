@@ -9,6 +9,7 @@ config (the reference's defaults), not from the tiny demo.
 from __future__ import annotations
 
 import pathlib
+import shlex
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from absl import flags
 from maxent_jax import cli, console, recipes
 from maxent_jax import config as config_lib
 from maxent_jax import workdir as workdir_lib
-from maxent_jax.errors import UserError, exit_on_user_error
+from maxent_jax.errors import StorageFault, UserError, exit_on_user_error
 
 SUMMARY = """Train a policy with GRPO or MaxEnt-GRPO (objective.train_grpo_objective picks one).
 The fields that differ from the defaults are printed; the whole config is written to
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             workdir_lib.write_status(workdir, config, status="running", step=trainer.step,
                                      total_steps=trainer.total_steps)
         last = trainer.run()
+    except StorageFault as err:
+        if fv.workdir is None:  # the same command without --workdir would start a new run
+            raise StorageFault(f"{err} (this run's workdir: --workdir={shlex.quote(str(workdir))})") from None
+        raise
     finally:
         trainer.close()
     stopped = trainer.stopped_by

@@ -344,3 +344,31 @@ def test_ctrl_c_without_workdir_names_the_workdir_to_resume(tmp_path):
     assert last.startswith("interrupted at step ") and last.endswith(
         f"; saved; rerun the same command with --workdir={workdir} to resume"), last
     assert checkpoint_verify.list_steps(workdir / "checkpoints")
+
+
+def test_a_storage_fault_without_workdir_names_the_workdir_to_resume(tmp_path, monkeypatch):
+    """"Free space and rerun the same command" starts a fresh var/runs/<time> without --workdir:
+    the line names the run's workdir, as the Ctrl-C line does."""
+    from maxent_jax import trainer as trainer_lib
+    from maxent_jax.errors import StorageFault
+
+    class FullDisk:
+        step, total_steps, stopped_by = 0, STEPS, None
+
+        def __init__(self, config, workdir, config_path=None):
+            pass
+
+        def run(self):
+            raise StorageFault("could not write metrics.jsonl: the disk is full; free space and rerun the same "
+                               "command to resume from the newest checkpoint")
+
+        def close(self):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer_lib, "Trainer", FullDisk)
+    argv = ["train", *RUN]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(StorageFault) as err:
+        train.main(argv)
+    (workdir,) = (tmp_path / "var" / "runs").iterdir()
+    assert str(err.value).endswith(f"(this run's workdir: --workdir={workdir})"), err.value
