@@ -186,3 +186,15 @@ def test_config_names_the_field_when_chunks_do_not_fit():
     c.info_seed.enabled, c.info_seed.num_seeds, c.info_seed.lambda_ = True, 2, 0.1
     with pytest.raises(UserError, match=r"train.gradient_chunks=2 is invalid: 1 while the InfoSeed loss is on"):
         validate(c)
+
+
+@pytest.mark.slow
+def test_one_prompt_per_device_trains_in_pieces_of_its_completions(tmp_path):
+    """The 7B recipes' layout through the trainer: one prompt per device on 8 devices, its 4 completions
+    in 2 pieces (the supervised warm-up's rows, one per group, in pieces of whole rows); ~40 s."""
+    from tests.test_train_e2e import _finite_train_metrics, run, tiny_config
+
+    config = tiny_config(**{"train.gradient_chunks": 2})
+    assert config.train.per_device_train_batch_size == 1 and config.rollout.num_generations == 4
+    assert config.train.sft_warmup_steps > 0
+    _finite_train_metrics(run(config, tmp_path))
