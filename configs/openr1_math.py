@@ -233,8 +233,15 @@ def infoseed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.objective.beta = 0.5
     c.vllm.return_logprobs = True
     c.optim.learning_rate = 5e-6
-    c.train.per_device_train_batch_size = 8
-    c.train.gradient_accumulation_steps = 64
+    # Reference: 8 prompts per rank x 64 accumulation steps. Ours: 1 prompt per device x 512 steps,
+    # the same 512 prompts per device per optimizer step. The InfoNCE term compares the rows of one
+    # micro-batch, which here spans the mesh: 8 prompts x 8 rows on 8 devices, the 64 rows of the
+    # reference's per-rank micro-batch (8 per device would compare 512). It also bounds memory:
+    # 8 prompts per device planned at 122 GB (1.5B) and 221 GB (7B) per device, and this loss cannot
+    # use train.gradient_chunks (docs/planning.md).
+    c.train.per_device_train_batch_size = 1
+    c.train.gradient_accumulation_steps = 512
+    c.train.gradient_chunks = 1
     c.rollout.num_generations = 4  # + 4 seed completions: groups of 8
     c.rollout.max_prompt_length = 1400
     c.rollout.max_completion_length = 600
@@ -243,9 +250,9 @@ def infoseed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.rollout.stop_sequences = ()
     # Reference: max_steps -1 and 3 epochs, with a schedule counted in micro-batches while
     # steps count optimizer updates (Q15): its warmup never finished. We run 3 epochs in
-    # optimizer steps: 3 * TRAIN_ROWS // (8 prompts * 64 micro-batches) = 549, warmup 0.2 of it.
+    # optimizer steps: 3 * TRAIN_ROWS // (512 prompts per step and device) = 549, warmup 0.2 of it.
     c.train.num_train_epochs = 3
-    c.train.max_steps = 3 * TRAIN_ROWS // (8 * 64)
+    c.train.max_steps = 3 * TRAIN_ROWS // (1 * 512)
     c.optim.warmup_ratio = 0.2
     c.controllers.kl_target = 0.07
     c.controllers.kl_horizon = 50_000

@@ -269,9 +269,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     "reference's 'ce' path fails at runtime, Q22)")
 
     t = config.train
-    if t.per_device_train_batch_size % t.gradient_chunks:
+    group = config.rollout.num_generations + (s.num_seeds if s.enabled else 0)
+    if t.per_device_train_batch_size % t.gradient_chunks and (t.packing or group % t.gradient_chunks):
         raise _fail("train.gradient_chunks", t.gradient_chunks,
-                    f"a divisor of train.per_device_train_batch_size={t.per_device_train_batch_size}")
+                    f"a divisor of train.per_device_train_batch_size={t.per_device_train_batch_size}"
+                    + ("" if t.packing else f" or of the completions per prompt ({group})"))
     if t.gradient_chunks > 1 and s.enabled and s.lambda_ > 0:
         raise _fail("train.gradient_chunks", t.gradient_chunks,
                     "1 while the InfoSeed loss is on (info_seed.lambda_ > 0): its InfoNCE term compares rows "

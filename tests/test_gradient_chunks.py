@@ -131,7 +131,10 @@ def test_chunked_step_equals_the_whole_micro_batch(model_parts, name, prompt_onc
     two_micro = {k: v.reshape(2, 4, *v.shape[2:]) for k, v in batch.items()}
     cases = [(batch, [(one, 2)])]
     if name == "maxent":  # each compile costs seconds: the layouts once, on the default objective
-        cases = [(batch, [(one, 2), (one, 4), (make_mesh((2, 2, 2)), 2)]), (two_micro, [(one, 2)])]
+        # 2 and 4 split each prompt's 4 completions; 8 does not divide them and splits whole groups;
+        # (1, 8, 1) holds one prompt per device, split in its completions (the 7B recipe's layout).
+        cases = [(batch, [(one, 2), (one, 4), (one, 8), (make_mesh((2, 2, 2)), 2), (make_mesh((1, 8, 1)), 4)]),
+                 (two_micro, [(one, 2)])]
     for whole, runs in cases:
         grads, metrics = _gradients(model_parts, loss, one, 1, whole)
         assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
@@ -173,6 +176,25 @@ def test_config_names_the_field_when_chunks_do_not_fit():
         validate(c)
     c.train.gradient_chunks = 2
     validate(c)
+    c.train.per_device_train_batch_size, c.rollout.num_generations, c.train.gradient_chunks = 1, 16, 4
+    validate(c)  # each prompt's 16 completions in 4 pieces
+    c.train.packing = True  # packed buffers split whole groups only
+    with pytest.raises(UserError, match=r"train.gradient_chunks=4 is invalid: a divisor of "
+                                        r"train.per_device_train_batch_size=1$"):
+        validate(c)
+    c.train.packing, c.train.per_device_train_batch_size, c.train.gradient_chunks = False, 4, 2
     c.info_seed.enabled, c.info_seed.num_seeds, c.info_seed.lambda_ = True, 2, 0.1
     with pytest.raises(UserError, match=r"train.gradient_chunks=2 is invalid: 1 while the InfoSeed loss is on"):
         validate(c)
+
+
+@pytest.mark.slow
+def test_one_prompt_per_device_trains_in_pieces_of_its_completions(tmp_path):
+    """The 7B recipes' layout through the trainer: one prompt per device on 8 devices, its 4 completions
+    in 2 pieces (the supervised warm-up's rows, one per group, in pieces of whole rows); ~40 s."""
+    from tests.test_train_e2e import _finite_train_metrics, run, tiny_config
+
+    config = tiny_config(**{"train.gradient_chunks": 2})
+    assert config.train.per_device_train_batch_size == 1 and config.rollout.num_generations == 4
+    assert config.train.sft_warmup_steps > 0
+    _finite_train_metrics(run(config, tmp_path))

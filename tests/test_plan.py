@@ -124,6 +124,9 @@ def test_candidate_fixes_come_cheapest_first():
         {"train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 4},
         {"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 8},
         {"mesh.shape": (2, 2, 2)}, {"mesh.shape": (2, 1, 4)}]
+    # One prompt per device still splits: its group of 4 completions in 2 or 4 pieces (the 7B recipes' fix).
+    one = [o for _, o in core.candidate_fixes(small_config(), 8) if "train.gradient_chunks" in o]
+    assert one == [{"train.gradient_chunks": 2}, {"train.gradient_chunks": 4}]
 
 
 def test_a_mesh_that_does_not_divide_the_model_is_refused_before_compiling():
@@ -262,3 +265,42 @@ def test_the_reference_pass_compiles_in_micro_batches_with_remat():
     setup = programs.build_setup(config, model_config(config), make_mesh((2, 4, 1)), resolve_rules(()))
     assert setup.shapes.num_micro == 2
     assert programs.compile_score(setup).temp > 0
+
+
+@pytest.mark.parametrize("phase", ["update", "score"])
+def test_fsdp_weights_are_gathered_inside_the_micro_batch_loop(phase):
+    """The 7B plan found every layer's all-gathered weights hoisted out of the accumulation loop (XLA's
+    loop-invariant code motion): the unsharded model live on every device for the whole step.
+    `train_step.in_iteration` ties the parameters to each iteration, so no gather is left outside it."""
+    config = small_config(**{"mesh.shape": (1, 8, 1), "model.remat": True})
+    setup = programs.build_setup(config, model_config(config), make_mesh((1, 8, 1)), resolve_rules(()))
+    assert setup.shapes.num_micro == 2
+    if phase == "update":
+        lowered = setup_update(setup)
+    else:
+        lowered = setup_score(setup)
+    text = lowered.compile().as_text()
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}\n")]
+    assert " all-gather(" in text and " all-gather(" not in entry
+
+
+def setup_update(setup):
+    from maxent_jax.parallel.train_step import make_train_step
+
+    step = make_train_step(setup.graphdef, setup.rest, setup.state, setup.optimizer, programs._loss(setup),
+                           setup.mesh, setup.rules)
+    return step.lower(setup.state, programs.step_batch(setup), {"beta": 0.0})
+
+
+def setup_score(setup):
+    from maxent_jax.parallel.forward import make_logprob_fn
+
+    s = setup.shapes
+    fn = make_logprob_fn(setup.graphdef, setup.rest, setup.state.params, setup.mesh, setup.rules, chunk_size=0,
+                         micro_batches=s.num_micro)
+    sh = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    rows = {k: jax.ShapeDtypeStruct((s.rows, s.seq if k != "completion_ids" else s.completion_len),
+                                    jnp.bool_ if k == "attention_mask" else jnp.int32, sharding=sh)
+            for k in ("input_ids", "positions", "attention_mask", "completion_ids")}
+    return fn.jitted.lower(setup.state.params, setup.rest, rows)

@@ -23,14 +23,40 @@ def test_each_stored_plan_was_made_from_the_current_recipe(recipe):
         f"{recipe} changed since its plan: python -m maxent_jax.plan.recipes_doc --write --only {recipe}")
 
 
-def test_a_changed_recipe_makes_its_plan_stale(monkeypatch, tmp_path):
-    recipe = "configs/qwen2_5_0_5b/grpo_math.py"
-    before = recipes_doc.fingerprint(recipe)
-    import configs.openr1_math as task
+RECIPE = "configs/qwen2_5_0_5b/grpo_math.py"
 
-    original = task.task_config
-    monkeypatch.setattr(task, "task_config", lambda name: _with(original(name), "rollout", "temperature", 0.5))
-    assert recipes_doc.fingerprint(recipe) != before
+
+@pytest.mark.parametrize("section,field,value", [
+    ("train", "per_device_train_batch_size", 4), ("train", "gradient_chunks", 2),
+    ("rollout", "max_completion_length", 1024), ("mesh", "shape", (2, 4, 1)), ("model", "remat", False),
+    ("model", "param_dtype", "float32")])
+def test_a_changed_recipe_makes_its_plan_stale(monkeypatch, section, field, value):
+    before = recipes_doc.fingerprint(RECIPE)
+    import configs.qwen2_5_0_5b.base as base
+
+    original = base.shared_config
+    monkeypatch.setattr(base, "shared_config", lambda: _with(original(), section, field, value))
+    assert recipes_doc.fingerprint(RECIPE) != before
+
+
+def test_a_new_field_off_by_default_leaves_the_plans_current(monkeypatch):
+    """Other work adds config fields all the time; one that is off by default changes no program."""
+    before = recipes_doc.fingerprint(RECIPE)
+    import configs.openr1_math as task
+    from maxent_jax import config as config_lib
+
+    original = config_lib.get_base_config
+
+    def with_new_field():
+        c = original()
+        c.train.some_new_feature = False
+        return c
+
+    monkeypatch.setattr(config_lib, "get_base_config", with_new_field)
+    monkeypatch.setattr(task, "get_base_config", with_new_field)
+    assert recipes_doc.planned_fields(task.task_config("x"))  # the recipe's own settings are there...
+    assert "train.some_new_feature" not in recipes_doc.planned_fields(with_new_field())  # ...a default is not
+    assert recipes_doc.fingerprint(RECIPE) == before
 
 
 def _with(config, section, field, value):

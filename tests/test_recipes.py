@@ -114,12 +114,14 @@ def test_infoseed_values(model):
         True, 4, 0.01, 0.3, "infonce", "mean", 0.5)
     assert c.objective.train_grpo_objective  # forced by the reference's InfoSeed entry point (Q27)
     assert (c.rollout.num_generations, c.rollout.max_prompt_length, c.rollout.max_completion_length) == (4, 1400, 600)
-    assert (c.optim.learning_rate, c.train.per_device_train_batch_size, c.train.gradient_accumulation_steps) == (
-        5e-6, 8, 64)
+    # The reference's 8 prompts per rank x 64 steps as 1 prompt per device x 512: the same prompts per
+    # device and step, and the InfoNCE term over 64 rows on 8 devices, as over one rank's micro-batch.
+    assert (c.optim.learning_rate, c.train.per_device_train_batch_size, c.train.gradient_accumulation_steps,
+            c.train.gradient_chunks) == (5e-6, 1, 512, 1)
     assert (c.controller_meta.enabled, c.controller_meta.method) == (True, "analytic")
     assert c.controller_meta.lr == {"qwen2_5_1_5b": 0.02, "qwen2_5_7b": 0.05}[model]
     assert (c.controllers.kl_horizon, c.controllers.kl_ctl_step_size) == (50_000, 0.15)
-    # Q15 fixed: 3 epochs of the 93,733-row split counted in optimizer steps of 8 x 64 prompts.
+    # Q15 fixed: 3 epochs of the 93,733-row split counted in optimizer steps of 512 prompts per device.
     assert c.train.max_steps == 3 * 93_733 // 512 == 549
 
 
@@ -127,14 +129,15 @@ def test_infoseed_values(model):
 SIZE_FIELDS = {"model.name_or_path", "model.logprob_chunk_size", "rollout.max_prompt_length",
                "rollout.max_completion_length", "rollout.num_generations", "train.max_steps",
                "train.num_train_epochs", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-               "objective.beta", "vllm.return_logprobs"}
+               "objective.beta", "vllm.return_logprobs", "train.gradient_chunks"}
 
 
 def test_models_share_the_task():
     """Every model's GRPO recipe is the same task: only the model and its size settings differ."""
     flats = {m: _flat(_recipe(m, "grpo")) for m in MODELS}
     base = flats.pop("qwen2_5_1_5b")
-    assert {k for k in base if base[k] != flats["llama3_1_8b"][k]} == {"model.name_or_path", "model.logprob_chunk_size"}
+    assert {k for k in base if base[k] != flats["llama3_1_8b"][k]} == {
+        "model.name_or_path", "model.logprob_chunk_size", "train.gradient_chunks"}
     for other in flats.values():
         assert {k for k in base if base[k] != other[k]} <= SIZE_FIELDS
 
@@ -298,7 +301,7 @@ def test_spec14_yaml_lands_on_the_shipped_recipe_values(tmp_path):
     # memory knobs, W&B naming) are listed in the recipe comments and docs/recipes.md.
     ours_only = {"data.system_prompt", "model.logprob_chunk_size", "mesh.shape", "logging.wandb_project",
                  "rollout.stop_sequences", "data.dataset_solution_column", "model.attention",
-                 "model.score_prompt_once"}
+                 "model.score_prompt_once", "train.gradient_chunks"}
     differ = {k for k in ours if k not in ours_only and ours[k] != got[k]}
     assert not differ, {k: (ours[k], got[k]) for k in differ}
     assert got["vllm.url"] == "http://localhost:29525/generate"  # trailing slash dropped

@@ -13,4 +13,9 @@ def shared_config() -> ml_collections.ConfigDict:
     # Sequence positions per block when gathering per-token log-probs over the
     # 151,936-token vocabulary: bounds the float32 logits buffer, the numbers are unchanged.
     c.model.logprob_chunk_size = 1024
+    # Two prompts per device are 32 rows of 4,144 tokens (105 GB per device in one piece): the
+    # gradient in 2 pieces of each prompt's completions (the same gradient) fits 80 GB (docs/plans/).
+    # The InfoSeed recipe takes its gradient whole (its InfoNCE term compares rows) and uses
+    # smaller micro-batches instead (`openr1_math.infoseed`).
+    c.train.gradient_chunks = 2
     return c

@@ -20,6 +20,10 @@ def shared_config() -> ml_collections.ConfigDict:
     c.objective.beta = 0.04
     c.train.per_device_train_batch_size = 1
     c.train.gradient_accumulation_steps = 2
+    # One prompt per device is 16 rows of 2,096 + 4,096 tokens (99,072 per device): its update
+    # planned at 165 GB per device. The gradient in 4 pieces of each prompt's completions (4 rows
+    # at a time, the same gradient) plans under 80 GB (docs/plans/, docs/planning.md).
+    c.train.gradient_chunks = 4
     c.rollout.max_completion_length = 4096
     c.vllm.return_logprobs = False
     return c

@@ -34,7 +34,7 @@ from maxent_jax.parallel.rules import (
     constrain_activation,
     tree_shardings,
 )
-from maxent_jax.parallel.train_step import check_batch
+from maxent_jax.parallel.train_step import check_batch, in_iteration
 
 SCORE_KEYS = ("input_ids", "positions", "attention_mask", "completion_ids")
 
@@ -84,7 +84,9 @@ def _in_micro_batches(fn: Any, state: Any, batch: dict[str, jax.Array], micro_ba
         x = x.reshape(x.shape[0] // (group * micro_batches), micro_batches, group, *x.shape[1:]).swapaxes(0, 1)
         return x.reshape(micro_batches, -1, *x.shape[3:])
 
-    _, out = jax.lax.scan(lambda carry, b: (carry, fn(carry, b)), state, jax.tree.map(split, batch))  # [m, N/m, Tc]
+    # `in_iteration`: each slice gathers the FSDP weights itself (XLA hoisted the loop-invariant gathers).
+    _, out = jax.lax.scan(lambda carry, b: (carry, fn(*in_iteration(carry, b))), state,
+                          jax.tree.map(split, batch))  # [m, N/m, Tc]
     out = out.reshape(micro_batches, -1, group, *out.shape[2:]).swapaxes(0, 1)
     return out.reshape(-1, *out.shape[3:])
 

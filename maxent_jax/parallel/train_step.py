@@ -8,8 +8,8 @@ Batch layout: a dict of arrays shaped `[num_micro, micro_batch, ...]`; the step 
 the `num_micro` micro-batches (gradient accumulation inside the compiled program) and the
 `micro_batch` dimension is split over the mesh axes of the 'batch' rule, ('data', 'fsdp').
 With `gradient_chunks` > 1 each micro-batch's gradient is itself computed in that many pieces of
-rows, one forward and backward at a time, and equals the whole micro-batch's gradient (a
-`SplitLoss`; see `_chunked_value_and_grad`).
+rows (each prompt's completions, or whole groups), one forward and backward at a time, and equals
+the whole micro-batch's gradient (a `SplitLoss`; see `_chunked_value_and_grad`).
 Per-step values shared by all rows (controller tau/beta, ...) travel as `scalars`: traced,
 replicated arguments merged into every micro-batch dict, so changing them never recompiles.
 """
@@ -147,55 +147,81 @@ def _as_float32(loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, Metrics]:
     return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
+def piece_axis(shapes: dict[str, tuple[int, ...]], chunks: int) -> int:
+    """The axis `gradient_chunks` splits: 1, each prompt's completions, when every group divides into
+    `chunks` pieces (one prompt per device still splits: a 7B recipe's 16 completions of 6k tokens); 0,
+    whole groups, otherwise and for packed buffers (`maxent_jax.packing` lays buffers out by groups).
+    `shapes`: a micro-batch's arrays' shapes, `[prompts, group, ...]` unless packed."""
+    packed = any(k.startswith(BUFFER_PREFIX) for k in shapes)
+    groups = {shape[1] if len(shape) >= 2 else 0 for shape in shapes.values()}
+    return 1 if not packed and len(groups) == 1 and min(groups) > 0 and min(groups) % chunks == 0 else 0
+
+
 def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.State, chunks: int,
                             scalars: dict[str, jax.Array]) -> Callable:
     """`value_and_grad` of a micro-batch's loss computed over `chunks` pieces of its rows in turn.
 
-    Piece c holds rows c, c + chunks, c + 2 * chunks, ... (a strided split, so every device keeps
-    an equal share of each piece when the rows are sharded). Its gradient is that of the objective
-    evaluated on all rows' scores with the piece's own scores live and every other row's held at a
-    constant (zero): by `SplitLoss`'s separability that is exactly the piece's rows' share of the
-    full gradient, so the pieces' gradients add up to the whole micro-batch's. The loss and metrics
-    are then the objective of all pieces' scores together, as without chunks.
+    Rows are split along `piece_axis`: piece c holds completions c, c + chunks, ... of every prompt
+    (or groups c, c + chunks, ...), a strided split of an axis no device splits further, so every
+    device keeps an equal share of each piece. Its gradient is that of the objective evaluated on
+    all rows' scores with the piece's own scores live and every other row's held at a constant
+    (zero): by `SplitLoss`'s separability that is exactly the piece's rows' share of the full
+    gradient, so the pieces' gradients add up to the whole micro-batch's. The loss and metrics are
+    then the objective of all pieces' scores together, as without chunks.
 
     Why: only one piece's activations are alive at a time. On a CPU a micro-batch whose
     activations overflow the last-level cache runs faster in pieces that fit (the `tiny` bench
     preset's update: about 50 -> 40 ms with two, docs/benchmarks.md); on a GPU it lowers peak memory.
     """
 
-    def strided(x: jax.Array) -> jax.Array:  # [rows, ...] -> [rows / chunks, chunks, ...]: piece c is [:, c]
-        return x.reshape(-1, chunks, *x.shape[1:])
-
-    def piece_of(micro_batch: Batch, c: jax.Array) -> Batch:
-        pieces = {k: jax.lax.dynamic_index_in_dim(strided(x), c, axis=1, keepdims=False) for k, x in micro_batch.items()}
-        return {**pieces, **scalars}
-
-    def put(full: jax.Array, part: jax.Array, c: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_index_in_dim(strided(full), part, c, axis=1).reshape(full.shape)
-
     def value_and_grad(params: nnx.State, micro_batch: Batch) -> tuple[tuple[jax.Array, Metrics], nnx.State]:
         batch = {**micro_batch, **scalars}
+        axis = piece_axis({k: x.shape for k, x in micro_batch.items()}, chunks)
+
+        def strided(x: jax.Array) -> jax.Array:  # [..., n, ...] -> [..., n / chunks, chunks, ...] at `axis`
+            return x.reshape(*x.shape[:axis], -1, chunks, *x.shape[axis + 1:])
+
+        def piece_of(c: jax.Array) -> Batch:
+            pieces = {k: jax.lax.dynamic_index_in_dim(strided(x), c, axis=axis + 1, keepdims=False)
+                      for k, x in micro_batch.items()}
+            return {**pieces, **scalars}
+
+        def put(full: jax.Array, part: jax.Array, c: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_index_in_dim(strided(full), part, c, axis=axis + 1).reshape(full.shape)
 
         def piece_loss(p: nnx.State, c: jax.Array, held: jax.Array) -> tuple[jax.Array, jax.Array]:
-            part = loss.score(nnx.merge(graphdef, p, rest), piece_of(micro_batch, c))
+            part = loss.score(nnx.merge(graphdef, p, rest), piece_of(c))
             value, _ = loss.objective(put(held, part, c), batch)
             return value.astype(jnp.float32), part
 
-        part_shape = jax.eval_shape(lambda p: loss.score(nnx.merge(graphdef, p, rest), piece_of(micro_batch, 0)),
-                                    params)
-        held = jnp.zeros((part_shape.shape[0] * chunks, *part_shape.shape[1:]), part_shape.dtype)
+        part = jax.eval_shape(lambda p: loss.score(nnx.merge(graphdef, p, rest), piece_of(0)), params)
+        held = jnp.zeros((*part.shape[:axis], part.shape[axis] * chunks, *part.shape[axis + 1:]), part.dtype)
 
         def body(grad_sum: nnx.State, c: jax.Array) -> tuple[nnx.State, jax.Array]:
-            (_, part), grads = jax.value_and_grad(piece_loss, has_aux=True)(params, c, held)
+            p, c = in_iteration(params, c)
+            (_, part), grads = jax.value_and_grad(piece_loss, has_aux=True)(p, c, held)
             return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads), part
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         grads, parts = jax.lax.scan(body, zeros, jnp.arange(chunks))
-        scores = jnp.moveaxis(parts, 0, 1).reshape(held.shape)  # row i * chunks + c from piece c
+        scores = jnp.moveaxis(parts, 0, axis + 1).reshape(held.shape)  # index i * chunks + c from piece c
         value = _as_float32(*loss.objective(jax.lax.stop_gradient(scores), batch))
         return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     return value_and_grad
+
+
+def in_iteration(params: nnx.State, batch: Batch) -> tuple[nnx.State, Batch]:
+    """`params` and `batch` tied together inside a loop's body, so the parameters' uses cannot leave the loop.
+
+    Why: the parameters are the same in every iteration of the accumulation (or gradient-chunk) loop, so
+    XLA's loop-invariant code motion hoisted each layer's FSDP all-gather out of it, and every layer's
+    gathered weights stayed live for the whole loop: the unsharded model on every device (7B: 15 GB in
+    bf16, 30 GB in XLA:CPU's float32 copies; docs/planning.md). Through an optimization barrier with the
+    iteration's own batch slice they depend on the iteration, so each layer gathers its weights where it
+    uses them and frees them after. The barrier computes nothing.
+    """
+    return jax.lax.optimization_barrier((params, batch))
 
 
 def _accumulate(
@@ -222,7 +248,7 @@ def _accumulate(
 
     def body(carry, micro_batch):
         grad_sum, loss_sum, metric_sums = carry
-        (loss, metrics), grads = grad_fn(params, micro_batch)
+        (loss, metrics), grads = grad_fn(*in_iteration(params, micro_batch))
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         grad_sum = jax.lax.with_sharding_constraint(grad_sum, param_shardings)
         metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
@@ -275,15 +301,17 @@ class TrainStep:
 
     jitted: Any  # jax.jit(fn(state, rest, batch, scalars)) with shardings and donation
     rest: nnx.State  # non-parameter model variables, passed through unchanged
-    divisor: int  # micro_batch must be a multiple of this (devices of the batch axes, times gradient chunks)
+    divisor: int  # micro_batch must be a multiple of this (devices of the batch axes)...
     blocking: bool
+    chunks: int = 1  # ...times this when `gradient_chunks` splits whole groups (`piece_axis` 0)
 
     def __call__(
         self, state: TrainState, batch: Batch, scalars: dict[str, Any] | None = None
     ) -> tuple[TrainState, Metrics]:
         """One optimizer step; `scalars` ({name: number}) are added to every micro-batch dict."""
         scalars = _check_scalars(batch, scalars)
-        check_batch(batch, self.divisor, micro_batched=True)
+        whole_groups = piece_axis({k: x.shape[1:] for k, x in batch.items()}, self.chunks) == 0
+        check_batch(batch, self.divisor * (self.chunks if whole_groups else 1), micro_batched=True)
         out = self.jitted(state, self.rest, batch, scalars)
         return jax.block_until_ready(out) if self.blocking else out
 
@@ -350,8 +378,9 @@ def make_train_step(
         mean over a micro-batch gives exactly the big-batch gradient when micro-batches
         have equal weight. `micro_batch` also holds the call's `scalars`.
     gradient_chunks: compute each micro-batch's gradient in this many pieces of rows (exactly the
-        same gradient, less live activation memory); needs a `SplitLoss` and micro-batches whose
-        rows divide by it times the batch devices.
+        same gradient, less live activation memory); needs a `SplitLoss`, and groups that divide by
+        it (each prompt's completions are split) or micro-batches whose prompts divide by it times
+        the batch devices (whole groups are split; `piece_axis`).
     """
     if gradient_chunks > 1 and not isinstance(loss_fn, SplitLoss):
         raise ValueError(f"gradient_chunks={gradient_chunks} needs a SplitLoss (a per-row score and a "
@@ -378,4 +407,4 @@ def make_train_step(
         donate_argnums=(0,),
     )
     blocking = mesh.devices.flat[0].platform == "cpu"
-    return TrainStep(jitted, rest, batch_divisor(mesh, rules) * gradient_chunks, blocking)
+    return TrainStep(jitted, rest, batch_divisor(mesh, rules), blocking, gradient_chunks)

@@ -281,13 +281,18 @@ def candidate_fixes(config: ml_collections.ConfigDict, devices: int) -> list[tup
     elif m.remat_policy != "full":
         out.append(("full remat (keep no matmul outputs)", {"model.remat_policy": "full"}))
     info_seed = config.info_seed.enabled and config.info_seed.lambda_ > 0
+    group = config.rollout.num_generations + (config.info_seed.num_seeds if config.info_seed.enabled else 0)
+
+    def splits(prompts: int, chunks: int) -> bool:  # `gradient_chunks` takes whole groups or a group's rows
+        return prompts % chunks == 0 or (not t.packing and group % chunks == 0)
+
     for chunks in (2, 4, 8):
-        if not info_seed and t.per_device_train_batch_size % (t.gradient_chunks * chunks) == 0:
+        if not info_seed and splits(t.per_device_train_batch_size, t.gradient_chunks * chunks):
             out.append((f"gradient in {t.gradient_chunks * chunks} chunks of rows",
                         {"train.gradient_chunks": t.gradient_chunks * chunks}))
     for factor in (2, 4, 8):
         per = t.per_device_train_batch_size // factor
-        if t.per_device_train_batch_size % factor == 0 and per % t.gradient_chunks == 0:
+        if t.per_device_train_batch_size % factor == 0 and splits(per, t.gradient_chunks):
             out.append((f"micro-batch {per} prompts x {t.gradient_accumulation_steps * factor} accumulation steps",
                         {"train.per_device_train_batch_size": per,
                          "train.gradient_accumulation_steps": t.gradient_accumulation_steps * factor}))

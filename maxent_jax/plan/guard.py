@@ -27,11 +27,11 @@ from maxent_jax.config import to_json_dict
 from maxent_jax.errors import UserError
 
 # Config sections that do not change the compiled programs' shapes or dtypes.
-_NOT_PLANNED = ("vllm", "logging", "checkpoint", "eval", "data", "rewards", "seed")
+NOT_PLANNED = ("vllm", "logging", "checkpoint", "eval", "data", "rewards", "seed")
 
 
 def plan_key(config: ml_collections.ConfigDict, mesh_shape: tuple[int, ...]) -> str:
-    planned = {k: v for k, v in to_json_dict(config).items() if k not in _NOT_PLANNED}
+    planned = {k: v for k, v in to_json_dict(config).items() if k not in NOT_PLANNED}
     planned["mesh"] = {**planned.get("mesh", {}), "shape": list(mesh_shape)}
     return hashlib.sha256(json.dumps(planned, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -4,8 +4,8 @@
 
 plans each recipe (`python -m maxent_jax.plan --extrapolate --json`: compiled at 2 and 3 layers
 and extended to the model's depth, a few minutes per recipe on a 2-core CPU),
-stores the JSON under docs/plans/ with a fingerprint of its inputs (the resolved config and the
-model's config.json), and rewrites the section between the markers of docs/recipes.md from the
+stores the JSON under docs/plans/ with a fingerprint of its inputs (the recipe's planned fields,
+`planned_fields`, and the model's config.json), and rewrites the section between the markers of docs/recipes.md from the
 stored JSONs. Without --write it only re-renders from the stored plans.
 
 tests/test_plan_docs.py keeps it honest without compiling a 7B model in CI: the section must
@@ -24,8 +24,14 @@ import pathlib
 import subprocess
 import sys
 
+from typing import Any
+
+import ml_collections
+
 from maxent_jax import cli, train
+from maxent_jax import config as config_lib
 from maxent_jax.config import to_json_dict
+from maxent_jax.plan import guard
 from maxent_jax.plan.architecture import CONFIGS_DIR, config_json_path
 
 REPO = cli.REPO_ROOT
@@ -43,11 +49,36 @@ def plan_path(recipe: str) -> pathlib.Path:
     return PLANS / (recipe.removeprefix("configs/").removesuffix(".py").replace("/", "__") + ".json")
 
 
+def planned_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields a plan is made from: those of the sections that shape the programs (`guard`'s, the
+    same as the trainer's plan cache) whose values differ from `get_base_config()`'s defaults.
+
+    Why not the whole resolved config: a field added anywhere, off by default, changed its JSON and
+    made every stored plan stale although no program changed. A recipe's own settings (batch,
+    lengths, mesh, remat, dtypes, gradient chunks) are all away from the defaults, so changing any of
+    them, or setting one back to its default, still changes the fingerprint. Not seen: a changed
+    default of a field the recipes leave alone (regenerate the plans after changing one).
+    """
+    defaults = _flat(to_json_dict(config_lib.get_base_config()))
+    return {k: v for k, v in _flat(to_json_dict(config)).items()
+            if k.split(".")[0] not in guard.NOT_PLANNED and (k not in defaults or defaults[k] != v)}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def fingerprint(recipe: str) -> str:
-    """sha256 of what a recipe's plan depends on outside the code: its resolved config and config.json."""
+    """sha256 of what a recipe's plan depends on outside the code: its planned fields and config.json."""
     fv, _ = cli.parse(train.define_flags, ["plan", f"--config={recipe}"])
     config = train.resolve_config(fv)
-    digest = hashlib.sha256(json.dumps(to_json_dict(config), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(planned_fields(config), sort_keys=True).encode())
     if config.model.name_or_path:
         digest.update(config_json_path(config.model.name_or_path).read_bytes())
     return digest.hexdigest()
