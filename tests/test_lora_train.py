@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
+from maxent_jax.config import set_fields
 from maxent_jax.data.tokenizer import build_offline_tokenizer
 from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
@@ -33,16 +34,10 @@ def _config(base: pathlib.Path, steps: int):
     c.lora.enabled = True
     c.lora.rank = 4
     c.lora.target_modules = ("q_proj", "v_proj", "down_proj")
-    for path, value in {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
-                        "train.gradient_chunks": 1, "rollout.num_generations": 4, "rollout.max_completion_length": 8,
-                        "data.synthetic.num_train": 64, "eval.do_eval": False, "checkpoint.save_steps": 1,
-                        "checkpoint.save_total_limit": 0, "checkpoint.async_save": False,
-                        "logging.progress": False}.items():
-        *sections, field = path.split(".")
-        node = c
-        for section in sections:
-            node = node[section]
-        node[field] = value
+    set_fields(c, {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
+                   "train.gradient_chunks": 1, "rollout.num_generations": 4, "rollout.max_completion_length": 8,
+                   "data.synthetic.num_train": 64, "eval.do_eval": False, "checkpoint.save_steps": 1,
+                   "checkpoint.save_total_limit": 0, "checkpoint.async_save": False, "logging.progress": False})
     return c
 
 
