@@ -57,19 +57,19 @@ def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path
     tokenizer = build_offline_tokenizer(tmp_path / "tokenizer")
     base = _base(tmp_path / "base", tokenizer, seed=0)
 
-    straight = _run(_config(base, 3), tmp_path / "straight")
+    straight = _run(_config(base, 2), tmp_path / "straight")
     adapter = json.loads((tmp_path / "straight" / "final_hf" / ADAPTER_CONFIG).read_text())
     assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 4
     assert (tmp_path / "straight" / "final_hf" / ADAPTER_WEIGHTS).is_file()
     assert (tmp_path / "straight" / "final_merged_hf" / "config.json").is_file()
 
-    _run(_config(base, 2), tmp_path / "resumed")
-    resumed = _run(_config(base, 3), tmp_path / "resumed")
-    last = [r for r in resumed if r.get("step") == 3 and "train/loss" in r]
-    assert last and last == [r for r in straight if r.get("step") == 3 and "train/loss" in r]
+    _run(_config(base, 1), tmp_path / "resumed")  # two steps in all, resumed from the checkpoint of step 1
+    resumed = _run(_config(base, 2), tmp_path / "resumed")
+    last = [r for r in resumed if r.get("step") == 2 and "train/loss" in r]
+    assert last and last == [r for r in straight if r.get("step") == 2 and "train/loss" in r]
 
     _base(base, tokenizer, seed=1)  # the base directory now holds other weights
-    trainer = Trainer(_config(base, 4), tmp_path / "resumed")
+    trainer = Trainer(_config(base, 3), tmp_path / "resumed")
     try:
         with pytest.raises(UserError, match="were trained on base") as err:
             trainer.run()
