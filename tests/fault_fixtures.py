@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from configs.tiny import get_config
+from maxent_jax.config import set_fields
 from maxent_jax.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,12 +69,7 @@ TIMING_KEYS = ("time", "time/step_s", "train/rollout_seconds")
 def tiny_config(**overrides: Any):
     """The tiny default with `TINY` and `overrides` ({'a.b': value}) applied."""
     config = get_config()
-    for path, value in {**TINY, **overrides}.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    set_fields(config, {**TINY, **overrides})
     return config
 
 

@@ -110,12 +110,13 @@ def test_warm_start_is_reused_only_with_the_same_settings(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_toy_experiment_runs_end_to_end(tmp_path):
-    """The command at toy size (2 steps, one seed, two arms): it writes the JSON, the plots and the
-    table; no claim about which arm wins."""
+    """The command at toy size (2 steps, one seed, two arms, numbers up to 3: 5 eval prompts of 16
+    samples each): it writes the JSON, the plots and the table; no claim about which arm wins."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     env["PYTHONPATH"] = str(REPO_ROOT)
     cmd = [sys.executable, "-m", "maxent_jax.experiments", "diversity", "--seeds", "1", "--steps", "2",
-           "--eval-every", "1", "--warmup-steps", "2", "--arms", "grpo,maxent_tau_controller", "--out", str(tmp_path)]
+           "--eval-every", "1", "--warmup-steps", "2", "--max-operand", "3", "--arms", "grpo,maxent_tau_controller",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[run 2/2] maxent_tau_controller seed 0" in proc.stdout and "| grpo (1 seed) |" in proc.stdout

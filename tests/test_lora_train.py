@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
+from maxent_jax.config import set_fields
 from maxent_jax.data.tokenizer import build_offline_tokenizer
 from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
@@ -33,16 +34,10 @@ def _config(base: pathlib.Path, steps: int):
     c.lora.enabled = True
     c.lora.rank = 4
     c.lora.target_modules = ("q_proj", "v_proj", "down_proj")
-    for path, value in {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
-                        "train.gradient_chunks": 1, "rollout.num_generations": 4, "rollout.max_completion_length": 8,
-                        "data.synthetic.num_train": 64, "eval.do_eval": False, "checkpoint.save_steps": 1,
-                        "checkpoint.save_total_limit": 0, "checkpoint.async_save": False,
-                        "logging.progress": False}.items():
-        *sections, field = path.split(".")
-        node = c
-        for section in sections:
-            node = node[section]
-        node[field] = value
+    set_fields(c, {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
+                   "train.gradient_chunks": 1, "rollout.num_generations": 4, "rollout.max_completion_length": 8,
+                   "data.synthetic.num_train": 64, "eval.do_eval": False, "checkpoint.save_steps": 1,
+                   "checkpoint.save_total_limit": 0, "checkpoint.async_save": False, "logging.progress": False})
     return c
 
 
@@ -62,19 +57,19 @@ def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path
     tokenizer = build_offline_tokenizer(tmp_path / "tokenizer")
     base = _base(tmp_path / "base", tokenizer, seed=0)
 
-    straight = _run(_config(base, 3), tmp_path / "straight")
+    straight = _run(_config(base, 2), tmp_path / "straight")
     adapter = json.loads((tmp_path / "straight" / "final_hf" / ADAPTER_CONFIG).read_text())
     assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 4
     assert (tmp_path / "straight" / "final_hf" / ADAPTER_WEIGHTS).is_file()
     assert (tmp_path / "straight" / "final_merged_hf" / "config.json").is_file()
 
-    _run(_config(base, 2), tmp_path / "resumed")
-    resumed = _run(_config(base, 3), tmp_path / "resumed")
-    last = [r for r in resumed if r.get("step") == 3 and "train/loss" in r]
-    assert last and last == [r for r in straight if r.get("step") == 3 and "train/loss" in r]
+    _run(_config(base, 1), tmp_path / "resumed")  # two steps in all, resumed from the checkpoint of step 1
+    resumed = _run(_config(base, 2), tmp_path / "resumed")
+    last = [r for r in resumed if r.get("step") == 2 and "train/loss" in r]
+    assert last and last == [r for r in straight if r.get("step") == 2 and "train/loss" in r]
 
     _base(base, tokenizer, seed=1)  # the base directory now holds other weights
-    trainer = Trainer(_config(base, 4), tmp_path / "resumed")
+    trainer = Trainer(_config(base, 3), tmp_path / "resumed")
     try:
         with pytest.raises(UserError, match="were trained on base") as err:
             trainer.run()

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from maxent_jax import optimizer as optimizer_lib
+from maxent_jax.config import set_fields
 from maxent_jax.errors import UserError
 from maxent_jax.model.attention import prefix_causal_attention
 from maxent_jax.model.decoder import Decoder
@@ -37,12 +38,7 @@ def small_config(**changes):
     c.rollout.num_generations, c.rollout.max_prompt_length, c.rollout.max_completion_length = 4, 16, 16
     c.train.per_device_train_batch_size, c.train.gradient_accumulation_steps, c.train.gradient_chunks = 1, 2, 1
     c.mesh.shape = (2, 4, 1)
-    for path, value in changes.items():
-        *parents, leaf = path.split(".")
-        node = c
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    set_fields(c, changes)
     return c
 
 

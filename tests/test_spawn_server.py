@@ -136,7 +136,10 @@ def test_killing_the_trainer_mid_run_leaves_no_server(tmp_path, sig):
     """SIGKILL runs no Python in the trainer: the server's parent-death signal stops it. SIGTERM
     is the graceful stop (save, close)."""
     workdir = tmp_path / "run"
-    overrides = {**SPAWN, "train.max_steps": 1000, "train.sft_warmup_steps": 0, "logging.logging_steps": 1}
+    # Small steps (the server's lifetime is the point, not the shapes): each compile and step is cheap.
+    overrides = {**SPAWN, "train.max_steps": 1000, "train.sft_warmup_steps": 0, "logging.logging_steps": 1,
+                 "train.per_device_train_batch_size": 2, "rollout.num_generations": 4,
+                 "rollout.max_completion_length": 8}
     command = [sys.executable, "-m", "maxent_jax.train", f"--workdir={workdir}", "--config.logging.progress=False",
                *(f"--config.{k}={v}" for k, v in overrides.items())]
     trainer = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ import pytest
 
 from configs.tiny import get_config
 from maxent_jax.cli import REPO_ROOT
+from maxent_jax.config import set_fields
 from maxent_jax.trainer import Trainer
 
 SHORT = {
@@ -32,12 +33,7 @@ SHORT = {
 
 def tiny_config(**overrides):
     config = get_config()
-    for path, value in {**SHORT, **overrides}.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    set_fields(config, {**SHORT, **overrides})
     return config
 
 

@@ -27,6 +27,7 @@ from maxent_jax.bench.presets import Preset, default_config
 from maxent_jax.bench.probe import matmul_probe, probe_label
 from maxent_jax.bench.report import Figure, Report
 from maxent_jax.bench.timing import alternate, timed
+from maxent_jax.config import set_fields
 from maxent_jax.bench.update import model_flops
 
 OURS, OURS_S = "ours: RL step", "ours: RL step time"
@@ -36,12 +37,7 @@ TRL, TRL_S = "trl: GRPOTrainer step", "trl: GRPOTrainer step time"
 def bench_config(preset: Preset):
     """The default config with the preset's shapes; full-length completions; nothing but steps."""
     c = default_config()
-    for dotted, value in preset.config_overrides.items():
-        *path, leaf = dotted.split(".")
-        node = c
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    set_fields(c, preset.config_overrides)
     c.rollout.ignore_eos = True
     c.train.sft_warmup_steps = 0
     c.eval.do_eval = False
