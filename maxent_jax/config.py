@@ -287,7 +287,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora.enabled = False
     c.lora.rank = 16  # r: A is [in, r], B is [r, out]
     c.lora.alpha = 32.0  # the adapter is scaled by alpha / rank (PEFT's lora_alpha)
-    c.lora.dropout = 0.0  # only 0: adapter dropout is not implemented (the step draws no per-step randomness)
+    c.lora.dropout = 0.0  # PEFT's lora_dropout: drop the adapters' input in the RL update's forward (0 <= p < 1)
     # HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or 'all-linear'.
     c.lora.target_modules = ("all-linear",)
     c.lora.base_dtype = ""  # '' = model.param_dtype; 'bfloat16' freezes a half-precision base under float32 adapters

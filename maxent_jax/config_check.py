@@ -189,8 +189,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      and sum(d == -1 for d in v) <= 1, "three integers for ('data', 'fsdp', 'tensor'), each >= 1 or one -1"),
     ("lora.rank", *_POS_INT),
     ("lora.alpha", *_POS),
-    ("lora.dropout", lambda v: v == 0, "0.0 (adapter dropout is not implemented: the train step draws no "
-     "per-step randomness)"),
+    ("lora.dropout", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1) (PEFT's lora_dropout)"),
     ("lora.base_dtype", lambda v: v == "" or v in DTYPES, "'' (model.param_dtype) or one of " + ", ".join(DTYPES)),
     ("lora.learning_rate", *_NONNEG),
     ("checkpoint.save_steps", *_NONNEG_INT),

@@ -13,12 +13,13 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from maxent_jax.model import adapter_dropout
 from maxent_jax.objectives.groups import masked_mean
 from maxent_jax.objectives.infoseed import pool_hidden
 from maxent_jax.objectives.total_loss import batch_masks
 from maxent_jax.packing import is_packed, packed_logprobs_and_hidden, packed_pooled
 from maxent_jax.parallel.forward import SCORE_KEYS, completion_logprobs_and_hidden
-from maxent_jax.parallel.train_step import SplitLoss
+from maxent_jax.parallel.train_step import STEP_KEY, SplitLoss
 
 Array = jax.Array
 ScoreOutput = tuple[Array, Array]
@@ -67,7 +68,7 @@ def sft_loss(chunk_size: int) -> SplitLoss:
 
 
 def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean",
-            score_prompt_once: bool = False) -> Callable:
+            score_prompt_once: bool = False, lora_dropout: float = 0.0) -> Callable:
     """The train step's loss: completion log-probs of the live policy, then the registered objective.
 
     `batch["beta"]` is the step's beta, passed as a traced scalar (`scalars` of the train step),
@@ -75,7 +76,15 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
     states of each scored row enter the batch undetached, so the auxiliary loss trains the
     policy (the reference detaches them, Q21); that term compares rows with each other, so only
     without it is the loss a `SplitLoss` (row-separable, what `train.gradient_chunks` needs).
+    `lora_dropout` > 0: this forward, and no other, drops the LoRA adapters' inputs
+    (`model.adapter_dropout`) with the train step's `STEP_KEY` (`make_train_step(rng_seed=...)`);
+    dropout is per row and token, so the loss stays row-separable.
     """
+    def live(model, batch: Mapping[str, Array]) -> ScoreOutput:
+        """The live policy's training forward: the only one adapter dropout applies to."""
+        with adapter_dropout.active(lora_dropout, batch.get(STEP_KEY)):
+            return completion_logprobs(model, batch, chunk_size, score_prompt_once, True)
+
     def objective_of(scores: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
         """scores `[P, G, Tc, 2]`: log-probs and the (constant) token entropy, mean-logged as `entropy`."""
         token_logp, entropy = scores[..., 0], scores[..., 1]
@@ -85,11 +94,11 @@ def rl_loss(objective: Callable, settings, chunk_size: int, pooling: str = "mean
 
     if settings.info_seed.lambda_ <= 0:  # the log-probs are the only way rows enter: separable
         return SplitLoss(
-            score=lambda model, batch: completion_logprobs(model, batch, chunk_size, score_prompt_once, True)[0],
+            score=lambda model, batch: live(model, batch)[0],
             objective=objective_of)
 
     def loss_fn(model, batch):
-        scores, hidden = completion_logprobs(model, batch, chunk_size, score_prompt_once, True)
+        scores, hidden = live(model, batch)
         p, g = batch["input_ids"].shape[:2]
         if is_packed(batch):
             pooled = packed_pooled(hidden, batch, pooling)

@@ -101,10 +101,12 @@ class Trainer:
         self.state: TrainState = init_train_state(self.policy.params, self.optimizer, self.mesh, self.rules)
         self.objective_settings = objective_settings(c)
         objective = get_objective("grpo" if c.objective.train_grpo_objective else "maxent")
+        lora_dropout = c.lora.dropout if c.lora.enabled else 0.0  # only the policy's training forward drops
         self.rl_step = make_train_step(self.policy.graphdef, self.policy.rest, self.state, self.optimizer,
                                        rl_loss(objective, self.objective_settings, c.model.logprob_chunk_size,
-                                               c.info_seed.pooling, c.model.score_prompt_once),
-                                       self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks)
+                                               c.info_seed.pooling, c.model.score_prompt_once, lora_dropout),
+                                       self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks,
+                                       rng_seed=c.seed if lora_dropout > 0 else None)
         # Reference log-probs in the update's micro-batches: scored all at once, a step's rows (512 prompts
         # x 16 for the 1.5B recipes) needed ~650 GB per device of activations (python -m maxent_jax.plan).
         self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,

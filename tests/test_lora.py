@@ -66,7 +66,7 @@ def _batch(rows=8, seed=0):
     ("rank", 0, "lora.rank=0"),
     ("target_modules", ("q_proj", "qkv"), "'qkv'"),
     ("target_modules", (), "lora.target_modules"),
-    ("dropout", 0.05, "lora.dropout"),
+    ("dropout", 1.0, "lora.dropout"),
     ("base_dtype", "float16", "lora.base_dtype"),
 ])
 def test_bad_lora_fields_are_one_line_errors(field, value, says):

@@ -28,10 +28,11 @@ def _base(path: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int) -> pathlib
     return export_hf_checkpoint(Decoder(cfg, rngs=nnx.Rngs(seed)), cfg, path, tokenizer_dir=tokenizer_dir)
 
 
-def _config(base: pathlib.Path, steps: int):
+def _config(base: pathlib.Path, steps: int, dropout: float = 0.0):
     c = get_config()
     c.model.name_or_path = str(base)
     c.lora.enabled = True
+    c.lora.dropout = dropout
     c.lora.rank = 4
     c.lora.target_modules = ("q_proj", "v_proj", "down_proj")
     set_fields(c, {"train.sft_warmup_steps": 0, "train.max_steps": steps, "train.per_device_train_batch_size": 1,
@@ -57,14 +58,15 @@ def test_lora_run_exports_peft_resumes_exactly_and_refuses_another_base(tmp_path
     tokenizer = build_offline_tokenizer(tmp_path / "tokenizer")
     base = _base(tmp_path / "base", tokenizer, seed=0)
 
-    straight = _run(_config(base, 2), tmp_path / "straight")
+    # With adapter dropout: its masks follow the restored step, so the resumed run is still exact.
+    straight = _run(_config(base, 2, dropout=0.2), tmp_path / "straight")
     adapter = json.loads((tmp_path / "straight" / "final_hf" / ADAPTER_CONFIG).read_text())
     assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 4
     assert (tmp_path / "straight" / "final_hf" / ADAPTER_WEIGHTS).is_file()
     assert (tmp_path / "straight" / "final_merged_hf" / "config.json").is_file()
 
-    _run(_config(base, 1), tmp_path / "resumed")  # two steps in all, resumed from the checkpoint of step 1
-    resumed = _run(_config(base, 2), tmp_path / "resumed")
+    _run(_config(base, 1, dropout=0.2), tmp_path / "resumed")  # two steps in all, resumed from the checkpoint of step 1
+    resumed = _run(_config(base, 2, dropout=0.2), tmp_path / "resumed")
     last = [r for r in resumed if r.get("step") == 2 and "train/loss" in r]
     assert last and last == [r for r in straight if r.get("step") == 2 and "train/loss" in r]
 

@@ -30,6 +30,7 @@ import ml_collections
 from flax import nnx
 
 from maxent_jax.errors import UserError
+from maxent_jax.model import adapter_dropout
 from maxent_jax.model.decoder import Decoder, Projection, dense
 
 # HF module names, in the order PEFT and the HF layer list them.
@@ -87,8 +88,10 @@ def resolve_targets(names: tuple[str, ...] | list[str] | str) -> tuple[str, ...]
 class LoRAProjection(Projection):
     """A base `Projection` (kernel and bias adopted, not copied) plus the adapter `scale * (x A) B`."""
 
-    def __init__(self, base: Projection, rank: int, scale: float, *, adapter_dtype: jnp.dtype, key: jax.Array):
+    def __init__(self, base: Projection, rank: int, scale: float, *, adapter_dtype: jnp.dtype, key: jax.Array,
+                 index: int = 0):
         self.in_dims = base.in_dims
+        self.index = index  # this projection's place in the model: its own adapter-dropout stream
         self.kernel = base.kernel
         self.bias = base.bias
         names = tuple(base.kernel.get_metadata()["out_sharding"])
@@ -115,7 +118,8 @@ class LoRAProjection(Projection):
         return (kernel.astype(jnp.float32) + self.delta()).astype(jnp.promote_types(kernel.dtype, self.lora_a.dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        low = dense(x, self.lora_a[...].astype(x.dtype), self.in_dims)  # [..., rank]
+        # Dropout (PEFT's lora_dropout) on the adapter's input only, and only inside `adapter_dropout.active`.
+        low = dense(adapter_dropout.dropped(x, self.index), self.lora_a[...].astype(x.dtype), self.in_dims)
         return super().__call__(x) + self.scale * dense(low, self.lora_b[...].astype(x.dtype), 1)
 
 
@@ -151,7 +155,7 @@ def apply_lora(model: Decoder, settings: LoRASettings, seed: int, adapter_dtype:
         if name in settings.targets:
             base = getattr(parent, attr)
             setattr(parent, attr, LoRAProjection(base, settings.rank, settings.scale, adapter_dtype=adapter_dtype,
-                                                 key=jax.random.fold_in(key, index)))
+                                                 key=jax.random.fold_in(key, index), index=index))
     return model
 
 

@@ -12,6 +12,9 @@ rows (each prompt's completions, or whole groups), one forward and backward at a
 the whole micro-batch's gradient (a `SplitLoss`; see `_chunked_value_and_grad`).
 Per-step values shared by all rows (controller tau/beta, ...) travel as `scalars`: traced,
 replicated arguments merged into every micro-batch dict, so changing them never recompiles.
+Per-step randomness (the policy's adapter dropout) comes from `STEP_KEY`, a key the step derives from
+a seed, its own state's step and the micro-batch and chunk indices: no key is passed in, and a resumed
+run (whose restored state holds the step) draws exactly what the uninterrupted one drew.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Metrics]]
 BUFFER_PREFIX = "buffer_"  # batch keys of packed token buffers `[.., buffers, ...]` (`maxent_jax.packing`)
+# With `make_train_step(rng_seed=...)`: the micro-batch dict's PRNG key (raw uint32[2]) for randomness in the
+# loss, fold_in(fold_in(fold_in(PRNGKey(rng_seed), state.step), micro-batch index), gradient-chunk piece).
+STEP_KEY = "step_key"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,8 @@ def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.S
     """
 
     def value_and_grad(params: nnx.State, micro_batch: Batch) -> tuple[tuple[jax.Array, Metrics], nnx.State]:
+        micro_batch = dict(micro_batch)
+        key = micro_batch.pop(STEP_KEY, None)  # each piece draws from its own fold of the micro-batch's key
         batch = {**micro_batch, **scalars}
         axis = piece_axis({k: x.shape for k, x in micro_batch.items()}, chunks)
 
@@ -184,7 +192,8 @@ def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.S
         def piece_of(c: jax.Array) -> Batch:
             pieces = {k: jax.lax.dynamic_index_in_dim(strided(x), c, axis=axis + 1, keepdims=False)
                       for k, x in micro_batch.items()}
-            return {**pieces, **scalars}
+            keyed = {} if key is None else {STEP_KEY: jax.random.fold_in(key, c)}
+            return {**pieces, **keyed, **scalars}
 
         def put(full: jax.Array, part: jax.Array, c: jax.Array) -> jax.Array:
             return jax.lax.dynamic_update_index_in_dim(strided(full), part, c, axis=axis + 1).reshape(full.shape)
@@ -233,8 +242,11 @@ def _accumulate(
     scalars: dict[str, jax.Array],
     param_shardings: Any,
     chunks: int = 1,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics, nnx.State]:
-    """Mean loss, mean metrics and mean float32 gradient over the leading micro-batch axis."""
+    """Mean loss, mean metrics and mean float32 gradient over the leading micro-batch axis.
+
+    `key`: the step's key; micro-batch i then holds `STEP_KEY` = fold_in(key, i)."""
 
     def micro_loss(p: nnx.State, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
         return _as_float32(*loss_fn(nnx.merge(graphdef, p, rest), {**micro_batch, **scalars}))
@@ -243,12 +255,16 @@ def _accumulate(
         grad_fn = _chunked_value_and_grad(graphdef, loss_fn, rest, chunks, scalars)
     else:
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    first = jax.tree.map(lambda x: x[0], batch)
+    def keyed(micro_batch: Batch, index: jax.Array | int) -> Batch:
+        return micro_batch if key is None else {**micro_batch, STEP_KEY: jax.random.fold_in(key, index)}
+
+    first = keyed(jax.tree.map(lambda x: x[0], batch), 0)
     _, metrics_shape = jax.eval_shape(micro_loss, params, first)
 
-    def body(carry, micro_batch):
+    def body(carry, indexed):
         grad_sum, loss_sum, metric_sums = carry
-        (loss, metrics), grads = grad_fn(*in_iteration(params, micro_batch))
+        micro_batch, index = indexed
+        (loss, metrics), grads = grad_fn(*in_iteration(params, keyed(micro_batch, index)))
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         grad_sum = jax.lax.with_sharding_constraint(grad_sum, param_shardings)
         metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
@@ -259,8 +275,8 @@ def _accumulate(
         jnp.zeros((), jnp.float32),
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
     )
-    (grad_sum, loss_sum, metric_sums), _ = jax.lax.scan(body, init, batch)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
+    (grad_sum, loss_sum, metric_sums), _ = jax.lax.scan(body, init, (batch, jnp.arange(num_micro)))
     grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, params)
     metrics = jax.tree.map(lambda m: m / num_micro, metric_sums)
     return loss_sum / num_micro, metrics, grads
@@ -367,6 +383,7 @@ def make_train_step(
     mesh: Mesh,
     rules: Rules = LOGICAL_AXIS_RULES,
     gradient_chunks: int = 1,
+    rng_seed: int | None = None,
 ) -> TrainStep:
     """Build the jitted, sharded, donating train step.
 
@@ -381,6 +398,9 @@ def make_train_step(
         same gradient, less live activation memory); needs a `SplitLoss`, and groups that divide by
         it (each prompt's completions are split) or micro-batches whose prompts divide by it times
         the batch devices (whole groups are split; `piece_axis`).
+    rng_seed: when given, every micro-batch dict (and each gradient-chunk piece) also holds `STEP_KEY`,
+        drawn from this seed and `state.step` inside the step (the loss's per-step randomness:
+        `policy.rl_loss`'s adapter dropout). None: no key, and the step is what it was without one.
     """
     if gradient_chunks > 1 and not isinstance(loss_fn, SplitLoss):
         raise ValueError(f"gradient_chunks={gradient_chunks} needs a SplitLoss (a per-row score and a "
@@ -393,9 +413,10 @@ def make_train_step(
     def step(
         state: TrainState, rest: nnx.State, batch: Batch, scalars: dict[str, jax.Array]
     ) -> tuple[TrainState, Metrics]:
+        key = None if rng_seed is None else jax.random.fold_in(jax.random.PRNGKey(rng_seed), state.step)
         with activation_sharding(mesh, rules):
             loss, metrics, grads = _accumulate(
-                graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params, gradient_chunks
+                graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params, gradient_chunks, key
             )
         new_state, grad_norm, skipped = _guarded_update(optimizer, state, loss, grads)
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
