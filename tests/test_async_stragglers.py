@@ -1,0 +1,139 @@
+"""Straggler-tolerant batches (rollout.straggler_groups): the first complete groups fill a batch,
+a slow group joins a later batch with the version that sampled it, nothing is split or lost, and
+the resume record makes a crashed run consume every prompt exactly once."""
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from configs.tiny import get_config
+from maxent_jax import config_check
+from maxent_jax.data.stream import BatchStream
+from maxent_jax.errors import UserError
+from maxent_jax.rollout.producer import Rollout
+from maxent_jax.rollout.stragglers import PromptFeed, StragglerCollector, applied_part
+
+G = 2  # completions per group
+
+
+def _group(row: dict, version: int, width: int) -> Rollout:
+    """One prompt's group: every completion token and reward is the prompt's id (a split would show)."""
+    ids = np.full((G, width), row["id"], np.int32)
+    return Rollout(batch={"completion_ids": ids, "completion_mask": np.ones((G, width), np.int32)},
+                   utilities=np.full((1, G), row["id"], np.float32), reward_parts={"r": np.full(G, row["id"])},
+                   texts=[str(row["id"])] * G, lengths=np.full(G, width), seconds=0.0,
+                   versions=np.full(G, version))
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": i} for i in range(n)]
+
+
+def _assert_whole_groups(ready) -> list[int]:
+    ids = [r["id"] for r in ready.rows]
+    ro = ready.rollout
+    assert ro.utilities.tolist() == [[i] * G for i in ids]
+    assert ro.batch["completion_ids"][:, 0].reshape(-1, G).tolist() == [[i] * G for i in ids]
+    assert ro.versions.shape == (len(ids) * G,)
+    return ids
+
+
+def test_a_slow_group_carries_over_to_the_next_batch_with_its_version():
+    stream = BatchStream(_rows(20), 2, seed=0)
+    order = stream._order(0).tolist()
+    release = {i: threading.Event() for i in range(20)}
+    finished: list[int] = []
+
+    def sample(rows, index):
+        (row,) = rows
+        release[row["id"]].wait(10)
+        finished.append(row["id"])
+        return _group(row, version=index, width=4 + row["id"] % 3)  # widths differ: merged with padding
+
+    collector = StragglerCollector(PromptFeed(stream), sample, groups=2, extra=1, pad_id=0)
+    release[order[1]].set()
+    release[order[2]].set()  # order[0] is the straggler
+    first = collector.collect(0)
+    assert _assert_whole_groups(first) in ([order[1], order[2]], [order[2], order[1]])
+    assert first.metrics["train/rollout/carried_groups"] == 0
+    # order[0] is still generating, order[3] is drawn but not issued: the floor stays at the first batch
+    assert first.stream_state == {"epoch": 0, "offset": 0, "applied": [[0, 1], [0, 2]]}
+
+    release[order[0]].set()
+    while order[0] not in finished:
+        time.sleep(0.01)
+    release[order[3]].set()  # order[4], issued for batch 1, is the next straggler
+    second = collector.collect(1)
+    assert _assert_whole_groups(second) == [order[0], order[3]]
+    assert second.rollout.versions.tolist() == [0] * G + [1] * G  # the carried group keeps version 0
+    assert second.metrics["train/rollout/carried_groups"] == 1
+    assert second.metrics["train/rollout/groups_in_flight"] == 1
+    assert second.stream_state == {"epoch": 0, "offset": 4, "applied": []}  # order[4] (in flight) starts batch 2
+    for event in release.values():
+        event.set()
+
+
+def test_a_failed_group_is_raised_by_collect():
+    def sample(rows, index):
+        raise RuntimeError("server down")
+
+    collector = StragglerCollector(PromptFeed(BatchStream(_rows(8), 2, seed=0)), sample, groups=2, extra=1, pad_id=0)
+    with pytest.raises(RuntimeError, match="server down"):
+        collector.collect(0)
+
+
+def _run(record, batches: int, seed: int):
+    """A collector from `record` forming `batches` batches with random generation times: the batches
+    and the collector (its in-flight groups are what a crash loses)."""
+    stream = BatchStream(_rows(64), 3, seed=7)
+    rng = random.Random(seed)
+    delays = [rng.uniform(0, 0.04) for _ in range(64)]
+
+    def sample(rows, index):
+        time.sleep(delays[rows[0]["id"]])
+        return _group(rows[0], version=index, width=4)
+
+    collector = StragglerCollector(PromptFeed(stream, record), sample, groups=3, extra=2, pad_id=0)
+    return [collector.collect(i) for i in range(batches)]
+
+
+@pytest.mark.parametrize("crash_after", [0, 2, 3])
+def test_after_a_crash_every_prompt_is_trained_exactly_once(crash_after):
+    order = BatchStream(_rows(64), 3, seed=7)._order(0).tolist()
+    before = _run({"epoch": 0, "offset": 0}, crash_after + 2, seed=crash_after)  # a batch in the queue is lost too
+    applied = [i for ready in before[:crash_after + 1] for i in _assert_whole_groups(ready)]
+    record = before[crash_after].stream_state  # what the checkpoint of update `crash_after` holds
+    assert len(record["applied"]) <= 3 + 2  # at most the in-flight window
+    after = _run(record, 8, seed=100 + crash_after)
+    trained = applied + [i for ready in after for i in _assert_whole_groups(ready)]
+    assert len(trained) == len(set(trained))  # none repeated
+    # none lost: the trained prompts are the stream's first ones but for at most the window still in flight
+    first = order[:len(trained)]
+    assert len(set(first) - set(trained)) <= 2 + 3
+    missing = set(order[:len(trained) - 5]) - set(trained)
+    assert not missing, missing
+
+
+def test_a_resumed_feed_skips_the_applied_prompts_beyond_the_floor():
+    stream = BatchStream(_rows(10), 2, seed=3)
+    order = stream._order(0).tolist()
+    feed = PromptFeed(stream, {"epoch": 0, "offset": 2, "applied": [[0, 3], [0, 4]]})
+    assert [feed.next()[1]["id"] for _ in range(4)] == [order[2], order[5], order[6], order[7]]
+    assert applied_part({"epoch": 0, "offset": 2}) == {}  # a checkpoint without stragglers resumes as before
+
+
+def test_config_check_needs_async_and_refuses_dynamic_sampling():
+    c = get_config()
+    c.rollout.straggler_groups = 2
+    with pytest.raises(UserError, match="rollout.straggler_groups=2 is invalid: 0 unless rollout.max_staleness"):
+        config_check.validate(c)
+    c.rollout.backend, c.rollout.max_staleness, c.vllm.return_logprobs = "server", 1, True
+    c.rollout.dynamic_sampling = True
+    with pytest.raises(UserError, match="0 with rollout.dynamic_sampling=True"):
+        config_check.validate(c)
+    c.rollout.straggler_groups = -1
+    with pytest.raises(UserError, match="rollout.straggler_groups"):
+        config_check.validate(c)
