@@ -70,7 +70,7 @@ def test_a_slow_group_carries_over_to_the_next_batch_with_its_version():
     assert _assert_whole_groups(second) == [order[0], order[3]]
     assert second.rollout.versions.tolist() == [0] * G + [1] * G  # the carried group keeps version 0
     assert second.metrics["train/rollout/carried_groups"] == 1
-    assert second.metrics["train/rollout/groups_in_flight"] == 1
+    assert second.metrics["train/rollout/groups_generating"] == 1
     assert second.stream_state == {"epoch": 0, "offset": 4, "applied": []}  # order[4] (in flight) starts batch 2
     for event in release.values():
         event.set()
@@ -137,3 +137,28 @@ def test_config_check_needs_async_and_refuses_dynamic_sampling():
     c.rollout.straggler_groups = -1
     with pytest.raises(UserError, match="rollout.straggler_groups"):
         config_check.validate(c)
+
+
+@pytest.mark.slow  # ~60-120 s on a busy 2-core host: the trainer's and the server's compilations
+def test_a_run_with_straggler_groups_on_a_spawned_jax_server(tmp_path):
+    """Groups generated one request each on their own threads, two beyond the batch kept in flight:
+    the run trains within the staleness bound and leaves no server."""
+    from test_async_rollout import RUN
+    from test_train_e2e import tiny_config
+    from maxent_jax.trainer import Trainer
+    import json
+
+    config = tiny_config(**{**RUN, "rollout.max_staleness": 2, "rollout.straggler_groups": 2, "train.max_steps": 3})
+    trainer = Trainer(config, tmp_path)
+    server = trainer.policy.server
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert server.process.poll() is not None
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(np.isfinite(r["train/loss"]) and r["train/rollout/staleness_max"] <= 2.0 for r in train)
+    assert all(0 <= r["train/rollout/groups_generating"] <= 2 for r in train)
+    assert all(0 <= r["train/rollout/carried_groups"] <= 2 for r in train)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any, Callable
 
 from maxent_jax.errors import UserError
@@ -92,6 +93,7 @@ class StragglerCollector:
         self._applied: set[Ticket] = set()  # taken into a batch (applied once that batch's update is)
 
     def collect(self, index: int) -> ReadyBatch:
+        start = time.monotonic()
         with self._cond:
             while len(self._in_flight) + len(self._done) < self._groups + self._extra:
                 ticket, row = self._feed.next()
@@ -104,13 +106,15 @@ class StragglerCollector:
                 self._cond.wait(_POLL_S)
             taken = [self._done.popleft() for _ in range(self._groups)]
             self._applied.update(t for t, *_ in taken)
+            generating = len(self._in_flight)
             unapplied = list(self._in_flight) + [t for t, *_ in self._done]
             record = self._feed.record(unapplied, self._applied)
             floor = (record["epoch"], record["offset"])
             self._applied = {t for t in self._applied if t >= floor}
         rollout = merge_rollouts([ro for *_, ro in taken], [(i, 0) for i in range(len(taken))], self._pad_id)
+        rollout.seconds = time.monotonic() - start  # the wait for this batch (the groups generated concurrently)
         metrics = {"train/rollout/carried_groups": float(sum(issued < index for *_, issued, _ in taken)),
-                   "train/rollout/groups_in_flight": float(len(unapplied))}
+                   "train/rollout/groups_generating": float(generating)}
         return ReadyBatch(rows=[row for _, row, _, _ in taken], rollout=rollout, stream_state=record, metrics=metrics)
 
     def _run(self, ticket: Ticket, row: Any, index: int) -> None:
