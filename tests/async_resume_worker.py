@@ -2,7 +2,7 @@
 jax server that appends, after every APPLIED update, the step and the dataset indices of its prompts
 to WORKDIR/trained.jsonl (fsynced, so a SIGKILL loses nothing written), and `{"resumed": step}` first.
 
-usage: python tests/async_resume_worker.py WORKDIR MAX_STEPS
+usage: python tests/async_resume_worker.py WORKDIR MAX_STEPS [OVERRIDES_JSON]
 """
 
 import json
@@ -17,8 +17,8 @@ from test_train_e2e import tiny_config  # noqa: E402
 from maxent_jax.trainer import Trainer  # noqa: E402
 
 
-def main(workdir: Path, max_steps: int) -> None:
-    trainer = Trainer(tiny_config(**RESUME, **{"train.max_steps": max_steps}), workdir)
+def main(workdir: Path, max_steps: int, overrides: dict) -> None:
+    trainer = Trainer(tiny_config(**{**RESUME, "train.max_steps": max_steps, **overrides}), workdir)
     index = {id(row): i for i, row in enumerate(trainer.task.train)}
     log = open(workdir / "trained.jsonl", "a", encoding="utf-8")
 
@@ -46,4 +46,4 @@ def main(workdir: Path, max_steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
