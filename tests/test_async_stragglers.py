@@ -122,6 +122,12 @@ def test_a_resumed_feed_skips_the_applied_prompts_beyond_the_floor():
     order = stream._order(0).tolist()
     feed = PromptFeed(stream, {"epoch": 0, "offset": 2, "applied": [[0, 3], [0, 4]]})
     assert [feed.next()[1]["id"] for _ in range(4)] == [order[2], order[5], order[6], order[7]]
+    # order[2] still in flight: a second crash must still skip order[3] and order[4], already passed
+    assert feed.record([(0, 2)], {(0, 5)}) == {"epoch": 0, "offset": 2, "applied": [[0, 3], [0, 4], [0, 5]]}
+    # a skipped prompt still in the buffer is applied, not pending: it does not hold the floor back
+    feed = PromptFeed(stream, {"epoch": 0, "offset": 2, "applied": [[0, 3]]})
+    assert feed.next()[1]["id"] == order[2]
+    assert feed.record([], {(0, 2)}) == {"epoch": 0, "offset": 4, "applied": []}
     assert applied_part({"epoch": 0, "offset": 2}) == {}  # a checkpoint without stragglers resumes as before
 
 

@@ -54,24 +54,24 @@ class PromptFeed:
                 start = pos.offset - len(rows)
                 self._buffer.extend(((pos.epoch, start + i), row) for i, row in enumerate(rows))
             ticket, row = self._buffer.popleft()
-            if ticket in self._skip:
-                self._skip.discard(ticket)
-                continue
-            return ticket, row
+            if ticket not in self._skip:  # skipped prompts stay listed until the floor passes them
+                return ticket, row
 
     def buffered(self) -> list[Ticket]:
-        return [t for t, _ in self._buffer]
+        """Drawn from the stream, not yet handed out (nor applied before a resume)."""
+        return [t for t, _ in self._buffer if t not in self._skip]
 
     def record(self, unapplied: list[Ticket], applied: set[Ticket]) -> dict[str, Any]:
         """The resume record once every prompt in `applied` is trained and those in `unapplied`
         (in flight, or drawn and not yet issued) are not: the floor position and the applied
-        tickets beyond it. Prompts already skipped on resume stay applied until passed."""
+        tickets beyond it, those a resume skips included (a second crash must skip them too)."""
         pending = unapplied + self.buffered()
         if pending:
             epoch, index = min(pending)
             floor = StreamPosition(epoch, index - index % self._batch)
         else:
             floor = self._stream.position
+        self._skip = {t for t in self._skip if t >= (floor.epoch, floor.offset)}
         done = sorted(t for t in applied | self._skip if t >= (floor.epoch, floor.offset))
         return {"epoch": floor.epoch, "offset": floor.offset, "applied": [list(t) for t in done]}
 
