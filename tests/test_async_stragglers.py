@@ -170,10 +170,30 @@ def test_a_run_with_straggler_groups_on_a_spawned_jax_server(tmp_path):
     assert all(0 <= r["train/rollout/carried_groups"] <= 2 for r in train)
 
 
+def _stream_records(workdir) -> dict:
+    """Checkpoint step -> its data-stream record, of the checkpoints written so far."""
+    import json
+
+    records = {}
+    for path in workdir.glob("checkpoints/*/extras/metadata"):
+        try:
+            records[int(path.parent.parent.name)] = json.loads(path.read_text())["stream"]
+        except (OSError, ValueError, KeyError):  # being written, or rotated away
+            continue
+    return records
+
+
+def _newest_applied(workdir) -> list:
+    records = _stream_records(workdir)
+    return records[max(records)]["applied"] if records else []
+
+
 @pytest.mark.slow  # ~2-4 min on a busy 2-core host: two trainer starts, each with its own server
 def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
-    """A run with carry-over (S = 2, W = 2) is SIGKILLed mid-way and resumed: the applied prompts
-    are the stream's, in its order but for the carry-over window: none lost, none repeated."""
+    """A run with carry-over (S = 2, W = 2) and slow prompts is SIGKILLed mid-way and resumed: the
+    applied prompts are the stream's, in its order but for the carry-over window: none lost, none
+    repeated. (Without slow prompts the server finishes groups in order and nothing is applied
+    beyond the resume floor.)"""
     import collections
     import json
     import os
@@ -190,7 +210,7 @@ def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
     num_rows = 64  # no epoch ends within the run: every prompt id is applied at most once
     overrides = {"rollout.max_staleness": 2, "rollout.straggler_groups": 2, "data.synthetic.num_train": num_rows}
     command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(tmp_path), str(steps),
-               json.dumps(overrides)]
+               json.dumps(overrides), "5"]  # every 5th prompt waits 2 s: a straggler, carried over
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     trained = tmp_path / "trained.jsonl"
 
@@ -200,9 +220,9 @@ def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
-        while sum("step" in r for r in records()) < 5:
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its 5th step"
-            time.sleep(0.2)
+        while sum("step" in r for r in records()) < 3 or not _newest_applied(tmp_path):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before a carry-over"
+            time.sleep(0.1)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:
@@ -210,11 +230,14 @@ def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
             first.kill()
             first.wait()
     killed_at = max(r["step"] for r in records())
+    checkpoints = _stream_records(tmp_path)  # before the resumed run rotates them away
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     log = records()
     resumed = [r["resumed"] for r in log if "resumed" in r]
     assert len(resumed) == 1 and 1 <= resumed[0] <= killed_at
+    # the checkpoint resumed from lists prompts applied beyond its floor: the case a stream position alone gets wrong
+    assert checkpoints[resumed[0]]["applied"]
     cut = log.index({"resumed": resumed[0]})
     applied = [r for r in log[:cut] if r["step"] <= resumed[0]] + log[cut + 1:]
     assert [r["step"] for r in applied] == list(range(1, steps + 1))
