@@ -2,19 +2,30 @@
 a slow group joins a later batch with the version that sampled it, nothing is split or lost, and
 the resume record makes a crashed run consume every prompt exactly once."""
 
+import collections
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from configs.tiny import get_config
 from maxent_jax import config_check
+from maxent_jax.cli import REPO_ROOT
 from maxent_jax.data.stream import BatchStream
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.producer import Rollout
 from maxent_jax.rollout.stragglers import PromptFeed, StragglerCollector, applied_part
+from maxent_jax.trainer import Trainer
+from test_async_rollout import RESUME, RUN
+from test_train_e2e import tiny_config
 
 G = 2  # completions per group
 
@@ -149,11 +160,6 @@ def test_config_check_needs_async_and_refuses_dynamic_sampling():
 def test_a_run_with_straggler_groups_on_a_spawned_jax_server(tmp_path):
     """Groups generated one request each on their own threads, two beyond the batch kept in flight:
     the run trains within the staleness bound and leaves no server."""
-    from test_async_rollout import RUN
-    from test_train_e2e import tiny_config
-    from maxent_jax.trainer import Trainer
-    import json
-
     config = tiny_config(**{**RUN, "rollout.max_staleness": 2, "rollout.straggler_groups": 2, "train.max_steps": 3})
     trainer = Trainer(config, tmp_path)
     server = trainer.policy.server
@@ -172,8 +178,6 @@ def test_a_run_with_straggler_groups_on_a_spawned_jax_server(tmp_path):
 
 def _stream_records(workdir) -> dict:
     """Checkpoint step -> its data-stream record, of the checkpoints written so far."""
-    import json
-
     records = {}
     for path in workdir.glob("checkpoints/*/extras/metadata"):
         try:
@@ -194,18 +198,6 @@ def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
     applied prompts are the stream's, in its order but for the carry-over window: none lost, none
     repeated. (Without slow prompts the server finishes groups in order and nothing is applied
     beyond the resume floor.)"""
-    import collections
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from maxent_jax.cli import REPO_ROOT
-    from test_async_rollout import RESUME
-    from test_train_e2e import tiny_config
-
     steps, per_step, window = 10, 4, 4 + 2
     num_rows = 64  # no epoch ends within the run: every prompt id is applied at most once
     overrides = {"rollout.max_staleness": 2, "rollout.straggler_groups": 2, "data.synthetic.num_train": num_rows}

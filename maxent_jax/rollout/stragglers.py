@@ -10,9 +10,10 @@ drop rule (`rollout.staleness`) applies. A group is never split.
 
 Prompts are then no longer trained in stream order, so the resume record is more than a stream
 position: `floor` is the stream position of the batch holding the oldest prompt not yet
-applied, and `applied` lists the prompts beyond it already applied (at most the in-flight
-window, W + P). A resumed run restores the stream to `floor` and skips the prompts in
-`applied`: every prompt is consumed exactly once (`tests/test_async_stragglers.py`).
+applied, and `applied` lists the prompts beyond it already applied (up to P more for each
+batch the oldest straggler stays pending: few unless a group hangs). A resumed run restores the
+stream to `floor` and skips the prompts in `applied`: every prompt is consumed exactly once
+(`tests/test_async_stragglers.py`).
 A prompt is identified by its ticket `(epoch, index in the epoch's order)`.
 
 One host process only (the per-prompt order is the single host's stream order).
