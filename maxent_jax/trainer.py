@@ -494,7 +494,8 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
-        self.applied_stream = {**self.stream.state(), **stragglers.applied_part(extras["stream"])}
+        applied = stragglers.applied_part(extras["stream"], self.config.rollout.straggler_groups)
+        self.applied_stream = {**self.stream.state(), **applied}  # with straggler carry-over, prompts beyond it
         # Checkpoints written before these were saved resume without them (as before: not bit-exact).
         if "seed_rng" in extras:
             self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])

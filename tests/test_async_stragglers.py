@@ -139,7 +139,11 @@ def test_a_resumed_feed_skips_the_applied_prompts_beyond_the_floor():
     feed = PromptFeed(stream, {"epoch": 0, "offset": 2, "applied": [[0, 3]]})
     assert feed.next()[1]["id"] == order[2]
     assert feed.record([], {(0, 2)}) == {"epoch": 0, "offset": 4, "applied": []}
-    assert applied_part({"epoch": 0, "offset": 2}) == {}  # a checkpoint without stragglers resumes as before
+    assert applied_part({"epoch": 0, "offset": 2}, 0) == {}  # a checkpoint without stragglers resumes as before
+    record = {"epoch": 0, "offset": 2, "applied": [[0, 3]]}
+    assert applied_part(record, 2) == {"applied": [[0, 3]]}
+    with pytest.raises(UserError, match="lists 1 prompts trained beyond .* resume it with rollout.straggler_groups >= 1"):
+        applied_part(record, 0)  # resumed without carry-over, the listed prompts would be trained twice
 
 
 def test_config_check_needs_async_and_refuses_dynamic_sampling():

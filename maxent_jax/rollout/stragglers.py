@@ -132,9 +132,13 @@ class StragglerCollector:
             self._cond.notify_all()
 
 
-
-def applied_part(record: dict[str, Any]) -> dict[str, Any]:
-    """The applied prompts beyond the floor of a checkpoint's stream record ({} when it has none)."""
+def applied_part(record: dict[str, Any], straggler_groups: int) -> dict[str, Any]:
+    """The applied prompts beyond the floor of a checkpoint's stream record ({} when it has none).
+    Only a run with carry-over skips them: resumed without it, they would be trained again."""
+    if record.get("applied") and not straggler_groups:
+        raise UserError(f"the checkpoint lists {len(record['applied'])} prompts trained beyond its data-stream "
+                        "position (a run with rollout.straggler_groups >= 1); resume it with "
+                        "rollout.straggler_groups >= 1, or they are trained again")
     return {"applied": record["applied"]} if "applied" in record else {}
 
 
