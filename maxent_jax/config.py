@@ -140,6 +140,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # the update, with weights at most this many optimizer steps old (older completions are dropped and
     # counted); 0 = the synchronous loop (push, generate, update in turn). docs/rollout.md.
     c.rollout.max_staleness = 0
+    # With max_staleness >= 1: groups kept generating beyond one batch; a batch takes the first complete
+    # groups and a straggler joins a later batch (its staleness counted); 0 = a batch waits for all its groups.
+    c.rollout.straggler_groups = 0
 
     c.vllm = ml_collections.ConfigDict()
     c.vllm.url = "http://localhost:8000/generate"

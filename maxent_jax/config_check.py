@@ -107,6 +107,7 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.dynamic_sampling", lambda v: isinstance(v, bool), "True or False"),
     ("rollout.dynamic_sampling_max_rounds", *_POS_INT),
     ("rollout.max_staleness", *_NONNEG_INT),
+    ("rollout.straggler_groups", *_NONNEG_INT),
     ("rollout.spawn_server_devices", lambda v: isinstance(v, str) and re.fullmatch(r"(\d+(,\d+)*)?", v) is not None,
      "'' or comma-separated device indices such as '0,1'"),
     ("vllm.url", lambda v: isinstance(v, str) and v.startswith(("http://", "https://")), "an http(s) URL"),
@@ -297,6 +298,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     "'' unless rollout.backend is 'server' (the in-process sampler needs no server)")
     if config.rollout.max_staleness > 0:
         _check_async(config)
+    if config.rollout.straggler_groups and not config.rollout.max_staleness:
+        raise _fail("rollout.straggler_groups", config.rollout.straggler_groups,
+                    "0 unless rollout.max_staleness >= 1 (a synchronous step waits for its whole batch)")
+    if config.rollout.straggler_groups and config.rollout.dynamic_sampling:
+        raise _fail("rollout.straggler_groups", config.rollout.straggler_groups,
+                    "0 with rollout.dynamic_sampling=True (its rounds draw whole batches)")
     o = config.objective
     if o.sampler_correction_max <= o.sampler_correction_min:
         raise _fail("objective.sampler_correction_max", o.sampler_correction_max,

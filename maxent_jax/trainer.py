@@ -57,7 +57,7 @@ from maxent_jax.plan.guard import check_fits
 from maxent_jax.policy import rl_loss, sft_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
-from maxent_jax.rollout import dynamic_sampling, staleness
+from maxent_jax.rollout import dynamic_sampling, staleness, stragglers
 from maxent_jax.rollout.backend import SamplingParams
 from maxent_jax.rollout.producer import Producer, ReadyBatch, Rollout, WeightPusher, shut_down
 from maxent_jax.rollout.step_metrics import rollout_metrics
@@ -496,7 +496,8 @@ class Trainer:
         self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
         self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
         self.stream.restore(extras["stream"])
-        self.applied_stream = self.stream.state()
+        applied = stragglers.applied_part(extras["stream"], self.config.rollout.straggler_groups)
+        self.applied_stream = {**self.stream.state(), **applied}  # with straggler carry-over, prompts beyond it
         # Checkpoints written before these were saved resume without them (as before: not bit-exact).
         if "seed_rng" in extras:
             self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])
@@ -567,7 +568,10 @@ class Trainer:
             return
         remote.maybe_push(self._push_params(self.state.params), self.step)
         self.pusher = WeightPusher(remote.maybe_push, pushed=self.step)
-        self.producer = Producer(self.collect, self.step, s, self.pusher, end=self.total_steps)
+        collect = self.collect
+        if self.config.rollout.straggler_groups:  # first complete groups fill a batch (rollout/stragglers.py)
+            collect = stragglers.collector_for(self)
+        self.producer = Producer(collect, self.step, s, self.pusher, end=self.total_steps)
 
     def export_final(self) -> None:
         if not self.config.checkpoint.export_final:
