@@ -207,7 +207,8 @@ class ResumeWorker:
     def __init__(self, workdir: Path, steps: int, *extra: str):
         self.command = [sys.executable, str(Path(__file__).parent / "async_resume_worker.py"), str(workdir),
                         str(steps), *extra]
-        self.env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        # PYTHONPATH: the worker imports the tests' modules, which import configs/ from the repository root
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         self.log_file = workdir / "trained.jsonl"
         self.killed_at = 0
 
