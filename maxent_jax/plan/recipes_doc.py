@@ -33,6 +33,7 @@ from maxent_jax import config as config_lib
 from maxent_jax.config import to_json_dict
 from maxent_jax.plan import guard
 from maxent_jax.plan.architecture import CONFIGS_DIR, config_json_path
+from maxent_jax.workdir import flatten
 
 REPO = cli.REPO_ROOT
 DOC = REPO / "docs" / "recipes.md"
@@ -59,19 +60,9 @@ def planned_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     them, or setting one back to its default, still changes the fingerprint. Not seen: a changed
     default of a field the recipes leave alone (regenerate the plans after changing one).
     """
-    defaults = _flat(to_json_dict(config_lib.get_base_config()))
-    return {k: v for k, v in _flat(to_json_dict(config)).items()
+    defaults = flatten(to_json_dict(config_lib.get_base_config()))
+    return {k: v for k, v in flatten(to_json_dict(config)).items()
             if k.split(".")[0] not in guard.NOT_PLANNED and (k not in defaults or defaults[k] != v)}
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def fingerprint(recipe: str) -> str:
