@@ -103,6 +103,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._pending_step: int | None = None
         self._failed = False
+        self._failed_step: int | None = None
         self._quiet = QuietStorageFailures()
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).addFilter(self._quiet)
@@ -157,14 +158,24 @@ class CheckpointManager:
                 raise
             self._failed = True
             if step is not None:
-                for tmp in self.directory.glob(f"{step}{TMP_MARKER}*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                self._failed_step = step
+                self._discard_partial(step)
             whole = [s for s in list_steps(self.directory)
                      if s != step and checkpoint_problem(self.directory / str(s)) is None]
             kept = f"the newest whole checkpoint is step {whole[-1]}" if whole else "no whole checkpoint was saved yet"
             raise StorageFault(
                 f"could not write checkpoint step {step} in {self.directory}: {problem}; {kept}. Free space "
                 f"(or make the workdir writable) and rerun the same command to resume") from None
+
+    def _discard_partial(self, step: int) -> None:
+        """Remove a failed save's temporary directory to give its space back.
+
+        Orbax stops waiting at the first failed write while its other writers (the extras JSON, the
+        checkpoint metadata) run on, and once this frees space they can finish into a fresh copy of
+        the directory; so `close()` removes it again after Orbax has shut down.
+        """
+        for tmp in self.directory.glob(f"{step}{TMP_MARKER}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_pending_manifest(self) -> None:
         """Orbax's post-finalisation hook: runs on its background thread before the commit rename."""
@@ -205,6 +216,8 @@ class CheckpointManager:
             if not reported:  # else already reported as one line
                 raise
         finally:
+            if self._failed_step is not None:
+                self._discard_partial(self._failed_step)
             if not self._failed:  # after a fault, its write tasks still log when they are collected at exit
                 for name in _NOISY_LOGGERS:
                     logging.getLogger(name).removeFilter(self._quiet)

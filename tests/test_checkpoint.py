@@ -243,6 +243,30 @@ def test_a_crash_mid_save_leaves_no_checkpoint_that_looks_valid(tmp_path):
     assert extras == {"step": 1} and float(restored["w"][-1]) == 4095.0
 
 
+def test_a_failed_save_leaves_no_temporary_directory_after_close(tmp_path, monkeypatch):
+    """Orbax reports the first failed write while its other writers run on; one that finishes after the
+    fault's cleanup freed space recreates the step's temporary directory (seen once in CI), which
+    close() removes again."""
+    manager = ckpt.CheckpointManager(tmp_path, save_steps=1, keep=0)
+    state = {"w": jnp.arange(16.0)}
+    manager.save(1, state, {"step": 1})
+    manager.wait()
+    partial = tmp_path / "checkpoints" / f"2{checkpoint_verify.TMP_MARKER}"
+
+    def disk_full(step, **_):
+        (partial / "state").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager._manager, "save", disk_full)
+    with pytest.raises(UserError, match="could not write checkpoint step 2 .*newest whole checkpoint is step 1"):
+        manager.save(2, state, {"step": 2})
+    assert not partial.exists()
+    (partial / "extras").mkdir(parents=True)  # a writer that finished after the cleanup
+    manager.close()
+    assert not partial.exists()
+    assert checkpoint_verify.list_steps(tmp_path / "checkpoints") == [1]
+
+
 def test_preflight_rejects_an_unwritable_or_full_workdir(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

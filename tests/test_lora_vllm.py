@@ -19,6 +19,12 @@ from test_vllm_backend import assert_greedy_matches_references, client, greedy, 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # one engine start: ~1 min on a busy 2-core host
 
+# vLLM serves adapters unmerged (x W + s (x A) B, its LoRA kernels) while the references run the merged
+# weights (x (W + s A B)): float32 rounds the two sums differently. With these deliberately large
+# adapters (std 0.5) that moved a log-prob by 3.8e-5 in one CI run; an adapter's own effect (it
+# changes the greedy tokens) is orders of magnitude larger, and the tokens are still compared exactly.
+LORA_LOGPROB_ATOL = 2e-4
+
 
 def _randomize(model: nnx.Module, seed: int) -> None:
     key = jax.random.key(seed)
@@ -61,5 +67,5 @@ def test_lora_adapter_pushes_to_vllm_serve_the_adapted_policy(tmp_path):
         plain = greedy(url)
     assert [t for t, _ in outputs[0][0]] != [t for t, _ in outputs[1][0]], "the second adapters changed nothing"
     for served, merged_dir in outputs:
-        assert_greedy_matches_references(merged_dir, served)
+        assert_greedy_matches_references(merged_dir, served, atol=LORA_LOGPROB_ATOL)
     assert_greedy_matches_references(base_dir, plain)
