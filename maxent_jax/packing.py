@@ -151,9 +151,11 @@ class Packer:
 
     pack_length: buffer length L; 0 = chosen per step by `costs` among a few lengths (multiples of
     64 from a row's width, doubling, up to the padded group width Tp + G * Tc), or no packing at all
-    for a step whose padded layout (`model.score_prompt_once`) is estimated cheaper, such as equal
-    lengths. devices: the batch-sharding devices; chunks: `train.gradient_chunks`; micro:
-    micro-batches; rows_for_pooling: also build `pack_row_slots` (InfoSeed's pooled states).
+    for a step whose padded layout is estimated cheaper, such as equal lengths, or where every
+    candidate would hold more per device than the padded layout (`within_padded`). devices: the
+    batch-sharding devices; chunks: `train.gradient_chunks`; micro: micro-batches;
+    rows_for_pooling: also build `pack_row_slots` (InfoSeed's pooled states); prompt_once: the
+    padded layout the run falls back to (`model.score_prompt_once`), the baseline of both.
     """
 
     pack_length: int
@@ -163,6 +165,7 @@ class Packer:
     pad_id: int = 0
     rows_for_pooling: bool = False
     costs: Costs | None = None  # needed when pack_length is 0
+    prompt_once: bool = True
     shapes: set = dataclasses.field(default_factory=set, repr=False)  # (B, L, H, Tc) seen: one program each
 
     def __call__(self, grouped: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -244,11 +247,16 @@ class Packer:
 
     def _choose(self, prompts: int, group: int, prompt_len: int, completion_len: int, lp: np.ndarray,
                 lc: np.ndarray) -> _Plan | None:
-        """The cheapest plan by `costs` among the candidate lengths, or None when the padded layout is."""
+        """The cheapest plan by `costs` among the candidate lengths that stay `within_padded`, or None
+        when the padded layout is cheaper or no candidate stays within it."""
         costs = self.costs
-        pairs = blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)
-        padded = prompts * (costs.token * (prompt_len + group * completion_len)
-                            + costs.head * group * completion_len + costs.pair * pairs)
+        if self.prompt_once:
+            pairs = blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)
+            padded = prompts * (costs.token * (prompt_len + group * completion_len)
+                                + costs.head * group * completion_len + costs.pair * pairs)
+        else:
+            row = prompt_len + completion_len
+            padded = prompts * group * (costs.token * row + costs.head * completion_len + costs.pair * blocked_pairs(row))
         best, best_cost = None, padded
         top = -(-(prompt_len + group * completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
         length = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
@@ -256,11 +264,29 @@ class Packer:
             plan = self._plan(length, prompts, group, lp, lc)
             buffers = self.micro * self.chunks * self.devices * plan.per_device
             cost = buffers * (costs.token * length + costs.head * plan.heads + costs.pair * blocked_pairs(length))
-            if cost < best_cost:
+            if cost < best_cost and self.within_padded(plan, prompts, group, prompt_len, completion_len):
                 best, best_cost = plan, cost
             if length >= top:
                 return best
             length = min(2 * length, top)
+
+    def within_padded(self, plan: _Plan, prompts: int, group: int, prompt_len: int, completion_len: int) -> bool:
+        """Whether `plan` holds, on any device and in any piece, no more token slots and no more
+        vocabulary-head rows than the padded layout of the same step, and a segment mask (`[B, L, L]`
+        booleans) of at most those slots times a row's width.
+
+        Why: `python -m maxent_jax.plan` compiles the padded programs at the longest prompt and
+        completion, and a plan is only worth its verdict if no step can outgrow it. Activations,
+        saved residuals and logits scale with the slots and head rows; the mask, which the padded
+        programs lack, stays a small fraction of them (docs/packing.md gives the 7B recipe's).
+        """
+        width = prompt_len + group * completion_len if self.prompt_once else group * (prompt_len + completion_len)
+        share = self.micro * self.chunks * self.devices  # the padded rows are split this many ways
+        slots = -(-prompts * width // share)
+        row = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        return (plan.per_device * plan.length <= slots
+                and plan.per_device * plan.heads <= -(-prompts * group * completion_len // share)
+                and plan.per_device * plan.length ** 2 <= slots * row)
 
     def _fill(self, out: dict[str, np.ndarray], grouped: Mapping[str, np.ndarray], row: int, q: int,
               units: list[_Unit], groups: list[int], lp: np.ndarray, lc: np.ndarray, prompt_len: int,
@@ -307,7 +333,8 @@ def packer_for(config: Any, model_cfg: Any, batch_devices: int, pad_id: int) -> 
                         "packing runs on one process; set train.packing=False")
     t, s = config.train, config.info_seed
     return Packer(t.pack_length, batch_devices, chunks=t.gradient_chunks, micro=t.gradient_accumulation_steps,
-                  pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0, costs=Costs.of(model_cfg))
+                  pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0, costs=Costs.of(model_cfg),
+                  prompt_once=config.model.score_prompt_once)
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:

@@ -117,6 +117,29 @@ def test_automatic_length_packs_skewed_steps_and_leaves_equal_ones_padded():
     assert packed == {} and stats["pack/packed"] == 0.0 and stats["pack/programs"] == 2.0
 
 
+def test_automatic_packing_never_holds_more_per_device_than_the_padded_layout():
+    """The planner compiles the padded programs, so an automatic packing must not outgrow them. Without
+    the guard, the cheapest buffers by cost would hold more vocabulary-head rows per device than the
+    padded layout (1 prompt of 40 + 2 x 16 tokens per device: 48 against 32), or one 384-slot buffer
+    whose segment mask outgrows the padded slots times a row's width (2 prompts of 100 + 16 x 16)."""
+    small = ModelConfig.tiny(hidden_size=256, num_layers=4, num_heads=4, head_dim=64, num_kv_heads=2,
+                             intermediate_size=768)
+    cases = [(4, 4, 2, 40, 16, (2, 3, 20)), (1, 2, 16, 100, 16, (2, 3))]  # devices, prompts, G, Tp, Tc, seeds
+    for devices, prompts, group, tp, tc, seeds in cases:
+        for prompt_once in (True, False):
+            width = tp + group * tc if prompt_once else group * (tp + tc)
+            slots, heads, row = prompts * width // devices, prompts * group * tc // devices, -(-(tp + tc) // 64) * 64
+            packer = Packer(0, devices=devices, costs=Costs.of(small), prompt_once=prompt_once)
+            for seed in seeds:
+                packed, _ = packer(_grouped(np.random.default_rng(seed), prompts=prompts, group=group, prompt_len=tp,
+                                            completion_len=tc))
+                if packed:
+                    per_device, length = packed["buffer_ids"].shape[0] // devices, packed["buffer_ids"].shape[1]
+                    assert per_device * length <= slots
+                    assert per_device * packed["buffer_predict"].shape[1] <= heads
+                    assert per_device * length ** 2 <= slots * row
+
+
 def _model(attention: str) -> Decoder:
     return Decoder(CFG.replace(attention=attention), rngs=nnx.Rngs(0))
 
