@@ -113,6 +113,16 @@ def test_a_plan_that_does_not_fit_proposes_the_cheapest_fix(small_plan):
     assert f"cheapest fix that fits: {tight.fix.what}" in core.table(tight) and tight.fix.flags() in core.table(tight)
 
 
+def test_a_fixed_pack_length_is_named_as_outside_the_plan():
+    memory = core.parse_bytes("80GB")
+    fixed = core.plan(small_config(**{"train.packing": True, "train.pack_length": 128}), devices=8,
+                      device_memory=memory, phases=("score",), flops=False)
+    assert "train.pack_length=128 is fixed" in core.table(fixed)
+    automatic = core.plan(small_config(**{"train.packing": True}), devices=8, device_memory=memory, phases=("score",),
+                          flops=False)
+    assert "packed update" not in automatic.skipped
+
+
 def test_candidate_fixes_come_cheapest_first():
     config = small_config(**{"train.per_device_train_batch_size": 4})
     assert [overrides for _, overrides in core.candidate_fixes(config, 8)] == [

@@ -59,6 +59,20 @@ def test_a_new_field_off_by_default_leaves_the_plans_current(monkeypatch):
     assert recipes_doc.fingerprint(RECIPE) == before
 
 
+def test_automatic_packing_leaves_the_plans_current_and_a_fixed_length_does_not(monkeypatch):
+    """Automatic packing stays within the planned padded layout (`Packer.within_padded`); a fixed
+    buffer length can outgrow it, so it is planned."""
+    before = recipes_doc.fingerprint(RECIPE)
+    import configs.qwen2_5_0_5b.base as base
+
+    original = base.shared_config
+    monkeypatch.setattr(base, "shared_config", lambda: _with(original(), "train", "packing", not original().train.packing))
+    assert recipes_doc.fingerprint(RECIPE) == before
+    monkeypatch.setattr(base, "shared_config", lambda: _with(_with(original(), "train", "packing", True), "train",
+                                                             "pack_length", 8192))
+    assert recipes_doc.fingerprint(RECIPE) != before
+
+
 def _with(config, section, field, value):
     config[section][field] = value
     return config

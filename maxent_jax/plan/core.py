@@ -191,6 +191,10 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
                          batch=max(0, c.argument - params), kv_cache=kv,
                          temporaries=c.temp - kv + c.output - c.alias)
             out.append(Phase("sample", items, c.peak + optimizer + reference, c.seconds))
+    if config.train.packing and config.train.pack_length:
+        skipped["packed update"] = (f"train.pack_length={config.train.pack_length} is fixed, so its buffers may outgrow "
+                                    "the padded programs planned here; 0 (automatic) keeps every packed step within "
+                                    "them (docs/packing.md)")
     name = config.model.name_or_path or "tiny (built-in)"
     return Plan(config_name, name, shape, device_memory, out, setup.shapes, skipped)
 

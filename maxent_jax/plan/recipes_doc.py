@@ -50,6 +50,12 @@ def plan_path(recipe: str) -> pathlib.Path:
     return PLANS / (recipe.removeprefix("configs/").removesuffix(".py").replace("/", "__") + ".json")
 
 
+# Fields that change no planned program: with the automatic buffer length every packed step stays
+# within the padded layout the plan compiles (`packing.Packer.within_padded`, docs/packing.md). A
+# fixed `train.pack_length` is not neutral, and stays in the fingerprint.
+PLAN_NEUTRAL = ("train.packing",)
+
+
 def planned_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields a plan is made from: those of the sections that shape the programs (`guard`'s, the
     same as the trainer's plan cache) whose values differ from `get_base_config()`'s defaults.
@@ -62,7 +68,8 @@ def planned_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """
     defaults = flatten(to_json_dict(config_lib.get_base_config()))
     return {k: v for k, v in flatten(to_json_dict(config)).items()
-            if k.split(".")[0] not in guard.NOT_PLANNED and (k not in defaults or defaults[k] != v)}
+            if k.split(".")[0] not in guard.NOT_PLANNED and k not in PLAN_NEUTRAL
+            and (k not in defaults or defaults[k] != v)}
 
 
 def fingerprint(recipe: str) -> str:
