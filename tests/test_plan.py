@@ -19,8 +19,9 @@ from maxent_jax.config import set_fields
 from maxent_jax.errors import UserError
 from maxent_jax.model.attention import prefix_causal_attention
 from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora
 from maxent_jax.parallel.mesh import make_mesh
-from maxent_jax.parallel.rules import resolve_rules
+from maxent_jax.parallel.rules import resolve_rules, tree_shardings
 from maxent_jax.parallel.train_step import init_train_state
 from maxent_jax.plan import core, flash, programs
 from maxent_jax.plan.architecture import model_config
@@ -111,6 +112,25 @@ def test_a_plan_that_does_not_fit_proposes_the_cheapest_fix(small_plan):
     assert tight.fix is not None and tight.fix.plan.fits
     assert tight.fix.overrides != {"mesh.shape": (1, 8, 1)}
     assert f"cheapest fix that fits: {tight.fix.what}" in core.table(tight) and tight.fix.flags() in core.table(tight)
+
+
+def test_a_lora_plan_trains_the_adapters_and_holds_the_base_frozen():
+    """A LoRA run was planned as full fine-tuning (the base's optimizer state, gradients and reference
+    copy), so the trainer's check could refuse a LoRA run that fits; planned now as the trainer splits it."""
+    config = small_config(**{"lora.enabled": True, "lora.rank": 4, "lora.base_dtype": "bfloat16"})
+    cfg, mesh, rules = model_config(config), make_mesh((2, 4, 1)), resolve_rules(())
+    setup = programs.build_setup(config, cfg, mesh, rules)
+    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoRASettings.from_config(config.lora), 0,
+                       adapter_dtype=cfg.param_dtype)
+    _, adapters, base = nnx.split(model, LoRAParam, ...)
+    optimizer, _ = optimizer_lib.make_optimizer(config.optim, config.train.max_steps)
+    real = init_train_state(adapters, optimizer, mesh, rules)
+    placed_base = jax.device_put(base, tree_shardings(base, mesh, rules))
+    assert programs.per_device_bytes(setup.state.params) == device_bytes(real.params)
+    assert programs.per_device_bytes(setup.state.opt_state) == device_bytes(real.opt_state)
+    score = core.plan(config, devices=8, device_memory=core.parse_bytes("80GB"), phases=("score",), flops=False).phases[0]
+    assert score.items["base"] == device_bytes(placed_base) > score.items["params"]
+    assert score.items["params"] == score.items["reference"] == device_bytes(real.params)
 
 
 def test_a_fixed_pack_length_is_named_as_outside_the_plan():

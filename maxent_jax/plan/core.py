@@ -38,8 +38,9 @@ from maxent_jax.plan import programs
 from maxent_jax.plan.architecture import divides, model_config
 
 PHASES = ("update", "score", "sample")
-ITEMS = ("params", "optimizer", "reference", "gradients", "batch", "kv_cache", "temporaries")
-ITEM_LABELS = {"params": "parameters", "optimizer": "optimizer state", "reference": "reference params",
+ITEMS = ("params", "base", "optimizer", "reference", "gradients", "batch", "kv_cache", "temporaries")
+ITEM_LABELS = {"params": "parameters", "base": "frozen base (LoRA)", "optimizer": "optimizer state",
+               "reference": "reference params",
                "gradients": "gradients (f32)", "batch": "batch inputs", "kv_cache": "KV cache",
                "temporaries": "activations/temps"}
 
@@ -159,14 +160,15 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
     setup = programs.build_setup(config, cfg, mesh, rules)
     params = programs.per_device_bytes(setup.state.params)
     optimizer = programs.per_device_bytes(setup.state.opt_state) + programs.per_device_bytes(setup.state.step)
-    reference = params  # the frozen copy of the policy the trainer keeps for the KL anchor
+    reference = params  # the frozen copy of the policy the trainer keeps for the KL anchor (LoRA: of the adapters)
+    base = programs.per_device_bytes(programs.sharded_like(setup.rest, setup)) if config.lora.enabled else 0
     grads = 4 * programs.per_device_elements(setup.state.params)
     out: list[Phase] = []
     skipped: dict[str, str] = {}
     if "update" in phases:
         c = programs.compile_update(setup)
-        batch = max(0, c.argument - params - optimizer)
-        items = dict(params=params, optimizer=optimizer, reference=reference, gradients=min(grads, c.temp),
+        batch = max(0, c.argument - params - optimizer - base)
+        items = dict(params=params, base=base, optimizer=optimizer, reference=reference, gradients=min(grads, c.temp),
                      batch=batch, kv_cache=0, temporaries=max(0, c.temp - grads) + c.output - c.alias)
         phase = Phase("update", items, c.peak + reference, c.seconds,
                       model_flops=analytic_flops(cfg, setup.shapes, training=True,
@@ -176,8 +178,8 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
         out.append(phase)
     if "score" in phases:
         c = programs.compile_score(setup)
-        items = dict(params=params, optimizer=optimizer, reference=reference, gradients=0,
-                     batch=max(0, c.argument - reference), kv_cache=0, temporaries=c.temp + c.output - c.alias)
+        items = dict(params=params, base=base, optimizer=optimizer, reference=reference, gradients=0,
+                     batch=max(0, c.argument - reference - base), kv_cache=0, temporaries=c.temp + c.output - c.alias)
         out.append(Phase("score", items, c.peak + params + optimizer, c.seconds,
                          model_flops=analytic_flops(cfg, setup.shapes, training=False,
                                                     score_prompt_once=config.model.score_prompt_once)))
@@ -187,8 +189,8 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
         else:
             c = programs.compile_sample(setup)
             kv = min(programs.kv_cache_bytes(setup), c.temp)
-            items = dict(params=params, optimizer=optimizer, reference=reference, gradients=0,
-                         batch=max(0, c.argument - params), kv_cache=kv,
+            items = dict(params=params, base=base, optimizer=optimizer, reference=reference, gradients=0,
+                         batch=max(0, c.argument - params - base), kv_cache=kv,
                          temporaries=c.temp - kv + c.output - c.alias)
             out.append(Phase("sample", items, c.peak + optimizer + reference, c.seconds))
     if config.train.packing and config.train.pack_length:

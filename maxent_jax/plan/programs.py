@@ -36,6 +36,7 @@ from maxent_jax import optimizer as optimizer_lib
 from maxent_jax.model import decoder as decoder_lib
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.model.decoder import Decoder
+from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
 from maxent_jax.parallel.rules import Rules, activation_sharding, batch_spec, tree_shardings
@@ -110,6 +111,12 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
+def sharded_like(tree: Any, setup: "Setup") -> Any:
+    """`tree`'s abstract arrays carrying the rules' shardings on the setup's mesh (what the trainer places)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        tree_shardings(tree, setup.mesh, setup.rules))
+
+
 def per_device_elements(tree: Any) -> int:
     """Elements of one device's shards (for the float32 gradient accumulator, sharded like the parameters)."""
     return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) for leaf in jax.tree.leaves(tree))
@@ -149,8 +156,15 @@ class Setup:
 
 
 def build_setup(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: Mesh, rules: Rules) -> Setup:
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    """With `lora.enabled`, as the trainer splits a LoRA run: the adapters are the trained parameters
+    (with their optimizer state and reference copy) and the frozen base, in `lora.base_dtype`, is in `rest`."""
+    lora = LoRASettings.from_config(config.lora) if config.lora.enabled else None
+
+    def model() -> Decoder:
+        decoder = Decoder(cfg, rngs=nnx.Rngs(0))
+        return apply_lora(decoder, lora, 0, adapter_dtype=cfg.param_dtype) if lora else decoder
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(model), LoRAParam if lora else nnx.Param, ...)
     optimizer, _ = optimizer_lib.make_optimizer(config.optim, max(1, config.train.max_steps))
     state = sharded_abstract_state(params, optimizer, mesh, rules)
     shape = tuple(mesh.shape[a] for a in mesh.axis_names)
