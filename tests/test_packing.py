@@ -378,6 +378,7 @@ def test_packed_reference_logprobs_on_the_8_device_mesh(model_parts):
 ONE_PER_DEVICE = 2 * 4  # prompts: 2 micro-batches of one per batch device of the (2, 2, 2) mesh, as the 7B recipe
 
 
+@pytest.mark.slow
 def test_packed_pieces_of_each_prompts_completions_equal_the_padded_step(model_parts):
     """One prompt per batch device (the 7B recipe: per_device_train_batch_size 1, gradient_chunks 4, 16
     completions), so the gradient pieces split each prompt's completions: buffers one completion long
@@ -416,6 +417,20 @@ def test_config_names_a_pack_length_shorter_than_a_row():
         validate(c)
     c.train.pack_length = row
     validate(c)
+
+
+def test_config_accepts_packing_with_pieces_of_each_prompts_completions():
+    """The 7B recipe's shape with packing: one prompt per device, its 16 completions in 4 gradient pieces.
+    Pieces that divide neither the prompts nor the completions are still refused in one line."""
+    c = get_base_config()
+    c.data.dataset_name = "synthetic:arithmetic"
+    c.train.packing = True
+    c.train.per_device_train_batch_size, c.rollout.num_generations, c.train.gradient_chunks = 1, 16, 4
+    validate(c)
+    c.train.gradient_chunks = 3
+    with pytest.raises(UserError, match=r"^config field train.gradient_chunks=3 is invalid: a divisor of "
+                                        r"train.per_device_train_batch_size=1 or of the completions per prompt \(16\)$"):
+        validate(c)
 
 
 @pytest.mark.slow
