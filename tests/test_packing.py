@@ -434,15 +434,18 @@ def test_config_accepts_packing_with_pieces_of_each_prompts_completions():
 
 
 @pytest.mark.slow
-def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path, chunks):
     """The tiny default (MaxEnt, supervised warm-up, 8 devices), two RL steps with train.packing on (buffers
-    of a fixed length, so every step packs) and off: the same metrics to float tolerance."""
+    of a fixed length, so every step packs) and off: the same metrics to float tolerance. With 2 gradient
+    pieces (one prompt per device: each piece holds 2 of every prompt's 4 completions) as well."""
     from tests.test_train_e2e import run, tiny_config
 
     quiet = {"eval.do_eval": False, "checkpoint.export_final": False, "checkpoint.save_steps": 0}
     steps = {}
     for packing in (False, True):
-        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16})
+        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16,
+                                         "train.gradient_chunks": chunks})
         steps[packing] = [r for r in run(config, tmp_path / str(packing)) if "train/loss" in r]
     assert [r["train/pack/packed"] for r in steps[True]] == [1.0, 1.0]
     for padded, packed in zip(steps[False], steps[True]):
