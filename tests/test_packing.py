@@ -126,9 +126,10 @@ def test_pieces_of_each_prompts_completions_when_a_device_holds_fewer_prompts_th
                     q, h = divmod(int(packed["pack_logp_index"][p, g, 0]), heads)
                     row = (p // 4) * buffers + q * chunks + piece_of(p, g)
                     np.testing.assert_array_equal(packed["pack_logp_index"][p, g, :k], q * heads + h + np.arange(k))
-                    np.testing.assert_array_equal(packed["buffer_targets"][row, h:h + k], grouped["completion_ids"][p, g, :k])
+                    completion = grouped["completion_ids"][p, g, :k]
+                    np.testing.assert_array_equal(packed["buffer_targets"][row, h:h + k], completion)
                     slots = packed["buffer_predict"][row, h:h + k]
-                    np.testing.assert_array_equal(packed["buffer_ids"][row, slots[1:]], grouped["completion_ids"][p, g, :k - 1])
+                    np.testing.assert_array_equal(packed["buffer_ids"][row, slots[1:]], completion[:-1])
                     start = slots[0] + 1 - lp[p]  # the prompt copy this completion reads, ending at its first predictor
                     np.testing.assert_array_equal(packed["buffer_ids"][row, start:slots[0] + 1],
                                                   grouped["input_ids"][p, 0, prompt_len - lp[p]:prompt_len])

@@ -198,7 +198,8 @@ def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.S
 
     Rows are split along `piece_axis`: piece c holds completions c, c + chunks, ... of every prompt
     (or groups c, c + chunks, ...), a strided split of an axis no device splits further, so every
-    device keeps an equal share of each piece. Its gradient is that of the objective evaluated on
+    device keeps an equal share of each piece; packed token buffers are split along their own axis
+    0, where the packer put each piece's (`piece`). Its gradient is that of the objective evaluated on
     all rows' scores with the piece's own scores live and every other row's held at a constant
     (zero): by `SplitLoss`'s separability that is exactly the piece's rows' share of the full
     gradient, so the pieces' gradients add up to the whole micro-batch's. The loss and metrics are
