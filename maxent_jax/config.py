@@ -262,8 +262,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Compute each micro-batch's gradient in this many pieces of its rows, one forward and backward
     # at a time: the same gradient (up to float rounding) with a fraction of the live activations
     # (faster on a CPU once they overflow the cache, less memory on a GPU). Divides the completions
-    # per prompt (each prompt's completions are split) or per_device_train_batch_size (whole groups,
-    # and always with train.packing); not with the InfoSeed loss.
+    # per prompt (each prompt's completions are split) or per_device_train_batch_size (whole groups);
+    # not with the InfoSeed loss.
     c.train.gradient_chunks = 1
     # Padding-free RL forwards (docs/packing.md): each group's prompt (once) and its completions laid
     # end to end in token buffers with segment-masked attention; log-probs are read back into the

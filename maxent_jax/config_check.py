@@ -270,10 +270,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     t = config.train
     group = config.rollout.num_generations + (s.num_seeds if s.enabled else 0)
-    if t.per_device_train_batch_size % t.gradient_chunks and (t.packing or group % t.gradient_chunks):
+    if t.per_device_train_batch_size % t.gradient_chunks and group % t.gradient_chunks:  # packed or not
         raise _fail("train.gradient_chunks", t.gradient_chunks,
                     f"a divisor of train.per_device_train_batch_size={t.per_device_train_batch_size}"
-                    + ("" if t.packing else f" or of the completions per prompt ({group})"))
+                    f" or of the completions per prompt ({group})")
     if t.gradient_chunks > 1 and s.enabled and s.lambda_ > 0:
         raise _fail("train.gradient_chunks", t.gradient_chunks,
                     "1 while the InfoSeed loss is on (info_seed.lambda_ > 0): its InfoNCE term compares rows "

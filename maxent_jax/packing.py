@@ -29,8 +29,11 @@ devices so each gets nearly the same number of real tokens. `B` and `H` are roun
 sizes (`bucket_buffers`), and with `pack_length` 0 the length is one of a few per step (`Packer`),
 so a run compiles a handful of programs.
 Micro-batches (`train.gradient_accumulation_steps`) and gradient pieces (`train.gradient_chunks`)
-are packed separately, in the order the train step slices them: piece c of a micro-batch holds
-buffers c, c + chunks, ... and its groups c, c + chunks, ..., with indices local to the piece.
+are packed separately, in the order the train step slices them (`parallel.train_step.split_axis`,
+the one rule for both): piece c of a micro-batch holds buffers c, c + chunks, ... and, when each
+batch device's prompts divide by chunks, the micro-batch's groups c, c + chunks, ...; else (one
+prompt per device: the 7B recipe's 16 completions in 4 pieces) every prompt's completions
+c, c + chunks, ..., each piece with its own copies of the prompts. Indices are local to the piece.
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ from maxent_jax.parallel.rules import (
     LOGICAL_AXIS_RULES,
     Rules,
     activation_sharding,
+    batch_divisor,
     batch_spec,
     constrain_activation,
     tree_shardings,
 )
+from maxent_jax.parallel.train_step import piece, piece_axis, split_axis
 
 Array = jax.Array
 HEAD_MULTIPLE = 8
@@ -153,9 +158,10 @@ class Packer:
     64 from a row's width, doubling, up to the padded group width Tp + G * Tc), or no packing at all
     for a step whose padded layout is estimated cheaper, such as equal lengths, or where every
     candidate would hold more per device than the padded layout (`within_padded`). devices: the
-    batch-sharding devices; chunks: `train.gradient_chunks`; micro: micro-batches;
-    rows_for_pooling: also build `pack_row_slots` (InfoSeed's pooled states); prompt_once: the
-    padded layout the run falls back to (`model.score_prompt_once`), the baseline of both.
+    batch-sharding devices; chunks: `train.gradient_chunks` (pieces of whole groups or of every
+    group's completions, by `split_axis`); micro: micro-batches; rows_for_pooling: also build
+    `pack_row_slots` (InfoSeed's pooled states); prompt_once: the padded layout the run falls back
+    to (`model.score_prompt_once`), the baseline of both.
     """
 
     pack_length: int
@@ -180,8 +186,9 @@ class Packer:
         lc = grouped["completion_mask"].astype(bool).sum(-1)
         if np.any(lp < 1):
             raise ValueError("packing needs every prompt to hold at least one token")
-        if prompts % (self.micro * self.chunks):
-            raise ValueError(f"{prompts} groups do not split into {self.micro} micro-batches of {self.chunks} pieces")
+        if prompts % self.micro or (prompts // self.micro) % self.chunks and group % self.chunks:
+            raise ValueError(f"{prompts} groups of {group} do not split into {self.micro} micro-batches of "
+                             f"{self.chunks} pieces")
         if self.pack_length:
             if self.pack_length < total:
                 raise ValueError(f"pack_length={self.pack_length} is shorter than a row "
@@ -222,17 +229,20 @@ class Packer:
         return out, stats
 
     def _plan(self, length: int, prompts: int, group: int, lp: np.ndarray, lc: np.ndarray) -> _Plan:
-        """Units per piece (a group split where it overflows a buffer), first-fit decreasing bins, and the
-        bucketed counts every piece shares."""
-        per_piece = prompts // (self.micro * self.chunks)
+        """Units per piece (a group, or the piece's share of its completions, split where it overflows a
+        buffer), first-fit decreasing bins, and the bucketed counts every piece shares."""
+        per_micro = prompts // self.micro
+        by_completions = split_axis(per_micro, group, self.chunks, self.devices, packed=True) == 1
         pieces = []
         for m in range(self.micro):
             for c in range(self.chunks):
-                groups = [m * (prompts // self.micro) + r * self.chunks + c for r in range(per_piece)]
+                groups = list(range(m * per_micro, (m + 1) * per_micro))
+                groups, completions = (groups, range(c, group, self.chunks)) if by_completions else \
+                    (groups[c::self.chunks], range(group))
                 units = []
                 for r, p in enumerate(groups):
                     members: list[int] = []
-                    for g in range(group):
+                    for g in completions:
                         if members and lp[p] + sum(lc[p, members]) + lc[p, g] > length:
                             units.append(_Unit(r, tuple(members), int(lp[p] + sum(lc[p, members]))))
                             members = []
@@ -369,14 +379,15 @@ def packed_pooled(hidden: Array, batch: Mapping[str, Array], pooling: str) -> Ar
     return pool_hidden(rows, batch["attention_mask"], pooling)
 
 
-def in_pieces(score, batch: Mapping[str, Array], chunks: int) -> Array:
-    """`score(piece) -> [P / chunks, G, ...]` over a micro-batch's `chunks` pieces (strided, as
-    `train.gradient_chunks` slices them), joined back into `[P, G, ...]`."""
+def in_pieces(score, batch: Mapping[str, Array], chunks: int, devices: int = 1) -> Array:
+    """`score(piece) -> [P / chunks, G, ...]` or `[P, G / chunks, ...]` over a micro-batch's `chunks`
+    pieces (sliced as `train.gradient_chunks` slices them: `piece_axis` over `devices` batch devices),
+    joined back into `[P, G, ...]`."""
     if chunks == 1:
         return score(batch)
-    parts = [score({k: v.reshape(-1, chunks, *v.shape[1:])[:, c] for k, v in batch.items()}) for c in range(chunks)]
-    stacked = jnp.stack(parts, axis=1)
-    return stacked.reshape(-1, *stacked.shape[2:])
+    axis = piece_axis({k: v.shape for k, v in batch.items()}, chunks, devices)
+    stacked = jnp.stack([score(piece(dict(batch), c, chunks, axis)) for c in range(chunks)], axis=axis + 1)
+    return stacked.reshape(*stacked.shape[:axis], -1, *stacked.shape[axis + 2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,12 +408,13 @@ def make_packed_logprob_fn(graphdef: nnx.GraphDef, rest: nnx.State, params: nnx.
                            rules: Rules = LOGICAL_AXIS_RULES, *, chunk_size: int, chunks: int = 1) -> PackedLogprobFn:
     """The packed counterpart of `parallel.forward.make_logprob_fn`: micro-batches one after the other."""
     sharding = NamedSharding(mesh, batch_spec(rules, micro_batched=True))
+    devices = batch_divisor(mesh, rules)
 
     def forward(params: nnx.State, rest: nnx.State, batch: dict[str, Array]) -> Array:
         model = nnx.merge(graphdef, params, rest)
         score = lambda piece: packed_logprobs_and_hidden(model, piece, chunk_size)[0]  # noqa: E731
         with activation_sharding(mesh, rules):
-            return jax.lax.map(lambda micro: in_pieces(score, micro, chunks), batch)
+            return jax.lax.map(lambda micro: in_pieces(score, micro, chunks, devices), batch)
 
     jitted = jax.jit(forward, in_shardings=(tree_shardings(params, mesh, rules), tree_shardings(rest, mesh, rules),
                                             sharding), out_shardings=sharding)

@@ -178,11 +178,7 @@ def test_config_names_the_field_when_chunks_do_not_fit():
     validate(c)
     c.train.per_device_train_batch_size, c.rollout.num_generations, c.train.gradient_chunks = 1, 16, 4
     validate(c)  # each prompt's 16 completions in 4 pieces
-    c.train.packing = True  # packed buffers split whole groups only
-    with pytest.raises(UserError, match=r"train.gradient_chunks=4 is invalid: a divisor of "
-                                        r"train.per_device_train_batch_size=1$"):
-        validate(c)
-    c.train.packing, c.train.per_device_train_batch_size, c.train.gradient_chunks = False, 4, 2
+    c.train.per_device_train_batch_size, c.train.gradient_chunks = 4, 2
     c.info_seed.enabled, c.info_seed.num_seeds, c.info_seed.lambda_ = True, 2, 0.1
     with pytest.raises(UserError, match=r"train.gradient_chunks=2 is invalid: 1 while the InfoSeed loss is on"):
         validate(c)

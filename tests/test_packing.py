@@ -103,6 +103,45 @@ def test_packer_places_every_token_once_and_splits_long_groups():
         assert stats["pack/fill"] == pytest.approx(real / packed["buffer_ids"].size)
 
 
+def test_pieces_of_each_prompts_completions_when_a_device_holds_fewer_prompts_than_pieces():
+    """One prompt per batch device (the 7B recipe's shape): piece c's buffers (rows c, c + chunks, ... of
+    each micro-batch) hold every prompt's completions g with g % chunks == c and a copy of the prompt,
+    and `pack_logp_index` reads each completion's tokens from its own piece's head pairs. With two
+    prompts per device the pieces keep taking whole groups, prompt p in piece p % chunks."""
+    micro, chunks, prompt_len = 2, 2, 6
+    grouped = _grouped(np.random.default_rng(4), prompts=8, group=4, prompt_len=prompt_len, completion_len=10)
+    lp = grouped["attention_mask"][:, 0, :prompt_len].sum(-1)
+    lc = grouped["completion_mask"].sum(-1)
+    for devices, piece_of in ((4, lambda p, g: g % chunks), (2, lambda p, g: p % chunks)):
+        for length in (16, 48):  # a completion per buffer (prompts copied within a piece), or a piece's share
+            packed, _ = Packer(length, devices=devices, chunks=chunks, micro=micro)(grouped)
+            buffers = packed["buffer_ids"].shape[0] // micro
+            heads = packed["buffer_predict"].shape[1]
+            prompts_in = [set() for _ in range(micro * buffers)]  # the prompts each buffer's completions read
+            for p in range(8):
+                for g in range(4):
+                    k = int(lc[p, g])
+                    if k == 0:
+                        continue
+                    q, h = divmod(int(packed["pack_logp_index"][p, g, 0]), heads)
+                    row = (p // 4) * buffers + q * chunks + piece_of(p, g)
+                    np.testing.assert_array_equal(packed["pack_logp_index"][p, g, :k], q * heads + h + np.arange(k))
+                    completion = grouped["completion_ids"][p, g, :k]
+                    np.testing.assert_array_equal(packed["buffer_targets"][row, h:h + k], completion)
+                    slots = packed["buffer_predict"][row, h:h + k]
+                    np.testing.assert_array_equal(packed["buffer_ids"][row, slots[1:]], completion[:-1])
+                    start = slots[0] + 1 - lp[p]  # the prompt copy this completion reads, ending at its first predictor
+                    np.testing.assert_array_equal(packed["buffer_ids"][row, start:slots[0] + 1],
+                                                  grouped["input_ids"][p, 0, prompt_len - lp[p]:prompt_len])
+                    prompts_in[row].add(p)
+            segments = packed["buffer_segments"]
+            real = int((segments > 0).sum())
+            copies = sum(int(lp[p]) for row in prompts_in for p in row)
+            assert real - int(lc.sum()) >= copies  # every prompt a completion reads was written in its buffer
+            if devices == 4 and length == 48:  # a piece's share of a group fits a buffer: one copy per piece
+                assert real - int(lc.sum()) == chunks * int(lp.sum())
+
+
 def test_automatic_length_packs_skewed_steps_and_leaves_equal_ones_padded():
     """pack_length 0: a skewed step is packed into buffers shorter than a group (fewer, cheaper tokens);
     an equal-length step keeps the padded layout (no arrays), and each shape counts as one program."""
@@ -360,6 +399,38 @@ def test_packed_reference_logprobs_on_the_8_device_mesh(model_parts):
     np.testing.assert_allclose(got, want_ref, rtol=1e-5, atol=2e-5)
 
 
+ONE_PER_DEVICE = 2 * 4  # prompts: 2 micro-batches of one per batch device of the (2, 2, 2) mesh, as the 7B recipe
+
+
+@pytest.mark.slow
+def test_packed_pieces_of_each_prompts_completions_equal_the_padded_step(model_parts):
+    """One prompt per batch device (the 7B recipe: per_device_train_batch_size 1, gradient_chunks 4, 16
+    completions), so the gradient pieces split each prompt's completions: buffers one completion long
+    (prompts copied within and across pieces) on the mesh's 4 batch devices, 2 pieces. The row-separable
+    family's loss, every metric (MaxEnt and the GRPO family) and gradient equal the padded step's on
+    one device; and the packed reference log-probs in those pieces equal the padded ones."""
+    rng = np.random.default_rng(7)
+    arrays = _step_arrays(rng, list(rng.integers(1, TP + 1, P)), list(rng.integers(0, TC + 1, P * G)))
+    arrays = {k: v[:ONE_PER_DEVICE] for k, v in arrays.items()}
+    mesh = make_mesh((2, 2, 2))
+    packed, stats = Packer(TP + TC, devices=4, chunks=2, micro=MICRO)(arrays)
+    want = _run(model_parts, "separable", "padded", make_mesh((1, 1, 1), devices=jax.devices()[:1]), arrays, chunks=1)
+    got = _run(model_parts, "separable", "pieces", mesh, {**arrays, **packed}, chunks=2)
+    assert any(np.any(g != 0) for g in want[0])
+    _assert_same(got, want, "pieces of each prompt's completions")
+
+    graphdef, params, rest = model_parts
+    rows = {k: arrays[k].reshape(ONE_PER_DEVICE * G, -1)
+            for k in ("input_ids", "positions", "attention_mask", "completion_ids")}
+    mask = arrays["completion_mask"]
+    want_ref = np.asarray(make_logprob_fn(graphdef, rest, params, mesh, chunk_size=0, group=G)(params, rows))
+    packed_fn = make_packed_logprob_fn(graphdef, rest, params, mesh, chunk_size=0, chunks=2)
+    batch = {k: v.reshape(MICRO, -1, *v.shape[1:]) for k, v in {**packed, "completion_mask": mask}.items()}
+    got_ref = np.asarray(packed_fn(params, batch)).reshape(ONE_PER_DEVICE * G, -1)
+    np.testing.assert_allclose(got_ref, np.where(mask.reshape(ONE_PER_DEVICE * G, -1), want_ref, 0.0),
+                               rtol=1e-5, atol=2e-5)
+
+
 def test_config_names_a_pack_length_shorter_than_a_row():
     c = get_base_config()
     c.data.dataset_name = "synthetic:arithmetic"
@@ -372,16 +443,33 @@ def test_config_names_a_pack_length_shorter_than_a_row():
     validate(c)
 
 
+def test_config_accepts_packing_with_pieces_of_each_prompts_completions():
+    """The 7B recipe's shape with packing: one prompt per device, its 16 completions in 4 gradient pieces.
+    Pieces that divide neither the prompts nor the completions are still refused in one line."""
+    c = get_base_config()
+    c.data.dataset_name = "synthetic:arithmetic"
+    c.train.packing = True
+    c.train.per_device_train_batch_size, c.rollout.num_generations, c.train.gradient_chunks = 1, 16, 4
+    validate(c)
+    c.train.gradient_chunks = 3
+    with pytest.raises(UserError, match=r"^config field train.gradient_chunks=3 is invalid: a divisor of "
+                                        r"train.per_device_train_batch_size=1 or of the completions per prompt \(16\)$"):
+        validate(c)
+
+
 @pytest.mark.slow
-def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path):
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_default_run_packed_reports_the_padded_runs_metrics(tmp_path, chunks):
     """The tiny default (MaxEnt, supervised warm-up, 8 devices), two RL steps with train.packing on (buffers
-    of a fixed length, so every step packs) and off: the same metrics to float tolerance."""
+    of a fixed length, so every step packs) and off: the same metrics to float tolerance. With 2 gradient
+    pieces (one prompt per device: each piece holds 2 of every prompt's 4 completions) as well."""
     from tests.test_train_e2e import run, tiny_config
 
     quiet = {"eval.do_eval": False, "checkpoint.export_final": False, "checkpoint.save_steps": 0}
     steps = {}
     for packing in (False, True):
-        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16})
+        config = tiny_config(**quiet, **{"train.packing": packing, "train.pack_length": 48 + 16,
+                                         "train.gradient_chunks": chunks})
         steps[packing] = [r for r in run(config, tmp_path / str(packing)) if "train/loss" in r]
     assert [r["train/pack/packed"] for r in steps[True]] == [1.0, 1.0]
     for padded, packed in zip(steps[False], steps[True]):

@@ -151,8 +151,10 @@ def test_candidate_fixes_come_cheapest_first():
         {"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 8},
         {"mesh.shape": (2, 2, 2)}, {"mesh.shape": (2, 1, 4)}]
     # One prompt per device still splits: its group of 4 completions in 2 or 4 pieces (the 7B recipes' fix).
-    one = [o for _, o in core.candidate_fixes(small_config(), 8) if "train.gradient_chunks" in o]
-    assert one == [{"train.gradient_chunks": 2}, {"train.gradient_chunks": 4}]
+    for packing in (False, True):  # packed too: the pieces then hold a copy of the prompt
+        one = [o for _, o in core.candidate_fixes(small_config(**{"train.packing": packing}), 8)
+               if "train.gradient_chunks" in o]
+        assert one == [{"train.gradient_chunks": 2}, {"train.gradient_chunks": 4}], packing
 
 
 def test_a_mesh_that_does_not_divide_the_model_is_refused_before_compiling():

@@ -153,23 +153,53 @@ def _as_float32(loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, Metrics]:
     return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def piece_axis(shapes: dict[str, tuple[int, ...]], chunks: int) -> int:
-    """The axis `gradient_chunks` splits: 1, each prompt's completions, when every group divides into
-    `chunks` pieces (one prompt per device still splits: a 7B recipe's 16 completions of 6k tokens); 0,
-    whole groups, otherwise and for packed buffers (`maxent_jax.packing` lays buffers out by groups).
-    `shapes`: a micro-batch's arrays' shapes, `[prompts, group, ...]` unless packed."""
+def split_axis(prompts: int, group: int, chunks: int, devices: int, packed: bool) -> int:
+    """The axis of a micro-batch's grouped arrays `[prompts, group, ...]` that `gradient_chunks` splits,
+    strided (piece c takes indices c, c + chunks, ...): 1, each prompt's completions, or 0, whole groups.
+    The one rule of the train step and of the packer (`maxent_jax.packing`), which lays its buffers out
+    by it. `devices`: the batch devices the prompts are split over, in contiguous shards.
+
+    Padded: 1 whenever the group divides by `chunks` (one prompt per device still splits: a 7B recipe's
+    16 completions of 6k tokens), else 0. Packed: 0 whenever each device's prompts divide by `chunks`
+    (a strided split of the prompts then stays within every device's shard, and no piece needs a copy
+    of another's prompt), else 1 when the group divides (each piece's buffers hold a copy of every
+    prompt; the copies' gradients add up), else 0.
+    """
+    if packed and prompts % (devices * chunks) == 0:
+        return 0
+    return 1 if group > 0 and group % chunks == 0 else 0
+
+
+def piece_axis(shapes: dict[str, tuple[int, ...]], chunks: int, devices: int = 1) -> int:
+    """`split_axis` of a micro-batch from its arrays' shapes (`[prompts, group, ...]`, and packed token
+    buffers `[buffers, ...]`, which are always split on their own axis 0: `piece`)."""
     packed = any(k.startswith(BUFFER_PREFIX) for k in shapes)
-    groups = {shape[1] if len(shape) >= 2 else 0 for shape in shapes.values()}
-    return 1 if not packed and len(groups) == 1 and min(groups) > 0 and min(groups) % chunks == 0 else 0
+    grouped = [shape for k, shape in shapes.items() if not k.startswith(BUFFER_PREFIX)]
+    groups = {shape[1] if len(shape) >= 2 else 0 for shape in grouped}
+    group = min(groups) if len(groups) == 1 else 0
+    return split_axis(grouped[0][0] if grouped else 0, group, chunks, devices, packed)
+
+
+def strided(x: jax.Array, axis: int, chunks: int) -> jax.Array:
+    """[..., n, ...] -> [..., n / chunks, chunks, ...] at `axis`: index i * chunks + c -> (i, c)."""
+    return x.reshape(*x.shape[:axis], -1, chunks, *x.shape[axis + 1:])
+
+
+def piece(batch: Batch, c: jax.Array | int, chunks: int, axis: int) -> Batch:
+    """Piece `c` of a micro-batch: the grouped arrays' indices c, c + chunks, ... along `axis` (`piece_axis`),
+    packed token buffers' along their axis 0 (the packer puts piece c's buffers there)."""
+    return {k: jax.lax.dynamic_index_in_dim(strided(x, a, chunks), c, axis=a + 1, keepdims=False)
+            for k, x in batch.items() for a in [0 if k.startswith(BUFFER_PREFIX) else axis]}
 
 
 def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.State, chunks: int,
-                            scalars: dict[str, jax.Array]) -> Callable:
+                            scalars: dict[str, jax.Array], devices: int = 1) -> Callable:
     """`value_and_grad` of a micro-batch's loss computed over `chunks` pieces of its rows in turn.
 
     Rows are split along `piece_axis`: piece c holds completions c, c + chunks, ... of every prompt
     (or groups c, c + chunks, ...), a strided split of an axis no device splits further, so every
-    device keeps an equal share of each piece. Its gradient is that of the objective evaluated on
+    device keeps an equal share of each piece; packed token buffers are split along their own axis
+    0, where the packer put each piece's (`piece`). Its gradient is that of the objective evaluated on
     all rows' scores with the piece's own scores live and every other row's held at a constant
     (zero): by `SplitLoss`'s separability that is exactly the piece's rows' share of the full
     gradient, so the pieces' gradients add up to the whole micro-batch's. The loss and metrics are
@@ -184,19 +214,15 @@ def _chunked_value_and_grad(graphdef: nnx.GraphDef, loss: SplitLoss, rest: nnx.S
         micro_batch = dict(micro_batch)
         key = micro_batch.pop(STEP_KEY, None)  # each piece draws from its own fold of the micro-batch's key
         batch = {**micro_batch, **scalars}
-        axis = piece_axis({k: x.shape for k, x in micro_batch.items()}, chunks)
-
-        def strided(x: jax.Array) -> jax.Array:  # [..., n, ...] -> [..., n / chunks, chunks, ...] at `axis`
-            return x.reshape(*x.shape[:axis], -1, chunks, *x.shape[axis + 1:])
+        axis = piece_axis({k: x.shape for k, x in micro_batch.items()}, chunks, devices)
 
         def piece_of(c: jax.Array) -> Batch:
-            pieces = {k: jax.lax.dynamic_index_in_dim(strided(x), c, axis=axis + 1, keepdims=False)
-                      for k, x in micro_batch.items()}
             keyed = {} if key is None else {STEP_KEY: jax.random.fold_in(key, c)}
-            return {**pieces, **keyed, **scalars}
+            return {**piece(micro_batch, c, chunks, axis), **keyed, **scalars}
 
         def put(full: jax.Array, part: jax.Array, c: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_index_in_dim(strided(full), part, c, axis=axis + 1).reshape(full.shape)
+            return jax.lax.dynamic_update_index_in_dim(strided(full, axis, chunks), part, c,
+                                                       axis=axis + 1).reshape(full.shape)
 
         def piece_loss(p: nnx.State, c: jax.Array, held: jax.Array) -> tuple[jax.Array, jax.Array]:
             part = loss.score(nnx.merge(graphdef, p, rest), piece_of(c))
@@ -243,16 +269,18 @@ def _accumulate(
     param_shardings: Any,
     chunks: int = 1,
     key: jax.Array | None = None,
+    devices: int = 1,
 ) -> tuple[jax.Array, Metrics, nnx.State]:
     """Mean loss, mean metrics and mean float32 gradient over the leading micro-batch axis.
 
-    `key`: the step's key; micro-batch i then holds `STEP_KEY` = fold_in(key, i)."""
+    `key`: the step's key; micro-batch i then holds `STEP_KEY` = fold_in(key, i). `devices`: the batch
+    devices (`piece_axis`)."""
 
     def micro_loss(p: nnx.State, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
         return _as_float32(*loss_fn(nnx.merge(graphdef, p, rest), {**micro_batch, **scalars}))
 
     if chunks > 1:
-        grad_fn = _chunked_value_and_grad(graphdef, loss_fn, rest, chunks, scalars)
+        grad_fn = _chunked_value_and_grad(graphdef, loss_fn, rest, chunks, scalars, devices)
     else:
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     def keyed(micro_batch: Batch, index: jax.Array | int) -> Batch:
@@ -326,7 +354,7 @@ class TrainStep:
     ) -> tuple[TrainState, Metrics]:
         """One optimizer step; `scalars` ({name: number}) are added to every micro-batch dict."""
         scalars = _check_scalars(batch, scalars)
-        whole_groups = piece_axis({k: x.shape[1:] for k, x in batch.items()}, self.chunks) == 0
+        whole_groups = piece_axis({k: x.shape[1:] for k, x in batch.items()}, self.chunks, self.divisor) == 0
         check_batch(batch, self.divisor * (self.chunks if whole_groups else 1), micro_batched=True)
         out = self.jitted(state, self.rest, batch, scalars)
         return jax.block_until_ready(out) if self.blocking else out
@@ -397,7 +425,7 @@ def make_train_step(
     gradient_chunks: compute each micro-batch's gradient in this many pieces of rows (exactly the
         same gradient, less live activation memory); needs a `SplitLoss`, and groups that divide by
         it (each prompt's completions are split) or micro-batches whose prompts divide by it times
-        the batch devices (whole groups are split; `piece_axis`).
+        the batch devices (whole groups are split; `split_axis`), packed or not.
     rng_seed: when given, every micro-batch dict (and each gradient-chunk piece) also holds `STEP_KEY`,
         drawn from this seed and `state.step` inside the step (the loss's per-step randomness:
         `policy.rl_loss`'s adapter dropout). None: no key, and the step is what it was without one.
@@ -409,6 +437,7 @@ def make_train_step(
     rest_sh = tree_shardings(rest, mesh, rules)
     batch_sh = NamedSharding(mesh, batch_spec(rules, micro_batched=True))
     replicated = NamedSharding(mesh, PartitionSpec())
+    devices = batch_divisor(mesh, rules)
 
     def step(
         state: TrainState, rest: nnx.State, batch: Batch, scalars: dict[str, jax.Array]
@@ -416,7 +445,7 @@ def make_train_step(
         key = None if rng_seed is None else jax.random.fold_in(jax.random.PRNGKey(rng_seed), state.step)
         with activation_sharding(mesh, rules):
             loss, metrics, grads = _accumulate(
-                graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params, gradient_chunks, key
+                graphdef, loss_fn, state.params, rest, batch, scalars, state_sh.params, gradient_chunks, key, devices
             )
         new_state, grad_norm, skipped = _guarded_update(optimizer, state, loss, grads)
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
@@ -428,4 +457,4 @@ def make_train_step(
         donate_argnums=(0,),
     )
     blocking = mesh.devices.flat[0].platform == "cpu"
-    return TrainStep(jitted, rest, batch_divisor(mesh, rules), blocking, gradient_chunks)
+    return TrainStep(jitted, rest, devices, blocking, gradient_chunks)

@@ -290,7 +290,7 @@ def candidate_fixes(config: ml_collections.ConfigDict, devices: int) -> list[tup
     group = config.rollout.num_generations + (config.info_seed.num_seeds if config.info_seed.enabled else 0)
 
     def splits(prompts: int, chunks: int) -> bool:  # `gradient_chunks` takes whole groups or a group's rows
-        return prompts % chunks == 0 or (not t.packing and group % chunks == 0)
+        return prompts % chunks == 0 or group % chunks == 0
 
     for chunks in (2, 4, 8):
         if not info_seed and splits(t.per_device_train_batch_size, t.gradient_chunks * chunks):
