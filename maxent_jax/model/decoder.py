@@ -17,8 +17,9 @@ so padding rows never see an empty softmax).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -306,6 +307,25 @@ def _block_forward(block: Block, x: jax.Array, cos: jax.Array, sin: jax.Array, m
     return block(x, cos, sin, mask, None)[0]
 
 
+def _remat_block_forward(block: Block, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Any,
+                         policy: Callable[..., bool] | None) -> jax.Array:
+    """`_block_forward` under `jax.checkpoint`, on the block's state as a plain pytree.
+
+    Why not `nnx.remat`: it merges its inputs back into the caller's Variables, and a LoRA run's
+    frozen base arrives from outside the gradient's trace (the train step passes it through, not
+    differentiated), so that merge failed with flax's TraceContextError ('Cannot mutate Param from a
+    different trace level') on every LoRA run with `model.remat`. A pure function of the state
+    rebuilds the block inside the checkpoint instead; the saved values and the recomputation are
+    the same.
+    """
+    graphdef, state = nnx.split(block)
+
+    def pure(state: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Any) -> jax.Array:
+        return _block_forward(nnx.merge(graphdef, state), x, cos, sin, mask)
+
+    return jax.checkpoint(pure, policy=policy)(state, x, cos, sin, mask)
+
+
 @jax.custom_vjp
 def tied_head(embedding: jax.Array) -> jax.Array:
     """The tied output projection `[embed, vocab]`: the embedding `[vocab, embed]` transposed.
@@ -416,8 +436,8 @@ class Decoder(nnx.Module):
         forward: Callable[..., jax.Array] = _block_forward
         if self.cfg.remat:
             save_dots = self.cfg.remat_policy == "save_dots"
-            forward = nnx.remat(_block_forward,
-                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable if save_dots else None)
+            forward = functools.partial(_remat_block_forward,
+                                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable if save_dots else None)
         for block in self.layers:
             x = constrain_activation(forward(block, x, cos, sin, mask), RESIDUAL_AXES)
         return self.final_norm(x)
