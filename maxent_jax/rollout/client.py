@@ -45,6 +45,7 @@ from maxent_jax.rollout.push import NamedTensors, TimedUpload, push_layout, push
 
 log = logging.getLogger(__name__)
 
+
 class _OverLimits(RolloutError):
     """The server refused a request for its size and said its limits (the client then splits)."""
 
