@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import (
-    ClientTagError,
-    RolloutClient,
-    RolloutError,
-    base_url,
-    prompt_char_limit,
-    resolve_client_tag,
-)
+from maxent_jax.rollout.client import RolloutClient, base_url
+from maxent_jax.rollout.completions import ClientTagError, RolloutError, prompt_char_limit, resolve_client_tag
 
 PARAMS = SamplingParams(n=2, max_tokens=4)
 

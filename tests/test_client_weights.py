@@ -12,7 +12,8 @@ from flax import nnx
 
 from maxent_jax.model.hf_io import iter_hf_tensors, load_hf_checkpoint
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.completions import RolloutError
 from maxent_jax.rollout.weights import iter_stream
 from tests.rollout_fixtures import TOKEN, rollout_model_dirs, start_rollout_server  # noqa: F401 - fixture
 

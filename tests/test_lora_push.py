@@ -17,7 +17,8 @@ from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora, resolve_t
 from maxent_jax.model.lora_io import merged_state, peft_tensors
 from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.completions import RolloutError
 from maxent_jax.rollout.remote import RemoteRollout
 from maxent_jax.rollout.sampler import Sampler
 from tests.rollout_fixtures import TOKEN, rollout_model_dirs, start_rollout_server  # noqa: F401 - fixture

@@ -12,7 +12,7 @@ from flax import nnx
 from maxent_jax.model.lora import LoRAParam, LoRASettings, apply_lora, resolve_targets
 from maxent_jax.model.lora_io import export_merged, peft_tensors
 from maxent_jax.rollout.adapters import AdapterSpec
-from maxent_jax.rollout.client import RolloutError
+from maxent_jax.rollout.completions import RolloutError
 from maxent_jax.rollout.remote import RemoteRollout
 from rollout_fixtures import TOKEN, write_tiny_model
 from test_vllm_backend import assert_greedy_matches_references, client, greedy, serve_vllm, vllm_python

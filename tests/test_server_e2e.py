@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.completions import RolloutError
 from tests.rollout_fixtures import (  # noqa: F401 - fixtures
     TOKEN,
     backends,

@@ -13,7 +13,7 @@ import pytest
 from maxent_jax.rollout.fair_queue import FairQueue
 from maxent_jax.rollout.limits import RequestLimits, limits_from_json, piece_seed, request_tokens, split_request
 from maxent_jax.rollout.protocol import ProtocolError, decode_json, parse_generate
-from maxent_jax.rollout.server import _Body
+from maxent_jax.rollout.request_body import RequestBody
 
 BIG = 2**70
 
@@ -57,8 +57,8 @@ def test_bodies_json_cannot_decode_are_protocol_errors(raw, fragment):
         decode_json(raw)
 
 
-def _body(raw: bytes, limit: int = 1 << 20, **headers) -> _Body:
-    return _Body(io.BufferedReader(io.BytesIO(raw)), headers, limit)
+def _body(raw: bytes, limit: int = 1 << 20, **headers) -> RequestBody:
+    return RequestBody(io.BufferedReader(io.BytesIO(raw)), headers, limit)
 
 
 @pytest.mark.parametrize("length", ["-5", "1_0", "\u0661\u0662", "12x", "9" * 30])

@@ -14,8 +14,8 @@ from safetensors.numpy import load as safetensors_load
 
 from maxent_jax.rollout.backend import Completion
 from maxent_jax.rollout.protocol import ProtocolError, generate_response, openapi_schema, parse_generate, parse_weight_layout
-from maxent_jax.rollout.client import push_layout, send_chunked
-from maxent_jax.rollout.server import _Body
+from maxent_jax.rollout.push import push_layout, send_chunked
+from maxent_jax.rollout.request_body import RequestBody
 from maxent_jax.rollout.weights import ReceiveBuffers, WeightStreamError, encode_frame, iter_stream, read_stream
 
 
@@ -222,8 +222,8 @@ def _chunked(stream: bytes, sizes) -> bytes:
     return b"".join(out) + b"0\r\n\r\n"
 
 
-def _body(raw: bytes, limit: int = 1 << 20, **headers) -> _Body:
-    return _Body(io.BufferedReader(io.BytesIO(raw)), headers, limit)
+def _body(raw: bytes, limit: int = 1 << 20, **headers) -> RequestBody:
+    return RequestBody(io.BufferedReader(io.BytesIO(raw)), headers, limit)
 
 
 @pytest.mark.parametrize("sizes", [(7,), (1, 300, 5000), (1 << 20,)])
@@ -355,7 +355,8 @@ class _HfOnlyBackend:
 
 
 def test_a_server_without_native_layout_refuses_a_native_push_and_applies_nothing():
-    from maxent_jax.rollout.client import RolloutClient, RolloutError
+    from maxent_jax.rollout.client import RolloutClient
+    from maxent_jax.rollout.completions import RolloutError
     from maxent_jax.rollout.server import RolloutServer
 
     backend = _HfOnlyBackend()

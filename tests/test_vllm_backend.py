@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.completions import RolloutError
 from tests.rollout_fixtures import TOKEN, model_tensors, serve_subprocess, write_tiny_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engine starts: ~2 min on a busy 2-core host

@@ -14,6 +14,10 @@ What it adds over a bare HTTP call, following REFERENCE_SPEC 3.4-3.5 and fixing 
   attached, latency and weight-staleness metrics;
 - weight pushes streamed tensor by tensor (chunked HTTP body; see weights.py for framing), in
   our own parameter layout when the server offers it (no transposes on either side), else HF's.
+
+This module is the transport (retries, chunked uploads) and the public `RolloutClient`; the
+request body and the parsing of answers into Samples are `completions.py`'s, what a weight
+push sends and how it is timed `push.py`'s.
 """
 
 from __future__ import annotations
@@ -24,41 +28,22 @@ import http.client
 import json
 import logging
 import os
-import socket
-import sys
 import time
 import urllib.parse
-import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from maxent_jax.errors import UserError
 from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout.completions import (ClientTagError, RolloutBatch, RolloutError, Sample, generate_payload, parse_results,
+                                            prompt_char_limit, resolve_client_tag)
 from maxent_jax.rollout.limits import RequestLimits, limits_from_json, piece_seed, split_request
-from maxent_jax.rollout.protocol import (
-    CLIENT_TAG_HEADER,
-    HF_LAYOUT,
-    LAYOUT_PARAM,
-    LORA_LAYOUT,
-    NATIVE_LAYOUT,
-    WEIGHT_VERSION_HEADER,
-)
-from maxent_jax.rollout.weights import iter_stream
+from maxent_jax.rollout.protocol import CLIENT_TAG_HEADER, HF_LAYOUT, LORA_LAYOUT, NATIVE_LAYOUT
+from maxent_jax.rollout.push import NamedTensors, TimedUpload, push_layout, push_report, push_request, send_chunked
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PROMPT_CHAR_LIMIT = 2048
-_GATHER_BYTES = 1 << 16  # pieces smaller than this are copied into one write with their neighbours
-
-
-class RolloutError(RuntimeError):
-    """The rollout server could not give usable completions; the message says which server and why."""
-
-
-class ClientTagError(RolloutError):
-    """Results missing our client_tag echo, or all of them tagged for another client."""
 
 
 class _OverLimits(RolloutError):
@@ -76,95 +61,12 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
-def resolve_client_tag(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> str:
-    """The tag this process sends: explicit/config -> $VLLM_CLIENT_TAG -> jax process -> SLURM -> rank-0-of-1.
-
-    The jax process index is used only when this process already runs jax with several
-    processes (the client never imports jax itself).
-    """
-    if explicit:
-        return explicit
-    if env.get("VLLM_CLIENT_TAG"):
-        return env["VLLM_CLIENT_TAG"]
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.process_count() > 1:
-        return f"rank-{jax.process_index()}-of-{jax.process_count()}"
-    if env.get("SLURM_PROCID"):
-        return f"rank-{env['SLURM_PROCID']}-of-{env.get('SLURM_NTASKS', '1')}"
-    return "rank-0-of-1"
-
-
-def prompt_char_limit(max_prompt_length: int, env: Mapping[str, str] = os.environ) -> int:
-    """max($MAX_PROMPT_CHARS or 2048, 4 * max_prompt_length) characters (REFERENCE_SPEC 2.2, 3.4)."""
-    raw = env.get("MAX_PROMPT_CHARS") or str(DEFAULT_PROMPT_CHAR_LIMIT)
-    try:
-        floor = int(raw)
-    except ValueError:
-        raise ValueError(f"MAX_PROMPT_CHARS={raw!r}: expected an integer number of characters") from None
-    return max(floor, 4 * max_prompt_length)
-
-
 def base_url(url: str) -> str:
     """scheme://host:port of a server URL; a reference-style `.../generate` URL is accepted too."""
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"rollout server url {url!r}: expected http://host:port")
     return f"http://{parts.netloc}"
-
-
-def push_layout(info: Mapping[str, Any]) -> str:
-    """The layout to push our parameters in: `native` when the server's /info offers it, else `hf`.
-
-    A server from before weight layouts (no `weight_layouts`) and a vLLM one take HF's only.
-    """
-    offered = info.get("weight_layouts")
-    return NATIVE_LAYOUT if isinstance(offered, list) and NATIVE_LAYOUT in offered else HF_LAYOUT
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One completion as the trainer consumes it."""
-
-    token_ids: np.ndarray  # [len] int32
-    logprobs: np.ndarray | None  # [len] float32: behaviour (old-policy) log-probs, temperature 1
-    text: str
-    finish_reason: str
-    weight_version: int
-    sampling_logprobs: np.ndarray | None = None  # [len] float32, under the sampled distribution
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutBatch:
-    """Completions regrouped per prompt (prompt order; a group may be short) and request metrics."""
-
-    groups: list[list[Sample]]
-    weight_version: int
-    metrics: dict[str, float]
-
-
-def send_chunked(sock: socket.socket, pieces: Iterable[bytes | memoryview]) -> None:
-    """Write `pieces` to the socket as an HTTP/1.1 chunked body, one chunk per non-empty piece.
-
-    Why not http.client's own chunked encoding: it builds every chunk as size line + data +
-    CRLF, a copy of each tensor before it is sent. Here a large piece goes to the kernel as the
-    caller's buffer (a memoryview of the array), and small pieces (frame headers, size lines,
-    small tensors) are gathered into one write, so a push costs few system calls.
-    """
-    pending = bytearray()
-    for piece in pieces:
-        size = piece.nbytes if isinstance(piece, memoryview) else len(piece)
-        if not size:
-            continue  # a zero-size chunk would end the body
-        pending += b"%X\r\n" % size
-        if size < _GATHER_BYTES:
-            pending += piece
-            pending += b"\r\n"
-            continue
-        sock.sendall(pending)
-        sock.sendall(piece)
-        pending = bytearray(b"\r\n")
-    pending += b"0\r\n\r\n"
-    sock.sendall(pending)
 
 
 @dataclasses.dataclass
@@ -370,7 +272,7 @@ class RolloutClient:
 
     def _generate_once(self, prompts: Sequence, params: SamplingParams, current_step: int | None) -> RolloutBatch:
         """One /generate request; `_OverLimits` when the server refuses it for its size and says its limits."""
-        payload, n_clipped = self._payload(prompts, params)
+        payload, n_clipped = generate_payload(prompts, params, self.client_tag, self.char_limit)
         group_id = hashlib.sha256("|".join(map(str, payload.get("prompts") or payload["prompt_token_ids"])).encode()).hexdigest()
         headers = {"Content-Type": "application/json", CLIENT_TAG_HEADER: self.client_tag, "X-VLLM-Group-Request-ID": group_id}
         if self.token:
@@ -449,102 +351,22 @@ class RolloutClient:
             metrics["rollout/weight_staleness_steps"] = float(current_step - version)
         return RolloutBatch(groups=groups, weight_version=version, metrics=metrics)
 
-    def _payload(self, prompts: Sequence, params: SamplingParams) -> tuple[dict, int]:
-        """The JSON body (reference field names) and how many text prompts were clipped."""
-        payload: dict[str, Any] = {
-            "n": params.n,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "top_k": params.top_k,
-            "stop": list(params.stop),
-            "stop_token_ids": list(params.stop_token_ids),
-            "ignore_eos": params.ignore_eos,
-            "seed": params.seed,
-            "logprobs": 1 if params.logprobs else 0,
-            "client_tag": self.client_tag,
-            "request_id": f"maxent-{uuid.uuid4().hex}",
-        }
-        if all(isinstance(p, str) for p in prompts):
-            clipped = [p[: self.char_limit] for p in prompts]
-            payload["prompts"] = clipped
-            n_clipped = sum(len(a) != len(b) for a, b in zip(prompts, clipped))
-        else:
-            payload["prompt_token_ids"] = [[int(t) for t in p] for p in prompts]
-            n_clipped = 0
-        return payload, n_clipped
-
-    def _tag_of(self, obj: Any) -> str | None:
-        if not isinstance(obj, dict):
-            return None
-        tag = obj.get("client_tag")
-        if tag is None and isinstance(obj.get("metadata"), dict):
-            tag = obj["metadata"].get("client_tag")
-        return tag if isinstance(tag, str) else None
-
     def _parse(self, body: Any, num_prompts: int, params: SamplingParams) -> tuple[list[list[Sample]], int, int]:
+        """Our groups, the answer's weight version, how many were dropped; the client_tag policy of Q4."""
         where = f"rollout server {self.url}/generate"
-        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
-            raise RolloutError(f"{where} answered without a 'results' list: {str(body)[:200]}")
-        version = body.get("weight_version")
-        if not isinstance(version, int):
-            raise RolloutError(f"{where} answered without an integer 'weight_version': {version!r}")
-        groups: list[list[Sample]] = [[] for _ in range(num_prompts)]
-        dropped = untagged = 0
-        results = body["results"]
-        # A server that answers with one single-output result per completion (P*n results, no
-        # prompt_index) is regrouped in consecutive blocks of n (REFERENCE_SPEC 3.4).
-        flat = params.n > 1 and len(results) == num_prompts * params.n and not any(
-            isinstance(r, dict) and "prompt_index" in r for r in results
-        )
-        for pos, result in enumerate(results):
-            if not isinstance(result, dict) or not isinstance(result.get("outputs"), list):
-                raise RolloutError(f"{where}: result {pos} is not an object with an 'outputs' list")
-            result_tag = self._tag_of(result)
-            if result_tag is not None and result_tag != self.client_tag:
-                dropped += 1
-                continue
-            index = result.get("prompt_index", pos // params.n if flat else pos)
-            if not isinstance(index, int) or not 0 <= index < num_prompts:
-                raise RolloutError(f"{where}: result {pos} has prompt_index {index!r} for {num_prompts} prompts")
-            for output in result["outputs"]:
-                tag = self._tag_of(output) or result_tag
-                if tag is None:
-                    untagged += 1
-                elif tag != self.client_tag:
-                    dropped += 1
-                    continue
-                groups[index].append(self._sample(output, version, params, where))
-        if untagged and self.require_tag_echo:
+        parsed = parse_results(body, num_prompts, params, self.client_tag, where)
+        if parsed.untagged and self.require_tag_echo:
             raise ClientTagError(
-                f"{where} returned {untagged} completion(s) without a client_tag echo: it does not speak the "
+                f"{where} returned {parsed.untagged} completion(s) without a client_tag echo: it does not speak the "
                 f"client_tag protocol, so completions cannot be told apart from other clients'. Use a maxent-jax "
                 f"server, or set require_tag_echo=False to accept untagged results."
             )
-        if dropped:
-            self.dropped_foreign += dropped
-            log.warning("dropped %d result(s)/output(s) tagged for another client (ours: %r)", dropped, self.client_tag)
-        if not any(groups):
-            raise ClientTagError(f"{where}: response has no completions for client_tag {self.client_tag!r} ({dropped} foreign dropped)")
-        return groups, version, dropped
-
-    def _sample(self, output: Any, version: int, params: SamplingParams, where: str) -> Sample:
-        ids = output.get("token_ids")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise RolloutError(f"{where}: an output has no integer 'token_ids' list: {str(output)[:200]}")
-        logprobs = output.get("logprobs")
-        if params.logprobs:
-            if not isinstance(logprobs, list) or len(logprobs) != len(ids):
-                raise RolloutError(f"{where}: an output's 'logprobs' do not match its {len(ids)} tokens: {str(logprobs)[:200]}")
-        sampling = output.get("sampling_logprobs")
-        return Sample(
-            token_ids=np.asarray(ids, dtype=np.int32),
-            logprobs=np.asarray(logprobs, dtype=np.float32) if params.logprobs else None,
-            text=str(output.get("text", "")),
-            finish_reason=str(output.get("finish_reason")),
-            weight_version=int(output.get("metadata", {}).get("weight_version", version)),
-            sampling_logprobs=np.asarray(sampling, dtype=np.float32) if isinstance(sampling, list) else None,
-        )
+        if parsed.dropped:
+            self.dropped_foreign += parsed.dropped
+            log.warning("dropped %d result(s)/output(s) tagged for another client (ours: %r)", parsed.dropped, self.client_tag)
+        if not any(parsed.groups):
+            raise ClientTagError(f"{where}: response has no completions for client_tag {self.client_tag!r} ({parsed.dropped} foreign dropped)")
+        return parsed.groups, parsed.weight_version, parsed.dropped
 
     # -- weights --------------------------------------------------------------------------
 
@@ -575,7 +397,7 @@ class RolloutClient:
 
     def push_weights(
         self,
-        tensors: Iterable[tuple[str, np.ndarray]] | Callable[[], Iterable[tuple[str, np.ndarray]]],
+        tensors: NamedTensors | Callable[[], NamedTensors],
         *,
         version: int | None = None,
         layout: str = HF_LAYOUT,
@@ -590,56 +412,9 @@ class RolloutClient:
         """
         if not self.token:
             raise ValueError("push_weights needs the server's token (RolloutClient(token=...))")
-        replayable = callable(tensors)
-        sent = {"bytes": 0, "convert": 0.0, "upload": 0.0, "uploaded_at": 0.0}
-
-        def timed_source() -> Iterator[tuple[str, np.ndarray]]:
-            source = iter(tensors() if replayable else tensors)
-            while True:
-                begin = time.perf_counter()
-                item = next(source, None)
-                sent["convert"] += time.perf_counter() - begin
-                if item is None:
-                    return
-                yield item
-
-        def body() -> Iterable[bytes | memoryview]:
-            sent.update(bytes=0, convert=0.0)
-            begin = time.perf_counter()
-            for chunk in iter_stream(timed_source()):
-                sent["bytes"] += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
-                yield chunk
-            sent["uploaded_at"] = time.perf_counter()
-            sent["upload"] = sent["uploaded_at"] - begin
-
-        headers = {
-            "Authorization": f"Bearer {self.token}",
-            "Content-Type": "application/octet-stream",
-            "Transfer-Encoding": "chunked",
-        }
-        if version is not None:
-            headers[WEIGHT_VERSION_HEADER] = str(int(version))
-        query = adapter.query() if adapter is not None else {LAYOUT_PARAM: layout}
-        path = "/weights" if layout == HF_LAYOUT else f"/weights?{urllib.parse.urlencode(query)}"
+        upload = TimedUpload(tensors)
+        path, headers = push_request(self.token, version, layout, adapter)
         start = time.perf_counter()
-        reply, _ = self._call("POST", path, body, headers, attempts=None if replayable else 1, chunked=True)
+        reply, _ = self._call("POST", path, upload.body, headers, attempts=None if upload.replayable else 1, chunked=True)
         answered_at = time.perf_counter()
-        result = self._json(reply, path)
-        seconds = answered_at - start
-        apply = float(result.get("apply_seconds", 0.0))
-        return {
-            "weight_version": int(result["weight_version"]),
-            "layout": layout,
-            "base_id": result.get("base_id"),  # None from a server without adapter pushes
-            "seconds": seconds,
-            "bytes": float(sent["bytes"]),
-            "gb_per_s": sent["bytes"] / 1e9 / max(seconds, 1e-9),
-            # Where the time went: producing host tensors (the iterable), writing the stream
-            # (framing + socket, including waits for the server to read), then the wait for the
-            # reply: the server finishing what it received after the last byte (reading,
-            # preparing tensors) and its apply phase (the swap under its lock).
-            "convert_seconds": sent["convert"],
-            "send_seconds": sent["upload"] - sent["convert"],
-            "server_finish_seconds": answered_at - sent["uploaded_at"] - apply,
-            "server_apply_seconds": apply,
-        }
+        return push_report(self._json(reply, path), layout, upload, start, answered_at)

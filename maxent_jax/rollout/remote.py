@@ -23,7 +23,8 @@ import numpy as np
 
 from maxent_jax.rollout.adapters import AdapterSpec
 from maxent_jax.rollout.backend import SamplingParams
-from maxent_jax.rollout.client import RolloutClient, RolloutError
+from maxent_jax.rollout.client import RolloutClient
+from maxent_jax.rollout.completions import RolloutError
 from maxent_jax.rollout.protocol import LORA_LAYOUT, NATIVE_LAYOUT
 
 
