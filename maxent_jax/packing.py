@@ -39,6 +39,7 @@ c, c + chunks, ..., each piece with its own copies of the prompts. Indices are l
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -47,7 +48,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from maxent_jax.errors import UserError
 from maxent_jax.model.attention import causal_blocks
 from maxent_jax.model.logprobs import token_logprobs
 from maxent_jax.objectives.infoseed import pool_hidden
@@ -63,6 +63,7 @@ from maxent_jax.parallel.rules import (
 from maxent_jax.parallel.train_step import piece, piece_axis, split_axis
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 HEAD_MULTIPLE = 8
 LENGTH_MULTIPLE = 64  # candidate buffer lengths are multiples of this
 
@@ -335,12 +336,15 @@ class Packer:
                 head += k
 
 
-def packer_for(config: Any, model_cfg: Any, batch_devices: int, pad_id: int) -> Packer:
-    """The run's packer from the config (`train.packing`); one host process only, since the buffers'
-    indices are global to the step's batch."""
+def packer_for(config: Any, model_cfg: Any, batch_devices: int, pad_id: int) -> Packer | None:
+    """The run's packer from the config (`train.packing`), or None (the padded layout) with a warning
+    when the run has several host processes: the buffers' indices are global to the step's batch,
+    which one process packs. The real-model recipes turn packing on, and the same recipe launched on
+    several nodes should still train."""
     if jax.process_count() > 1:
-        raise UserError(f"config field train.packing=True is invalid with {jax.process_count()} host processes: "
-                        "packing runs on one process; set train.packing=False")
+        log.warning("train.packing=True: packing runs in one trainer process, and this run has %d; every step "
+                    "is scored padded", jax.process_count())
+        return None
     t, s = config.train, config.info_seed
     return Packer(t.pack_length, batch_devices, chunks=t.gradient_chunks, micro=t.gradient_accumulation_steps,
                   pad_id=pad_id, rows_for_pooling=s.enabled and s.lambda_ > 0, costs=Costs.of(model_cfg),

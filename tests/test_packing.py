@@ -9,6 +9,8 @@ loss, metrics and gradients for every objective, packed against padded, on one d
 
 from __future__ import annotations
 
+import logging
+
 import hypothesis
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, strategies as st
 
+from maxent_jax import packing
 from maxent_jax.config import get_base_config
 from maxent_jax.config_check import validate
 from maxent_jax.errors import UserError
@@ -497,3 +500,16 @@ def test_bench_lengths_and_flags():
         parse_args(["train-step", "--lengths", "skewed", "--vs", "trl"])
     with pytest.raises(UserError, match="--pack-length 64 is invalid"):
         parse_args(["update", "--pack-length", "64"])
+
+
+def test_several_host_processes_score_padded_with_a_warning(monkeypatch, caplog):
+    """The recipes turn packing on; launched on several nodes (one trainer process each) they train
+    padded, said once, instead of refusing to start."""
+    config = get_base_config()
+    config.train.packing = True
+    monkeypatch.setattr(packing.jax, "process_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="maxent_jax.packing"):
+        assert packing.packer_for(config, CFG, batch_devices=8, pad_id=0) is None
+    assert "this run has 2; every step is scored padded" in caplog.text
+    monkeypatch.setattr(packing.jax, "process_count", lambda: 1)
+    assert isinstance(packing.packer_for(config, CFG, batch_devices=8, pad_id=0), Packer)

@@ -155,16 +155,21 @@ class Setup:
     shapes: StepShapes
 
 
-def build_setup(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: Mesh, rules: Rules) -> Setup:
-    """With `lora.enabled`, as the trainer splits a LoRA run: the adapters are the trained parameters
-    (with their optimizer state and reference copy) and the frozen base, in `lora.base_dtype`, is in `rest`."""
+def abstract_split(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`(graphdef, trained params, rest)` of the run's model, abstract. With `lora.enabled`, as the
+    trainer splits a LoRA run: the adapters are the trained parameters (with their optimizer state
+    and reference copy) and the frozen base, in `lora.base_dtype`, is in `rest`."""
     lora = LoRASettings.from_config(config.lora) if config.lora.enabled else None
 
     def model() -> Decoder:
         decoder = Decoder(cfg, rngs=nnx.Rngs(0))
         return apply_lora(decoder, lora, 0, adapter_dtype=cfg.param_dtype) if lora else decoder
 
-    graphdef, params, rest = nnx.split(nnx.eval_shape(model), LoRAParam if lora else nnx.Param, ...)
+    return nnx.split(nnx.eval_shape(model), LoRAParam if lora else nnx.Param, ...)
+
+
+def build_setup(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: Mesh, rules: Rules) -> Setup:
+    graphdef, params, rest = abstract_split(config, cfg)
     optimizer, _ = optimizer_lib.make_optimizer(config.optim, max(1, config.train.max_steps))
     state = sharded_abstract_state(params, optimizer, mesh, rules)
     shape = tuple(mesh.shape[a] for a in mesh.axis_names)
@@ -228,7 +233,7 @@ def update_flops(setup: Setup) -> float:
     cfg = setup.cfg
     if cfg.attention != "blocked":
         cfg = cfg.replace(attention="dot_product")
-    graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+    graphdef = abstract_split(setup.config, cfg)[0]
     loss = _loss(setup, chunk_size=0)
     params_sh = tree_shardings(setup.state.params, setup.mesh, setup.rules)
     batch = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype,
