@@ -71,3 +71,22 @@ def export_merged(model: Any, model_config: Any, workdir: str | os.PathLike, *,
     from maxent_jax.model.lora_io import export_merged as write_merged
 
     return write_merged(model, model_config, pathlib.Path(workdir) / MERGED_EXPORT_DIR, tokenizer_dir=tokenizer_dir)
+
+
+def export_policy(policy: Any, params: Any, workdir: str | os.PathLike, *, lora_base: Mapping[str, Any] | None,
+                  controller_state: Mapping[str, Any] | None) -> str:
+    """The end of training's export of `policy` (a `run_setup.Policy`) with `params`: final_hf/, or a
+    LoRA run's PEFT adapter there and its merged model in final_merged_hf/. Returns the line that
+    says where they went."""
+    if policy.lora is None:
+        out = export_final(params, policy.model_cfg, workdir, tokenizer_dir=policy.tokenizer_dir,
+                           controller_state=controller_state)
+        return f"exported the final policy to {out} (transformers can load it)"
+    from flax import nnx
+
+    model = nnx.merge(policy.graphdef, params, policy.rest)
+    out = export_adapter(model, policy.lora, workdir, base=lora_base, tokenizer_dir=policy.tokenizer_dir,
+                         controller_state=controller_state)
+    merged = export_merged(model, policy.model_cfg, workdir, tokenizer_dir=policy.tokenizer_dir)
+    return (f"exported the LoRA adapter to {out} (peft can load it on {lora_base['path']}) and the "
+            f"merged model to {merged}")

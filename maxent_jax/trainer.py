@@ -15,13 +15,9 @@ Host code here only orchestrates; every number is computed by jitted functions f
 
 from __future__ import annotations
 
-import functools
-import json
 import dataclasses
-import logging
 import pathlib
 import signal
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,10 +27,9 @@ import numpy as np
 from flax import nnx
 
 from maxent_jax import checkpoint as checkpoint_lib
-from maxent_jax import checkpoint_verify, disk_space
+from maxent_jax import checkpoint_verify, run_state, step_prep, warmup
 from maxent_jax import export as export_lib
 from maxent_jax import optimizer as optimizer_lib
-from maxent_jax import packing, scoring
 from maxent_jax.controllers.persistence import resume_controller_state, to_json, write_controller_state
 from maxent_jax.controllers.settings import ControllerSettings
 from maxent_jax.controllers.state import ControllerInputs, ControllerState
@@ -44,28 +39,21 @@ from maxent_jax.errors import UserError
 from maxent_jax.evaluate import evaluate_policy
 from maxent_jax.model import lora as lora_lib
 from maxent_jax.model import lora_io
-from maxent_jax.objectives.grpo import prepare_grpo_batch
-from maxent_jax.objectives.infoseed import render_seed_prompts
-from maxent_jax.objectives.maxent import listwise_target, prepare_maxent_batch
 from maxent_jax.objectives.registry import get_objective
 from maxent_jax.parallel.mesh import make_mesh
-from maxent_jax.parallel.forward import SCORE_KEYS, make_logprob_fn
-from maxent_jax.parallel.distributed import global_batch, host_rows, mean_over_hosts, read_scalars
+from maxent_jax.parallel.distributed import read_scalars
 from maxent_jax.parallel.rules import resolve_rules
 from maxent_jax.parallel.train_step import TrainState, init_train_state, make_train_step
 from maxent_jax.plan.guard import check_fits
-from maxent_jax.policy import rl_loss, sft_loss
+from maxent_jax.policy import rl_loss
 from maxent_jax.preemption import PreemptionGuard
 from maxent_jax.rewards import RewardScorer
-from maxent_jax.rollout import dynamic_sampling, staleness, stragglers
-from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout import dynamic_sampling, groups, staleness, stragglers
 from maxent_jax.rollout.producer import Producer, ReadyBatch, Rollout, WeightPusher, shut_down
 from maxent_jax.rollout.step_metrics import rollout_metrics
 from maxent_jax.storage import reporting_storage_faults
 from maxent_jax.run_setup import Task, load_policy, load_reference_params, load_task, objective_settings
 from maxent_jax.telemetry import Telemetry
-
-log = logging.getLogger(__name__)
 
 CONTROLLER_FILE = "controller_state.json"
 
@@ -107,28 +95,12 @@ class Trainer:
                                                c.info_seed.pooling, c.model.score_prompt_once, lora_dropout),
                                        self.mesh, self.rules, gradient_chunks=c.train.gradient_chunks,
                                        rng_seed=c.seed if lora_dropout > 0 else None)
-        # Reference log-probs in the update's micro-batches: scored all at once, a step's rows (512 prompts
-        # x 16 for the 1.5B recipes) needed ~650 GB per device of activations (python -m maxent_jax.plan).
-        self.score = make_logprob_fn(self.policy.graphdef, self.policy.rest, self.state.params, self.mesh,
-                                     self.rules, chunk_size=c.model.logprob_chunk_size,
-                                     micro_batches=c.train.gradient_accumulation_steps,
-                                     group=self.group if c.model.score_prompt_once else 1)
-        self.packer = (packing.packer_for(c, self.policy.model_cfg, batch_devices, self.policy.pad_id)
-                       if c.train.packing else None)
-        self.packed_score = packing.make_packed_logprob_fn(
-            self.policy.graphdef, self.policy.rest, self.state.params, self.mesh, self.rules,
-            chunk_size=c.model.logprob_chunk_size, chunks=c.train.gradient_chunks) if self.packer else None
+        self.score, self.packer, self.packed_score = step_prep.reference_programs(
+            c, self.policy, self.state.params, self.mesh, self.rules, group=self.group, batch_devices=batch_devices)
         self.controller_settings = ControllerSettings.from_config(c, optimizer_warmup_steps=self.warmup)
         self.controllers: ControllerState = resume_controller_state(None, self.controller_settings)
         self.update_controllers = jax.jit(update_controllers)
-        # The objective's pre-step arrays in one compiled program: run eagerly they were dozens of
-        # small dispatches per step, a real cost on a GPU where the whole small-model step is ~60 ms.
-        if c.objective.train_grpo_objective:
-            self.prepare_objective = jax.jit(functools.partial(prepare_grpo_batch, scale_rewards=c.objective.scale_rewards))
-        else:
-            self.prepare_objective = jax.jit(functools.partial(
-                prepare_maxent_batch, q_temperature=c.maxent.q_temperature, q_epsilon=c.maxent.q_epsilon,
-                length_normalize_ref=c.maxent.length_normalize_ref))
+        self.prepare_objective = step_prep.objective_prep(c)  # MaxEnt weights or GRPO advantages, compiled once
         # first_order / truncated_backprop differentiate the closed-form weights, so they need q.
         self.meta_needs_batch = (self.controller_settings.meta_enabled
                                  and self.controller_settings.meta_method != "analytic")
@@ -144,12 +116,7 @@ class Trainer:
         self.telemetry = Telemetry(workdir, c, is_main=jax.process_index() == 0, total_steps=self.total_steps,
                                    config_path=config_path,
                                    resume_step=self.resume_point.step if self.resume_point else 0)
-        disk_space.preflight(
-            workdir, checkpoint_bytes=disk_space.state_nbytes(self._checkpoint_state()) * 2,
-            keep=c.checkpoint.save_total_limit,
-            saves=disk_space.planned_saves(self.resume_point.step if self.resume_point else 0,
-                                               self.total_steps, c.checkpoint.save_steps),
-            extra_bytes=disk_space.state_nbytes(self.state.params) if c.checkpoint.export_final else 0)
+        run_state.check_space(self)  # the checkpoints (and final export) this run will write fit on the disk
         self.consecutive_nonfinite = 0
         self.tokens_seen = 0
         self.applied_stream = self.stream.state()  # after the last APPLIED update's prompts: what a checkpoint records
@@ -174,101 +141,24 @@ class Trainer:
 
     # -- rollout -----------------------------------------------------------------------
 
-    def _sampling_params(self, n: int) -> SamplingParams:
-        r = self.config.rollout
-        return SamplingParams(n=n, max_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, stop=tuple(r.stop_sequences), ignore_eos=r.ignore_eos)
-
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int) -> tuple[list[list[int]], list[list[float]], np.ndarray]:
         """n completions per prompt (prompt-major): token ids, behaviour log-probs, stopped flags."""
         self.key, key = jax.random.split(self.key)
-        return self.policy.generate(self.state.params, prompt_ids, self._sampling_params(n), key)
+        return self.policy.generate(self.state.params, prompt_ids, groups.sampling_params(self.config.rollout, n), key)
 
     def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
-        """G completions per prompt, plus one per seed prompt when InfoSeed is on (spec 9.1).
-
-        Seed completions join their parent's group (group size G + num_seeds) and are scored
-        under the parent prompt: the seed tag is only in the generation context.
-        """
-        start = time.monotonic()
-        c, n = self.config, self.config.rollout.num_generations
-        prompt_ids = [r["prompt_ids"] for r in rows]
-        ids, logps, _ = self.generate(prompt_ids, n)
-        seed_ids = np.full((len(rows), self.group), -1, np.int32)
-        if self.seeds:
-            seed_prompts, seed_ids[:, n:] = render_seed_prompts(
-                [r["prompt"] for r in rows], self.seeds, c.info_seed.prompt_template, self.seed_rng)
-            encoded = self.policy.tokenizer(seed_prompts, add_special_tokens=False)["input_ids"]
-            s_ids, s_logps, _ = self.generate([x[-c.rollout.max_prompt_length:] for x in encoded], 1)
-            ids, logps = _interleave(ids, s_ids, n, self.seeds), _interleave(logps, s_logps, n, self.seeds)
-        k = self.group
-        texts = self.policy.decode(ids)
-        answers = [r["answer"] for r in rows for _ in range(k)]
-        utilities, parts = self.rewards(texts, answers, is_eval=False)
-        completion_len = scoring.bucket(max(len(x) for x in ids), 8, c.rollout.max_completion_length)
-        batch = scoring.build_score_batch(
-            [p for p in prompt_ids for _ in range(k)], ids, prompt_len=self.task.prompt_len,
-            completion_len=completion_len, pad_id=self.policy.pad_id, behaviour_logps=logps)
-        batch["seed_ids"] = seed_ids.reshape(-1)
-        batch["is_seed_aug"] = seed_ids.reshape(-1) >= 0
-        return Rollout(batch=batch, utilities=np.asarray(utilities, np.float32).reshape(-1, k), reward_parts=parts,
-                       texts=texts, lengths=np.array([len(x) for x in ids]),
-                       seconds=time.monotonic() - start)
+        """G completions per prompt, plus one per seed prompt when InfoSeed is on (rollout/groups.py)."""
+        return groups.rollout_groups(rows, config=self.config, policy=self.policy, prompt_len=self.task.prompt_len,
+                                     generate=self.generate, rewards=self.rewards, seed_rng=self.seed_rng)
 
     # -- one RL step ---------------------------------------------------------------------
 
-    def _grouped(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        g = self.group
-        return {k: v.reshape(-1, g, *v.shape[1:]) for k, v in batch.items()}
-
-    def _micro_batched(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """[P, ...] -> [num_micro, P / num_micro, ...]: micro-batches of whole groups, assembled into
-        the global batch from every host's slice."""
-        m = self.config.train.gradient_accumulation_steps
-        return global_batch({k: v.reshape(m, -1, *v.shape[1:]) for k, v in arrays.items()}, self.mesh, self.rules)
-
-    def prepare(self, ro: Rollout, keep: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float], ControllerInputs]:
-        """Reference statistics and the objective's pre-step arrays (weights or advantages);
-        `keep` `[P]`: the groups trained on (the others are marked invalid)."""
-        c = self.config
-        grouped = self._grouped(ro.batch)
-        mask = grouped["completion_mask"]
-        valid = np.repeat(keep[:, None], self.group, 1)
-        if ro.valid is not None:  # dynamic sampling's filler groups
-            valid &= ro.valid
-        lengths = mask.sum(-1).astype(np.float32)
-        packed, pack_stats = self.packer(grouped) if self.packer else ({}, {})
-        ref_logp = self.reference_logprobs(ro.batch, {**packed, "completion_mask": mask}).reshape(mask.shape)
-        ref_sum = (ref_logp * mask).sum(-1)
-        if c.objective.train_grpo_objective:
-            advantages, stats = self.prepare_objective(ro.utilities, valid)
-            extra = {"advantages": np.asarray(advantages)}
-        else:
-            weights, stats = self.prepare_objective(
-                ro.utilities, valid, ref_sum, lengths, self.controllers.tau, self.controllers.beta)
-            extra = {"weights": np.asarray(weights)}
-        stats = {**read_scalars(stats), **pack_stats}
-        # Spec 5.3's reference statistics: mean summed reference log-prob and mean scored tokens per completion.
-        stats["ref_logp_mean"] = float(ref_sum.mean())
-        stats["avg_completion_tokens"] = float(lengths.mean())
-        if not c.vllm.return_logprobs:  # ratio against the policy's own (stop-gradient) log-probs
-            grouped.pop("behaviour_logp", None)
-        arrays = {
-            **grouped,
-            **packed,
-            "token_mask": mask,
-            "valid": valid,
-            "ref_logp": ref_logp,
-            **extra,
-        }
-        inputs = ControllerInputs(
-            weight_entropy=jnp.asarray(mean_over_hosts(stats.get("weight_entropy", 0.0)), jnp.float32),
-            kl=jnp.zeros((), jnp.float32),
-            q=(listwise_target(jnp.asarray(ro.utilities), jnp.asarray(valid), c.maxent.q_temperature,
-                               c.maxent.q_epsilon) if self.meta_needs_batch else None),
-            ref_logp_sum=jnp.asarray(ref_sum),
-            valid=jnp.asarray(valid), lengths=jnp.asarray(lengths))
-        return arrays, stats, inputs
+    def prepare(self, ro: Rollout, keep: np.ndarray) -> tuple[step_prep.Arrays, dict[str, float], ControllerInputs]:
+        """Reference statistics and the objective's pre-step arrays of the groups `keep` (step_prep.py)."""
+        return step_prep.prepare(ro, keep, config=self.config, group=self.group, packer=self.packer,
+                                 reference_logprobs=self.reference_logprobs,
+                                 prepare_objective=self.prepare_objective, controllers=self.controllers,
+                                 meta_needs_batch=self.meta_needs_batch)
 
     def reference_logprobs(self, batch: dict[str, np.ndarray], packed: dict[str, np.ndarray]) -> np.ndarray:
         """`[P * G, Tc]` reference log-probs from the configured source (spec 5.3), on the packed
@@ -277,12 +167,10 @@ class Trainer:
         source = "policy" if m.share_reference_model else m.reference_logprobs_source
         if source == "rollout":
             return batch["behaviour_logp"]
-        params = self.state.params if source == "policy" else self.reference_params
-        if packing.is_packed(packed):
-            logp = self.packed_score(params, self._micro_batched(packed))
-            return np.asarray(logp).reshape(batch["completion_ids"].shape)
-        rows = global_batch({k: batch[k] for k in SCORE_KEYS}, self.mesh, self.rules, micro_batched=False)
-        return host_rows(self.score(params, rows), self.mesh, self.rules)
+        return step_prep.reference_logprobs(
+            batch, packed, self.state.params if source == "policy" else self.reference_params, score=self.score,
+            packed_score=self.packed_score, micro_batches=self.config.train.gradient_accumulation_steps,
+            mesh=self.mesh, rules=self.rules)
 
     def train_step(self) -> dict[str, float]:
         """One RL step: with `rollout.max_staleness` 0 push, collect and update in turn (synchronous);
@@ -319,7 +207,8 @@ class Trainer:
             versions = np.full(ro.lengths.shape, index)
         else:
             served, n = remote.take_versions(), len(rows) * self.config.rollout.num_generations
-            versions = np.array(_interleave(served[:n], served[n:], n // len(rows), self.seeds) if self.seeds else served)
+            versions = np.array(groups.interleave(served[:n], served[n:], n // len(rows), self.seeds)
+                                if self.seeds else served)
         return dataclasses.replace(ro, versions=versions)
 
     def update(self, ready: ReadyBatch) -> dict[str, float]:
@@ -336,8 +225,8 @@ class Trainer:
         # tau and beta as this step used them, read once (update_controllers replaces them below).
         used = read_scalars({"tau": self.controllers.tau, "beta": self.controllers.beta})
         used_tau, used_beta = used["tau"], used["beta"]
-        self.state, metrics = self.rl_step(self.state, self._micro_batched(arrays),
-                                           scalars={"beta": np.float32(used_beta)})
+        batch = step_prep.micro_batched(arrays, c.train.gradient_accumulation_steps, self.mesh, self.rules)
+        self.state, metrics = self.rl_step(self.state, batch, scalars={"beta": np.float32(used_beta)})
         metrics = read_scalars(metrics)
         skipped = bool(metrics.pop("skipped"))
         self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
@@ -398,54 +287,14 @@ class Trainer:
         self.say(f"mean reward before training: {reward:.3f}")
 
     def supervised_warmup(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Teach the answer format on the dataset's worked solutions before RL (the tiny default).
-
-        `should_stop` is asked after every warm-up step: True (a SIGTERM) ends the warm-up there and
-        returns False, without a checkpoint (there is no RL state yet; a rerun warms up again).
-        """
-        c = self.config
-        if not any("solution" in row for row in self.task.train):
-            raise UserError(
-                f"config field train.sft_warmup_steps={c.train.sft_warmup_steps} needs worked solutions: the dataset "
-                f"has no non-empty {c.data.dataset_worked_solution_column!r} column "
-                "(data.dataset_worked_solution_column names it); set train.sft_warmup_steps=0 or name the column")
-        solved = [row for row in self.task.train if "solution" in row]
-        tok = self.policy.tokenizer
-        end = _eos_suffix(tok)
-        opt, _ = optimizer_lib.make_optimizer(
-            ml_collections.ConfigDict(dict(c.optim.to_dict(), learning_rate=c.train.sft_learning_rate,
-                                           lr_scheduler_type="constant", warmup_steps=0, warmup_ratio=0.0)),
-            c.train.sft_warmup_steps)
-        graphdef, params, rest = self.policy.graphdef, self.state.params, self.policy.rest
-        if self.policy.lora is not None:  # the warm-up trains the base; the adapters start on the result
-            graphdef, params, rest = nnx.split(nnx.merge(graphdef, params, rest), lora_lib.BASE, ...)
-        state = init_train_state(params, opt, self.mesh, self.rules)
-        step_fn = make_train_step(graphdef, rest, state, opt,
-                                  sft_loss(c.model.logprob_chunk_size), self.mesh, self.rules,
-                                  gradient_chunks=c.train.gradient_chunks)
-        rows_per_step = self.num_prompts * self.group
-        stream = BatchStream(solved, rows_per_step, c.seed + 1)
-        self.say(f"supervised warm-up: {c.train.sft_warmup_steps} steps of {rows_per_step} solutions")
-        for i in range(c.train.sft_warmup_steps):
-            rows = stream.next()
-            solutions = [tok(r["solution"] + end, add_special_tokens=False)["input_ids"] for r in rows]
-            batch = scoring.build_score_batch(
-                [r["prompt_ids"] for r in rows], solutions, prompt_len=self.task.prompt_len,
-                completion_len=scoring.bucket(max(map(len, solutions)), 8, c.rollout.max_completion_length),
-                pad_id=self.policy.pad_id)
-            state, metrics = step_fn(state, {k: jnp.asarray(v)[None, :, None] for k, v in batch.items()})
-            if (i + 1) % max(1, c.train.sft_warmup_steps // 10) == 0:
-                self.say(f"  warm-up step {i + 1}/{c.train.sft_warmup_steps}: nll "
-                                       f"{float(metrics['sft/nll']):.3f}")
-            if should_stop():
-                self.say(f"preempted during the supervised warm-up (step {i + 1}/{c.train.sft_warmup_steps}): "
-                         "nothing to save before the first RL step; rerun the same command to start again")
-                return False
-        if self.policy.lora is not None:
-            lora_lib.write_base(self.policy.rest, state.params)
-            self.state = init_train_state(self.state.params, self.optimizer, self.mesh, self.rules)
-        else:
-            self.state = init_train_state(state.params, self.optimizer, self.mesh, self.rules)
+        """Teach the answer format on the dataset's worked solutions before RL (warmup.py); False when
+        `should_stop` ended it early (nothing saved: a rerun warms up again)."""
+        params = warmup.supervised_warmup(self.config, self.policy, self.task, self.state.params, self.mesh,
+                                          self.rules, rows_per_step=self.num_prompts * self.group, say=self.say,
+                                          should_stop=should_stop)
+        if params is None:
+            return False
+        self.state = init_train_state(params, self.optimizer, self.mesh, self.rules)  # RL's optimizer starts fresh
         self.sft_done = True
         return True
 
@@ -466,49 +315,11 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {"train": self.state, "reference": self.reference_params, "controllers": self.controllers,
-                "rng": jax.random.key_data(self.key)}
-
-    def _extras(self) -> dict[str, Any]:
-        """The host state the loop carries from step to step (the arrays are in `_checkpoint_state`).
-
-        Every piece that decides a later step must be here for a resume to be exact: the data
-        position, the InfoSeed seed-id generator, the non-finite streak and the metrics window
-        not yet emitted (logging_steps > 1). Eval and save schedules follow from `step` alone.
-        """
-        return {"step": self.step, "stream": self.applied_stream, "tokens_seen": self.tokens_seen,
-                "controller_state": to_json(self.controllers, self.controller_settings),
-                # PCG64's state holds 128-bit integers: kept as a JSON string, not as numbers.
-                "seed_rng": json.dumps(self.seed_rng.bit_generator.state),
-                "consecutive_nonfinite": self.consecutive_nonfinite,
-                "metrics_window": self.telemetry.window.state(),
-                **({"lora_base": self.lora_base} if self.lora_base is not None else {})}
-
     def save(self) -> None:
-        self.checkpoints.save(self.step, self._checkpoint_state(), self._extras())
+        self.checkpoints.save(self.step, run_state.checkpoint_state(self), run_state.extras(self))
 
     def restore(self, point: checkpoint_verify.ResumePoint) -> None:
-        self.reference_params = self.state.params
-        state, extras = self.checkpoints.restore(point.path, self._checkpoint_state())
-        self.state, self.reference_params = state["train"], state["reference"]
-        self.key = jax.random.wrap_key_data(state["rng"])
-        self.controllers = resume_controller_state(state["controllers"], self.controller_settings)
-        self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
-        self.stream.restore(extras["stream"])
-        applied = stragglers.applied_part(extras["stream"], self.config.rollout.straggler_groups)
-        self.applied_stream = {**self.stream.state(), **applied}  # with straggler carry-over, prompts beyond it
-        # Checkpoints written before these were saved resume without them (as before: not bit-exact).
-        if "seed_rng" in extras:
-            self.seed_rng.bit_generator.state = json.loads(extras["seed_rng"])
-        self.consecutive_nonfinite = int(extras.get("consecutive_nonfinite", 0))
-        if "metrics_window" in extras:
-            self.telemetry.window.restore(extras["metrics_window"])
-        if self.policy.lora is not None:  # (a full fine-tuning checkpoint already failed to match the state)
-            self.lora_base = extras["lora_base"]
-            lora_io.restore_base(self.policy.rest, self.lora_base, self.workdir,
-                                 self.config.lora.base_dtype or self.config.model.param_dtype)
-        self.sft_done = True
+        run_state.restore(self, point)  # arrays and host state (run_state.py)
         self.say(f"resumed from {point.path} at step {self.step}")
 
     # -- the whole run -------------------------------------------------------------------
@@ -574,22 +385,9 @@ class Trainer:
         self.producer = Producer(collect, self.step, s, self.pusher, end=self.total_steps)
 
     def export_final(self) -> None:
-        if not self.config.checkpoint.export_final:
-            return
-        if self.policy.lora is not None:
-            model = nnx.merge(self.policy.graphdef, self.state.params, self.policy.rest)
-            out = export_lib.export_adapter(model, self.policy.lora, self.workdir, base=self.lora_base,
-                                                tokenizer_dir=self.policy.tokenizer_dir,
-                                                controller_state=to_json(self.controllers, self.controller_settings))
-            merged = export_lib.export_merged(model, self.policy.model_cfg, self.workdir,
-                                                  tokenizer_dir=self.policy.tokenizer_dir)
-            self.say(f"exported the LoRA adapter to {out} (peft can load it on {self.lora_base['path']}) and the "
-                     f"merged model to {merged}")
-            return
-        out = export_lib.export_final(self.state.params, self.policy.model_cfg, self.workdir,
-                                          tokenizer_dir=self.policy.tokenizer_dir,
-                                          controller_state=to_json(self.controllers, self.controller_settings))
-        self.say(f"exported the final policy to {out} (transformers can load it)")
+        if self.config.checkpoint.export_final:
+            self.say(export_lib.export_policy(self.policy, self.state.params, self.workdir, lora_base=self.lora_base,
+                                              controller_state=to_json(self.controllers, self.controller_settings)))
 
     def close(self) -> None:
         shut_down(self.producer, self.pusher, self.policy.close)  # first: the spawned server's devices and port go back at once
@@ -598,15 +396,3 @@ class Trainer:
         self.rewards.close()
         self.eval_rewards.close()
 
-
-def _eos_suffix(tokenizer: Any) -> str:
-    """The end-of-turn token a worked solution ends with, so the model learns to stop."""
-    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
-
-
-def _interleave(originals: list, seeds: list, n: int, s: int) -> list:
-    """Prompt-major rows: each prompt's n originals followed by its s seed completions."""
-    out = []
-    for p in range(len(originals) // n):
-        out += originals[p * n:(p + 1) * n] + seeds[p * s:(p + 1) * s]
-    return out

@@ -31,7 +31,7 @@ from maxent_jax.data.pair_sum import solution_counts
 from maxent_jax.eval_metrics import pass_at_k
 from maxent_jax.experiments import arms as arms_lib
 from maxent_jax.rewards.pair_sum import correct_pair
-from maxent_jax.rollout.backend import SamplingParams
+from maxent_jax.rollout import groups
 from maxent_jax.trainer import Trainer
 
 TRAIN_KEYS = ("train/reward", "train/weight_entropy", "train/tau", "train/kl")
@@ -85,9 +85,8 @@ class DiversityTrainer(Trainer):
 
     def evaluate(self) -> dict[str, float]:
         rows = self.task.eval
-        r, n = self.config.rollout, arms_lib.NUM_SAMPLES
-        params = SamplingParams(n=n, max_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, stop=tuple(r.stop_sequences), ignore_eos=r.ignore_eos)
+        n = arms_lib.NUM_SAMPLES
+        params = groups.sampling_params(self.config.rollout, n)
         ids, logps, _ = self.policy.generate(self.state.params, [row["prompt_ids"] for row in rows], params,
                                              jax.random.fold_in(self.eval_key, self.step))
         texts = self.policy.decode(ids)

@@ -181,7 +181,7 @@ def _abstract(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding | None
 
 
 def step_batch(setup: Setup, num_micro: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """The RL step's batch as `Trainer.prepare` + `_micro_batched` build it: `[num_micro, P/num_micro, G, ...]`."""
+    """The RL step's batch as `Trainer.prepare` + `step_prep.micro_batched` build it: `[num_micro, P/num_micro, G, ...]`."""
     c, s = setup.config, setup.shapes
     m = s.num_micro if num_micro is None else num_micro
     lead = (m, s.prompts // s.num_micro, s.group)
