@@ -51,9 +51,9 @@ def reference_programs(config: ml_collections.ConfigDict, policy: Policy, params
     score = make_logprob_fn(policy.graphdef, policy.rest, params, mesh, rules, chunk_size=c.model.logprob_chunk_size,
                             micro_batches=c.train.gradient_accumulation_steps,
                             group=group if c.model.score_prompt_once else 1)
-    if not c.train.packing:
+    packer = packing.packer_for(c, policy.model_cfg, batch_devices, policy.pad_id) if c.train.packing else None
+    if packer is None:  # off, or several host processes (`packer_for`)
         return score, None, None
-    packer = packing.packer_for(c, policy.model_cfg, batch_devices, policy.pad_id)
     packed_score = packing.make_packed_logprob_fn(policy.graphdef, policy.rest, params, mesh, rules,
                                                   chunk_size=c.model.logprob_chunk_size, chunks=c.train.gradient_chunks)
     return score, packer, packed_score
