@@ -166,6 +166,13 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> 
     )
 
 
+def sharded_abstract(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """`tree`'s (abstract or real) arrays as `jax.ShapeDtypeStruct`s carrying `tree_shardings`' shardings:
+    what the trainer would place, without allocating it."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        tree_shardings(tree, mesh, rules))
+
+
 def batch_spec(rules: Rules = LOGICAL_AXIS_RULES, micro_batched: bool = True) -> PartitionSpec:
     """Spec of a batch array: `[num_micro, micro_batch, ...]` (micro_batched) or `[batch, ...]`.
 

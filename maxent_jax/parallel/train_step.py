@@ -35,6 +35,7 @@ from maxent_jax.parallel.rules import (
     activation_sharding,
     batch_divisor,
     batch_spec,
+    sharded_abstract,
     tree_shardings,
 )
 
@@ -92,12 +93,7 @@ def sharded_abstract_state(
     This is the restore target for a checkpoint written on any mesh
     (`CheckpointManager.restore(step, target)` reshards onto this one).
     """
-    abstract = abstract_train_state(params, optimizer)
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract,
-        tree_shardings(abstract, mesh, rules),
-    )
+    return sharded_abstract(abstract_train_state(params, optimizer), mesh, rules)
 
 
 def init_sharded_model(

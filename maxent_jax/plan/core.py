@@ -33,7 +33,7 @@ from maxent_jax.errors import UserError
 from maxent_jax.model.config import ModelConfig
 from maxent_jax.parallel.flops import decoder_matmul_params
 from maxent_jax.parallel.mesh import make_mesh, resolve_mesh_shape
-from maxent_jax.parallel.rules import resolve_rules
+from maxent_jax.parallel.rules import resolve_rules, sharded_abstract
 from maxent_jax.plan import programs
 from maxent_jax.plan.architecture import divides, model_config
 
@@ -161,7 +161,7 @@ def plan(config: ml_collections.ConfigDict, *, devices: int, device_memory: int,
     params = programs.per_device_bytes(setup.state.params)
     optimizer = programs.per_device_bytes(setup.state.opt_state) + programs.per_device_bytes(setup.state.step)
     reference = params  # the frozen copy of the policy the trainer keeps for the KL anchor (LoRA: of the adapters)
-    base = programs.per_device_bytes(programs.sharded_like(setup.rest, setup)) if config.lora.enabled else 0
+    base = programs.per_device_bytes(sharded_abstract(setup.rest, mesh, rules)) if config.lora.enabled else 0
     grads = 4 * programs.per_device_elements(setup.state.params)
     out: list[Phase] = []
     skipped: dict[str, str] = {}

@@ -111,12 +111,6 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def sharded_like(tree: Any, setup: "Setup") -> Any:
-    """`tree`'s abstract arrays carrying the rules' shardings on the setup's mesh (what the trainer places)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                        tree_shardings(tree, setup.mesh, setup.rules))
-
-
 def per_device_elements(tree: Any) -> int:
     """Elements of one device's shards (for the float32 gradient accumulator, sharded like the parameters)."""
     return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) for leaf in jax.tree.leaves(tree))
