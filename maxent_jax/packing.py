@@ -68,6 +68,11 @@ HEAD_MULTIPLE = 8
 LENGTH_MULTIPLE = 64  # candidate buffer lengths are multiples of this
 
 
+def _rounded(length: int) -> int:
+    """`length` rounded up to a multiple of LENGTH_MULTIPLE (the candidate buffer lengths)."""
+    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+
 def bucket_buffers(count: int) -> int:
     """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them) >= count:
     at most a third of buffers are padding, and a run sees a handful of sizes."""
@@ -261,16 +266,13 @@ class Packer:
         """The cheapest plan by `costs` among the candidate lengths that stay `within_padded`, or None
         when the padded layout is cheaper or no candidate stays within it."""
         costs = self.costs
-        if self.prompt_once:
-            pairs = blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len)
-            padded = prompts * (costs.token * (prompt_len + group * completion_len)
-                                + costs.head * group * completion_len + costs.pair * pairs)
-        else:
-            row = prompt_len + completion_len
-            padded = prompts * group * (costs.token * row + costs.head * completion_len + costs.pair * blocked_pairs(row))
+        pairs = (blocked_pairs(prompt_len) + group * blocked_pairs(completion_len, prompt_len) if self.prompt_once
+                 else group * blocked_pairs(prompt_len + completion_len))
+        padded = prompts * (costs.token * self._padded_width(prompt_len, group, completion_len)
+                            + costs.head * group * completion_len + costs.pair * pairs)
         best, best_cost = None, padded
-        top = -(-(prompt_len + group * completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-        length = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        top = _rounded(prompt_len + group * completion_len)
+        length = _rounded(prompt_len + completion_len)
         while True:
             plan = self._plan(length, prompts, group, lp, lc)
             buffers = self.micro * self.chunks * self.devices * plan.per_device
@@ -291,13 +293,16 @@ class Packer:
         saved residuals and logits scale with the slots and head rows; the mask, which the padded
         programs lack, stays a small fraction of them (docs/packing.md gives the 7B recipe's).
         """
-        width = prompt_len + group * completion_len if self.prompt_once else group * (prompt_len + completion_len)
         share = self.micro * self.chunks * self.devices  # the padded rows are split this many ways
-        slots = -(-prompts * width // share)
-        row = -(-(prompt_len + completion_len) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        slots = -(-prompts * self._padded_width(prompt_len, group, completion_len) // share)
         return (plan.per_device * plan.length <= slots
                 and plan.per_device * plan.heads <= -(-prompts * group * completion_len // share)
-                and plan.per_device * plan.length ** 2 <= slots * row)
+                and plan.per_device * plan.length ** 2 <= slots * _rounded(prompt_len + completion_len))
+
+    def _padded_width(self, prompt_len: int, group: int, completion_len: int) -> int:
+        """Token slots per group in the padded layout the run falls back to: the prompt once and each
+        completion (`model.score_prompt_once`), or every completion in its own row with the prompt."""
+        return prompt_len + group * completion_len if self.prompt_once else group * (prompt_len + completion_len)
 
     def _fill(self, out: dict[str, np.ndarray], grouped: Mapping[str, np.ndarray], row: int, q: int,
               units: list[_Unit], groups: list[int], lp: np.ndarray, lc: np.ndarray, prompt_len: int,
